@@ -1,0 +1,16 @@
+//! The pure engine of DynaKV. No sockets, no disk, no clock reads, no unseeded randomness:
+//! every input (including `now`) is passed in and every effect is returned, so the node's shell,
+//! the tests and the deterministic simulation drive exactly the same logic.
+//!
+//! - [`node_id`]: node identity.
+//! - [`hash`]: the stable hash functions (key position, 128-bit digests).
+//! - [`merkle`]: Merkle trees over fixed segments of the hash space, and the step-wise remote diff.
+//! - [`quorum`]: per-request reply bookkeeping and the typed quorum failure.
+#![deny(clippy::disallowed_methods, clippy::disallowed_types)]
+
+pub mod hash;
+pub mod merkle;
+pub mod node_id;
+pub mod quorum;
+
+pub use node_id::NodeId;

@@ -1,0 +1,2 @@
+//! A DynaKV node and the `dynakv` tool.
+pub mod proto;
