@@ -4,13 +4,21 @@
 //!
 //! - [`node_id`]: node identity.
 //! - [`hash`]: the stable hash functions (key position, 128-bit digests).
+//! - [`hlc`]: hybrid logical clock, wall time passed in.
+//! - [`dvvset`]: dotted version vector sets (causality, siblings) and their binary codec.
+//! - [`context`]: the opaque client context: a version vector sealed to one cluster.
+//! - [`ring`]: consistent hashing with weighted virtual nodes and balancing token allocation.
 //! - [`merkle`]: Merkle trees over fixed segments of the hash space, and the step-wise remote diff.
 //! - [`quorum`]: per-request reply bookkeeping and the typed quorum failure.
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
+pub mod context;
+pub mod dvvset;
 pub mod hash;
+pub mod hlc;
 pub mod merkle;
 pub mod node_id;
 pub mod quorum;
+pub mod ring;
 
 pub use node_id::NodeId;
