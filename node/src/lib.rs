@@ -1,2 +1,23 @@
 //! A DynaKV node and the `dynakv` tool.
+//!
+//! - [`server`]: `run(listener, config, env, shutdown)`, the whole node.
+//! - [`node`]: local replica state and the coordinator (write and read paths, read repair).
+//! - [`kv`], [`replica`], [`admin`]: the gRPC services (clients, peers, administration).
+//! - [`peer`]: batched long-lived replica streams to every peer; [`net`]: the network seam.
+//! - [`storage`]: the `Backend` seam (redb, memory) and group commit.
+//! - [`config`]: the validated configuration; [`metrics`]: Prometheus metrics and `/metrics`.
+//! - [`cli`]: the `dynakv` subcommands; [`proto`]: generated gRPC code.
+#![allow(clippy::result_large_err)]
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod kv;
+pub mod metrics;
+pub mod net;
+pub mod node;
+pub mod peer;
 pub mod proto;
+pub mod replica;
+pub mod server;
+pub mod storage;

@@ -1,1 +1,42 @@
-fn main() {}
+//! `dynakv`: the node and the command-line tool.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use dynakv_node::cli::{Cli, ClusterCommand, Command, commands, dev};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Ring(args) = cli.command {
+        return commands::ring(args);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => match commands::serve(&args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+            Command::Dev(args) => dev::run(args).await,
+            Command::Put(args) => commands::put(args).await,
+            Command::Get(args) => commands::get(args).await,
+            Command::Delete(args) => commands::delete(args).await,
+            Command::Cluster {
+                command: ClusterCommand::Status(args),
+            } => commands::cluster_status(args).await,
+            Command::Ring(_) => ExitCode::SUCCESS,
+        }
+    })
+}

@@ -230,7 +230,9 @@ pub enum StorageError {
     /// changed.
     #[error("meta key {key:?} is reserved for the storage layer")]
     ReservedKey { key: String },
-    /// The store was closed, or its writer is gone. The mutation may not have been applied.
+    /// The store was closed, or its writer went away (its runtime shut down). A mutation that
+    /// gets it before it was queued changed nothing; one whose writer went away afterwards may or
+    /// may not have been committed.
     #[error("storage is closed")]
     Closed,
 }

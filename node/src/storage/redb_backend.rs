@@ -6,9 +6,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-};
+use redb::{Database, Durability, ReadableDatabase, ReadableTableMetadata, TableDefinition};
 
 use super::{Backend, ScanLimit, ScanPage, StorageError, Table, WriteOp, range_is_empty};
 
@@ -56,7 +54,9 @@ pub struct RedbBackend {
 
 impl fmt::Debug for RedbBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedbBackend").field("name", &self.name).finish()
+        f.debug_struct("RedbBackend")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -64,6 +64,10 @@ impl RedbBackend {
     /// Opens the database file at `path`, creating it (and its tables) if it does not exist. The
     /// parent directory must exist. After an unclean shutdown redb repairs the file first, which
     /// reads all of it.
+    ///
+    /// A new database is built as `<path>.creating` and renamed into place once its tables are
+    /// durable: a crash while creating it leaves no half-written file at `path` (redb could not open
+    /// one: its header would be incomplete), only a leftover that the next open deletes.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
         Self::open_with(path, &RedbOptions::default())
     }
@@ -72,12 +76,14 @@ impl RedbBackend {
     pub fn open_with(path: impl AsRef<Path>, options: &RedbOptions) -> Result<Self, StorageError> {
         let path = path.as_ref();
         let name = path.display().to_string();
-        let fresh = !path.exists();
-        let builder = builder(options, &name);
-        let db = open_guarded(&name, || builder.create(path))?;
-        if fresh {
-            sync_parent_dir(path)?;
+        let exists = path
+            .try_exists()
+            .map_err(|e| StorageError::io(format!("looking for {name}"), e))?;
+        if !exists {
+            create_fresh(path, options)?;
         }
+        let builder = builder(options, &name);
+        let db = open_guarded(&name, || builder.open(path))?;
         Self::init(db, name)
     }
 
@@ -112,6 +118,36 @@ impl RedbBackend {
     fn error(&self, doing: &str, error: impl Into<redb::Error>) -> StorageError {
         map_error(&format!("{doing} in {}", self.name), error.into())
     }
+}
+
+// Builds a new database beside `path` and renames it into place once it is complete and durable.
+fn create_fresh(path: &Path, options: &RedbOptions) -> Result<(), StorageError> {
+    let Some(file_name) = path.file_name() else {
+        return Err(StorageError::io(
+            format!("creating a database at {}", path.display()),
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+        ));
+    };
+    let mut temp_name = file_name.to_os_string();
+    temp_name.push(".creating");
+    let temp = path.with_file_name(temp_name);
+    let temp_display = temp.display().to_string();
+    match std::fs::remove_file(&temp) {
+        Ok(()) => tracing::warn!(
+            path = %temp_display,
+            "removed a database left half-created by an earlier crash"
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(StorageError::io(format!("removing {temp_display}"), e)),
+    }
+    let builder = builder(options, &temp_display);
+    let db = open_guarded(&temp_display, || builder.create(&temp))?;
+    // Creating the tables commits (and syncs) the complete new file; then it may take its name.
+    drop(RedbBackend::init(db, temp_display.clone())?);
+    std::fs::rename(&temp, path).map_err(|e| {
+        StorageError::io(format!("renaming {temp_display} to {}", path.display()), e)
+    })?;
+    sync_parent_dir(path)
 }
 
 fn builder(options: &RedbOptions, name: &str) -> redb::Builder {
@@ -193,7 +229,9 @@ impl Backend for RedbBackend {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         let err = |e: redb::Error| self.error("reading", e);
         let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let t = txn.open_table(definition(table)).map_err(|e| err(e.into()))?;
+        let t = txn
+            .open_table(definition(table))
+            .map_err(|e| err(e.into()))?;
         let value = t.get(key).map_err(|e| err(e.into()))?;
         Ok(value.map(|v| v.value().to_vec()))
     }
@@ -211,9 +249,11 @@ impl Backend for RedbBackend {
         }
         let err = |e: redb::Error| self.error("scanning", e);
         let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let t = txn.open_table(definition(table)).map_err(|e| err(e.into()))?;
+        let t = txn
+            .open_table(definition(table))
+            .map_err(|e| err(e.into()))?;
         let mut bytes = 0usize;
-        for entry in t.range((from, to)).map_err(|e| err(e.into()))? {
+        for entry in t.range::<&[u8]>((from, to)).map_err(|e| err(e.into()))? {
             if !limit.allows(page.entries.len(), bytes) {
                 page.next = page.entries.last().map(|(k, _)| k.clone());
                 break;
@@ -229,7 +269,9 @@ impl Backend for RedbBackend {
     fn len(&self, table: Table) -> Result<u64, StorageError> {
         let err = |e: redb::Error| self.error("counting", e);
         let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let t = txn.open_table(definition(table)).map_err(|e| err(e.into()))?;
+        let t = txn
+            .open_table(definition(table))
+            .map_err(|e| err(e.into()))?;
         t.len().map_err(|e| err(e.into()))
     }
 
@@ -244,7 +286,9 @@ impl Backend for RedbBackend {
             if !batch.iter().any(|op| op.table() == table) {
                 continue;
             }
-            let mut t = txn.open_table(definition(table)).map_err(|e| err(e.into()))?;
+            let mut t = txn
+                .open_table(definition(table))
+                .map_err(|e| err(e.into()))?;
             for op in batch.iter().filter(|op| op.table() == table) {
                 match op {
                     WriteOp::Put { key, value, .. } => {

@@ -254,7 +254,7 @@ impl Store {
         config: StoreConfig,
         metrics: StoreMetrics,
     ) -> Result<Store, StorageError> {
-        let stats = load_stats(backend.as_ref())?;
+        let (stats, recounted) = load_stats(backend.as_ref())?;
         let shared = Arc::new(Shared {
             failed: OnceLock::new(),
             stats: Mutex::new(stats),
@@ -268,6 +268,7 @@ impl Store {
             max_batch_bytes: config.max_batch_bytes.max(1),
             metrics,
             stats,
+            save_bytes: recounted,
         };
         let thread = match config.writer {
             WriterMode::Thread => Some(
@@ -307,7 +308,12 @@ impl Store {
     }
 
     /// Puts `value` under `key`; resolves once durable.
-    pub async fn put(&self, table: Table, key: Vec<u8>, value: Vec<u8>) -> Result<(), StorageError> {
+    pub async fn put(
+        &self,
+        table: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> Result<(), StorageError> {
         self.update(table, key, move |_| (Some(Some(value)), ()))
             .await
     }
@@ -364,11 +370,17 @@ impl Store {
     /// Fences the data directory to one node of one cluster. On a fresh directory it records
     /// `node_id` and `cluster_id` durably; on one recorded for another node or cluster it fails
     /// with [`StorageError::IdentityMismatch`] and writes nothing.
-    pub async fn check_identity(&self, node_id: &str, cluster_id: &str) -> Result<(), StorageError> {
+    pub async fn check_identity(
+        &self,
+        node_id: &str,
+        cluster_id: &str,
+    ) -> Result<(), StorageError> {
         let (node, cluster) = (node_id.to_owned(), cluster_id.to_owned());
         let outcome = self
-            .submit(Table::Meta, IDENTITY_KEY.to_vec(), move |current| {
-                match current.map(decode_identity) {
+            .submit(
+                Table::Meta,
+                IDENTITY_KEY.to_vec(),
+                move |current| match current.map(decode_identity) {
                     None => (Some(Some(encode_identity(&node, &cluster))), Ok(true)),
                     Some(Some((n, c))) if n == node && c == cluster => (None, Ok(false)),
                     Some(Some((found_node, found_cluster))) => (
@@ -383,15 +395,20 @@ impl Store {
                     Some(None) => (
                         None,
                         Err(StorageError::Corrupt {
-                            detail: "the node identity recorded in the data directory is unreadable"
-                                .to_owned(),
+                            detail:
+                                "the node identity recorded in the data directory is unreadable"
+                                    .to_owned(),
                         }),
                     ),
-                }
-            })
+                },
+            )
             .await?;
         if outcome? {
-            tracing::info!(node_id, cluster_id, "recorded node identity in a fresh data directory");
+            tracing::info!(
+                node_id,
+                cluster_id,
+                "recorded node identity in a fresh data directory"
+            );
         }
         Ok(())
     }
@@ -409,6 +426,12 @@ impl Store {
                 tracing::error!("the storage writer thread panicked");
             }
         }
+    }
+
+    /// The backend, for tests that check it beside the store.
+    #[cfg(test)]
+    pub(super) fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
     }
 
     async fn submit<F, R>(&self, table: Table, key: Vec<u8>, f: F) -> Result<R, StorageError>
@@ -456,20 +479,21 @@ fn check_not_reserved(table: Table, key: &[u8]) -> Result<(), StorageError> {
     Ok(())
 }
 
-fn load_stats(backend: &dyn Backend) -> Result<StoreStats, StorageError> {
+/// The counters, and whether the byte count had to be recounted (so it should be stored again).
+fn load_stats(backend: &dyn Backend) -> Result<(StoreStats, bool), StorageError> {
     let keys = backend.len(Table::Data)?;
-    let bytes = match backend.get(Table::Meta, DATA_BYTES_KEY)? {
+    let (bytes, recounted) = match backend.get(Table::Meta, DATA_BYTES_KEY)? {
         Some(stored) => match <[u8; 8]>::try_from(stored.as_slice()) {
-            Ok(b) => u64::from_le_bytes(b),
+            Ok(b) => (u64::from_le_bytes(b), false),
             Err(_) => {
                 tracing::warn!("stored data byte count is unreadable; recounting");
-                count_data_bytes(backend)?
+                (count_data_bytes(backend)?, true)
             }
         },
-        None if keys == 0 => 0,
-        None => count_data_bytes(backend)?,
+        None if keys == 0 => (0, false),
+        None => (count_data_bytes(backend)?, true),
     };
-    Ok(StoreStats { keys, bytes })
+    Ok((StoreStats { keys, bytes }, recounted))
 }
 
 fn count_data_bytes(backend: &dyn Backend) -> Result<u64, StorageError> {
@@ -537,6 +561,8 @@ struct Writer {
     metrics: StoreMetrics,
     /// Counters as of the last commit; the writer is their only writer.
     stats: StoreStats,
+    /// The stored byte count is missing or stale: store it with the next commit.
+    save_bytes: bool,
 }
 
 impl Writer {
@@ -573,31 +599,28 @@ impl Writer {
             mutations += 1;
             let key_len = key.len();
             let slot = match overlay.entry((table, key)) {
-                Entry::Occupied(slot) => Some(slot.into_mut()),
-                Entry::Vacant(vacant) => match self.backend.get(table, &vacant.key().1) {
-                    Ok(value) => {
-                        let committed_size = value.as_ref().map(|v| (key_len + v.len()) as u64);
-                        Some(vacant.insert(Slot {
-                            committed_size,
-                            value,
-                            dirty: false,
-                        }))
-                    }
-                    Err(error) => {
-                        // Nothing was applied for this one; the rest of the batch goes on.
-                        op.fail(error);
-                        None
-                    }
-                },
+                Entry::Occupied(slot) => Ok(slot.into_mut()),
+                Entry::Vacant(vacant) => self.backend.get(table, &vacant.key().1).map(|value| {
+                    let committed_size = value.as_ref().map(|v| (key_len + v.len()) as u64);
+                    vacant.insert(Slot {
+                        committed_size,
+                        value,
+                        dirty: false,
+                    })
+                }),
             };
-            if let Some(slot) = slot {
-                let (write, ack) = op.apply(slot.value.as_deref());
-                if let Some(value) = write {
-                    written_bytes += key_len + value.as_ref().map_or(0, Vec::len);
-                    slot.value = value;
-                    slot.dirty = true;
+            match slot {
+                Ok(slot) => {
+                    let (write, ack) = op.apply(slot.value.as_deref());
+                    if let Some(value) = write {
+                        written_bytes += key_len + value.as_ref().map_or(0, Vec::len);
+                        slot.value = value;
+                        slot.dirty = true;
+                    }
+                    acks.push(ack);
                 }
-                acks.push(ack);
+                // Nothing was applied for this one; the rest of the batch goes on.
+                Err(error) => op.fail(error),
             }
             if mutations < self.max_batch_ops && written_bytes < self.max_batch_bytes {
                 request = next();
@@ -635,7 +658,7 @@ impl Writer {
             }
             return;
         }
-        if stats.bytes != self.stats.bytes {
+        if stats.bytes != self.stats.bytes || self.save_bytes {
             ops.push(WriteOp::Put {
                 table: Table::Meta,
                 key: DATA_BYTES_KEY.to_vec(),
@@ -652,6 +675,7 @@ impl Writer {
         match committed {
             Ok(()) => {
                 self.stats = stats;
+                self.save_bytes = false;
                 *self
                     .shared
                     .stats

@@ -1,0 +1,95 @@
+//! `dynakv.v1.Admin`: the node's view of the cluster.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::node::Node;
+use crate::proto::admin_server::Admin;
+use crate::proto::{ClusterStatusRequest, ClusterStatusResponse, Member};
+
+pub struct AdminService {
+    node: Arc<Node>,
+}
+
+impl AdminService {
+    pub fn new(node: Arc<Node>) -> Self {
+        AdminService { node }
+    }
+}
+
+/// Probes a peer's health service. Membership is static until gossip lands, so this is how a node
+/// tells which members are up right now.
+async fn probe(node: &Node, id: &dynakv_core::NodeId) -> &'static str {
+    if *id == node.id {
+        return "alive";
+    }
+    let Some(channel) = node.peers.channel(id) else {
+        return "unknown";
+    };
+    let mut client = HealthClient::new(channel);
+    let check = client.check(HealthCheckRequest {
+        service: String::new(),
+    });
+    match tokio::time::timeout(Duration::from_millis(700), check).await {
+        Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32 => "alive",
+        Ok(Ok(_)) => "starting",
+        _ => "down",
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn cluster_status(
+        &self,
+        _request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let view = self.node.view();
+        let n = self.node.n();
+        let ownership = view.ring.ownership(n);
+        let states = futures::future::join_all(
+            view.members
+                .iter()
+                .map(|m| async move { probe(&self.node, &m.id).await }),
+        )
+        .await;
+        let members = view
+            .members
+            .iter()
+            .zip(states)
+            .map(|(m, state)| {
+                let idx = view.ring.node_index(m.id.as_str());
+                let own = idx.and_then(|i| ownership.iter().find(|o| o.node == i));
+                Member {
+                    id: m.id.to_string(),
+                    address: m.address.clone(),
+                    state: state.to_string(),
+                    weight: m.weight,
+                    zone: m.zone.clone().unwrap_or_default(),
+                    tokens: idx.map_or(0, |i| view.ring.nodes()[i].tokens.len() as u32),
+                    primary_ownership: own.map_or(0.0, |o| o.primary),
+                    replica_ownership: own.map_or(0.0, |o| o.replica),
+                    metrics_url: m
+                        .metrics
+                        .as_ref()
+                        .map(|a| format!("http://{a}/metrics"))
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        let cfg = &self.node.config.raw;
+        Ok(Response::new(ClusterStatusResponse {
+            cluster_id: cfg.cluster_id.clone(),
+            node_id: self.node.id.to_string(),
+            replication_factor: cfg.replication.n,
+            conflict_mode: cfg.replication.conflict_mode.as_str().to_string(),
+            ring_version: view.ring.version(),
+            vnodes_per_node: cfg.replication.vnodes_per_node,
+            members,
+        }))
+    }
+}

@@ -1,0 +1,474 @@
+//! What each subcommand does.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+use serde_json::json;
+
+use crate::config::{Config, ConflictMode, MemberConfig, ValidConfig};
+use crate::proto::admin_client::AdminClient;
+use crate::proto::kv_client::KvClient;
+use crate::proto::{self, ClusterStatusRequest};
+
+use super::client::{self, ClientError, code_name};
+use super::output::{b64, receipt_json, receipt_text, sibling_json, value_json};
+use super::{
+    ClientArgs, DeleteArgs, GetArgs, OutputFormat, PutArgs, RingArgs, ServeArgs, StatusArgs,
+};
+
+/// Builds the node configuration from the file (if any) and the flags, then validates it.
+pub fn serve_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+            Config::from_yaml(&text)
+                .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?
+        }
+        None => Config::default(),
+    };
+    macro_rules! set {
+        ($field:expr, $value:expr) => {
+            if let Some(v) = $value.clone() {
+                $field = v;
+            }
+        };
+    }
+    set!(config.node_id, args.node_id);
+    set!(config.cluster_id, args.cluster_id);
+    set!(config.listen, args.listen);
+    if args.advertise.is_some() {
+        config.advertise = args.advertise.clone();
+    }
+    if args.metrics_listen.is_some() {
+        config.metrics_listen = args.metrics_listen;
+    }
+    set!(config.data_dir, args.data_dir);
+    set!(config.weight, args.weight);
+    if args.zone.is_some() {
+        config.zone = args.zone.clone();
+    }
+    if !args.members.is_empty() {
+        config.members = args
+            .members
+            .iter()
+            .map(|m| {
+                let (id, address) = m
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--member {m:?}: expected id=host:port"))?;
+                Ok(MemberConfig {
+                    id: id.to_string(),
+                    address: address.to_string(),
+                    metrics: None,
+                    weight: 100,
+                    zone: None,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+    }
+    set!(config.replication.n, args.n);
+    set!(config.replication.read_quorum, args.read_quorum);
+    set!(config.replication.write_quorum, args.write_quorum);
+    if let Some(mode) = &args.conflict_mode {
+        config.replication.conflict_mode = match mode.as_str() {
+            "siblings" => ConflictMode::Siblings,
+            "lww" => ConflictMode::Lww,
+            other => anyhow::bail!("--conflict-mode {other:?}: use siblings or lww"),
+        };
+    }
+    set!(config.replication.vnodes_per_node, args.vnodes_per_node);
+    set!(config.limits.max_key_bytes, args.max_key_bytes);
+    set!(config.limits.max_value_bytes, args.max_value_bytes);
+    set!(config.limits.request_timeout_ms, args.request_timeout_ms);
+    set!(config.log.format, args.log_format);
+    Ok(config)
+}
+
+pub fn init_logging(config: &ValidConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.raw.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if config.raw.log.format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+pub async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = serve_config(args)?;
+    if args.print_config {
+        print!("{}", config.to_yaml());
+        return Ok(());
+    }
+    let config = config.validate()?;
+    init_logging(&config);
+    let listener = tokio::net::TcpListener::bind(config.raw.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.raw.listen))?;
+    let metrics = match config.raw.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for metrics: {e}"))?,
+        ),
+        None => None,
+    };
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let env = crate::server::Env::real(&config);
+    crate::server::run(incoming, metrics, config, env, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Prints a client error in the chosen format and turns it into the exit code.
+fn fail(format: OutputFormat, e: ClientError) -> ExitCode {
+    match format {
+        OutputFormat::Json => {
+            println!(
+                "{}",
+                json!({ "error": { "code": code_name(e.code), "message": e.message } })
+            );
+        }
+        OutputFormat::Text => eprintln!("error: {}: {}", code_name(e.code), e.message),
+    }
+    ExitCode::from(e.exit_code())
+}
+
+async fn kv(args: &ClientArgs) -> Result<KvClient<tonic::transport::Channel>, ClientError> {
+    let (channel, _) = client::connect(&args.endpoint).await?;
+    Ok(KvClient::new(channel)
+        .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES))
+}
+
+fn read_value(args: &PutArgs) -> Result<Vec<u8>, ClientError> {
+    if let Some(path) = &args.file {
+        return std::fs::read(path)
+            .map_err(|e| ClientError::invalid(format!("cannot read {}: {e}", path.display())));
+    }
+    match args.value.as_deref() {
+        Some("-") | None => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| ClientError::invalid(format!("cannot read standard input: {e}")))?;
+            Ok(buf)
+        }
+        Some(v) => Ok(v.as_bytes().to_vec()),
+    }
+}
+
+pub async fn put(args: PutArgs) -> ExitCode {
+    let format = args.client.output;
+    let result = async {
+        let value = read_value(&args)?;
+        let context = client::decode_context(&args.context)?;
+        let mut kv = kv(&args.client).await?;
+        let resp = kv
+            .put(proto::PutRequest {
+                key: args.key.clone().into_bytes().into(),
+                value: value.into(),
+                context,
+                consistency: Some(client::consistency(&args.client, None, args.w)),
+            })
+            .await?
+            .into_inner();
+        Ok::<_, ClientError>(resp)
+    }
+    .await;
+    match result {
+        Err(e) => fail(format, e),
+        Ok(resp) => {
+            match format {
+                OutputFormat::Json => println!(
+                    "{}",
+                    json!({
+                        "key": args.key,
+                        "context": b64(&resp.context),
+                        "receipt": receipt_json(resp.receipt.as_ref()),
+                    })
+                ),
+                OutputFormat::Text => {
+                    println!("ok");
+                    println!("context: {}", b64(&resp.context));
+                    eprintln!("{}", receipt_text(resp.receipt.as_ref()));
+                }
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+pub async fn get(args: GetArgs) -> ExitCode {
+    let format = args.client.output;
+    let result = async {
+        let mut kv = kv(&args.client).await?;
+        Ok::<_, ClientError>(
+            kv.get(proto::GetRequest {
+                key: args.key.clone().into_bytes().into(),
+                consistency: Some(client::consistency(&args.client, args.r, None)),
+            })
+            .await?
+            .into_inner(),
+        )
+    }
+    .await;
+    match result {
+        Err(e) => fail(format, e),
+        Ok(resp) => {
+            match format {
+                OutputFormat::Json => println!(
+                    "{}",
+                    json!({
+                        "key": args.key,
+                        "found": !resp.values.is_empty(),
+                        "values": resp.values.iter().map(sibling_json).collect::<Vec<_>>(),
+                        "context": b64(&resp.context),
+                        "receipt": receipt_json(resp.receipt.as_ref()),
+                    })
+                ),
+                OutputFormat::Text => {
+                    if resp.values.is_empty() {
+                        eprintln!("(not found)");
+                    }
+                    let mut out = std::io::stdout().lock();
+                    for (i, s) in resp.values.iter().enumerate() {
+                        if resp.values.len() > 1 {
+                            let _ = writeln!(out, "--- sibling {} of {}", i + 1, resp.values.len());
+                        }
+                        match std::str::from_utf8(&s.value) {
+                            Ok(text) => {
+                                let _ = writeln!(out, "{text}");
+                            }
+                            Err(_) => {
+                                let v = value_json(&s.value);
+                                let _ =
+                                    writeln!(out, "(base64) {}", v["value"].as_str().unwrap_or(""));
+                            }
+                        }
+                    }
+                    let _ = writeln!(out, "context: {}", b64(&resp.context));
+                    eprintln!("{}", receipt_text(resp.receipt.as_ref()));
+                }
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+pub async fn delete(args: DeleteArgs) -> ExitCode {
+    let format = args.client.output;
+    let result = async {
+        let mut kv = kv(&args.client).await?;
+        // Without an explicit context, delete what a read sees now (the usual intent of
+        // `dynakv delete KEY`); values written concurrently with the delete survive as siblings.
+        let context = match &args.context {
+            Some(c) => client::decode_context(c)?,
+            None => {
+                kv.get(proto::GetRequest {
+                    key: args.key.clone().into_bytes().into(),
+                    consistency: Some(client::consistency(&args.client, None, None)),
+                })
+                .await?
+                .into_inner()
+                .context
+            }
+        };
+        Ok::<_, ClientError>(
+            kv.delete(proto::DeleteRequest {
+                key: args.key.clone().into_bytes().into(),
+                context,
+                consistency: Some(client::consistency(&args.client, None, args.w)),
+            })
+            .await?
+            .into_inner(),
+        )
+    }
+    .await;
+    match result {
+        Err(e) => fail(format, e),
+        Ok(resp) => {
+            match format {
+                OutputFormat::Json => println!(
+                    "{}",
+                    json!({
+                        "key": args.key,
+                        "deleted": true,
+                        "context": b64(&resp.context),
+                        "receipt": receipt_json(resp.receipt.as_ref()),
+                    })
+                ),
+                OutputFormat::Text => {
+                    println!("deleted");
+                    eprintln!("{}", receipt_text(resp.receipt.as_ref()));
+                }
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+pub async fn cluster_status(args: StatusArgs) -> ExitCode {
+    let format = args.client.output;
+    let result = async {
+        let (channel, endpoint) = client::connect(&args.client.endpoint).await?;
+        let resp = AdminClient::new(channel)
+            .cluster_status(ClusterStatusRequest {})
+            .await?
+            .into_inner();
+        Ok::<_, ClientError>((resp, endpoint))
+    }
+    .await;
+    let (s, endpoint) = match result {
+        Err(e) => return fail(format, e),
+        Ok(r) => r,
+    };
+    match format {
+        OutputFormat::Json => println!(
+            "{}",
+            json!({
+                "cluster_id": s.cluster_id,
+                "node_id": s.node_id,
+                "endpoint": endpoint,
+                "replication_factor": s.replication_factor,
+                "conflict_mode": s.conflict_mode,
+                "ring_version": format!("{:016x}", s.ring_version),
+                "vnodes_per_node": s.vnodes_per_node,
+                "members": s.members.iter().map(|m| json!({
+                    "id": m.id,
+                    "address": m.address,
+                    "state": m.state,
+                    "weight": m.weight,
+                    "zone": if m.zone.is_empty() { serde_json::Value::Null } else { json!(m.zone) },
+                    "tokens": m.tokens,
+                    "primary_ownership": m.primary_ownership,
+                    "replica_ownership": m.replica_ownership,
+                    "metrics_url": m.metrics_url,
+                })).collect::<Vec<_>>(),
+            })
+        ),
+        OutputFormat::Text => {
+            println!(
+                "cluster {}  (as seen by {} at {endpoint})  n={}  conflicts={}  ring {:016x}",
+                s.cluster_id, s.node_id, s.replication_factor, s.conflict_mode, s.ring_version
+            );
+            println!(
+                "{:<12} {:<8} {:<22} {:>6} {:>6} {:>9} {:>9}  zone",
+                "MEMBER", "STATE", "ADDRESS", "WEIGHT", "TOKENS", "PRIMARY", "REPLICA"
+            );
+            for m in &s.members {
+                println!(
+                    "{:<12} {:<8} {:<22} {:>6} {:>6} {:>8.2}% {:>8.2}%  {}",
+                    m.id,
+                    m.state,
+                    m.address,
+                    m.weight,
+                    m.tokens,
+                    m.primary_ownership * 100.0,
+                    m.replica_ownership * 100.0,
+                    if m.zone.is_empty() { "-" } else { &m.zone }
+                );
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+pub fn ring(args: RingArgs) -> ExitCode {
+    use dynakv_core::NodeId;
+    use dynakv_core::ring::{Member, report};
+    let members: Result<Vec<Member>, String> = if let Some(count) = args.nodes {
+        if count == 0 || count > 1024 {
+            Err("--nodes must be 1..=1024".into())
+        } else {
+            (1..=count)
+                .map(|i| {
+                    Ok(Member {
+                        id: NodeId::new(format!("n{i}")).map_err(|e| e.to_string())?,
+                        weight: 100,
+                        zone: None,
+                    })
+                })
+                .collect()
+        }
+    } else if !args.node.is_empty() {
+        args.node
+            .iter()
+            .map(|spec| {
+                let mut parts = spec.splitn(3, ':');
+                let id = parts.next().unwrap_or_default();
+                let id = NodeId::new(id).map_err(|e| format!("--node {spec:?}: {e}"))?;
+                let weight = match parts.next() {
+                    None | Some("") => 100,
+                    Some(w) => w
+                        .parse::<u32>()
+                        .map_err(|_| format!("--node {spec:?}: weight {w:?} is not a number"))?,
+                };
+                if weight > dynakv_core::ring::MAX_WEIGHT {
+                    return Err(format!(
+                        "--node {spec:?}: weight above {}",
+                        dynakv_core::ring::MAX_WEIGHT
+                    ));
+                }
+                let zone = parts.next().filter(|z| !z.is_empty()).map(str::to_string);
+                Ok(Member { id, weight, zone })
+            })
+            .collect()
+    } else {
+        Err("give --nodes N or one --node id[:weight[:zone]] per node".into())
+    };
+    let members = match members {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.n == 0 || args.vnodes == 0 || args.vnodes > 4096 {
+        eprintln!("error: -n must be at least 1 and --vnodes 1..=4096");
+        return ExitCode::from(2);
+    }
+    let mut ids: Vec<&NodeId> = members.iter().map(|m| &m.id).collect();
+    ids.sort();
+    if ids.windows(2).any(|w| w[0] == w[1]) {
+        eprintln!("error: a node id is given twice");
+        return ExitCode::from(2);
+    }
+    let r = report(&members, args.vnodes, args.n);
+    match args.output {
+        OutputFormat::Json => match serde_json::to_string_pretty(&r) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        OutputFormat::Text => print!("{}", r.to_table()),
+    }
+    ExitCode::SUCCESS
+}

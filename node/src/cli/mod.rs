@@ -1,0 +1,211 @@
+//! The `dynakv` command line: the server (`serve`, `dev`) and the client tools (`put`, `get`,
+//! `delete`, `cluster status`, `ring`).
+
+pub mod client;
+pub mod commands;
+pub mod dev;
+pub mod output;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::QuorumSetting;
+
+/// Default client endpoints: the nodes of a `dynakv dev` cluster.
+pub const DEFAULT_ENDPOINTS: &str = "127.0.0.2:7100,127.0.0.3:7100,127.0.0.4:7100";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dynakv",
+    version,
+    about = "DynaKV: a Dynamo-style key-value store",
+    long_about = "DynaKV: a Dynamo-style key-value store.\n\n\
+        Start a local cluster with `dynakv dev`, then `dynakv put KEY VALUE` and `dynakv get KEY`.",
+    after_help = "Exit codes of client commands: 0 ok, 1 other error, 2 usage, 3 invalid argument, \
+        4 unavailable (quorum not reached or no node reachable), 5 deadline exceeded, \
+        6 resource exhausted (overloaded or too many siblings)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a node.
+    Serve(Box<ServeArgs>),
+    /// Run a local cluster on loopback (one address per node), for trying DynaKV out.
+    Dev(dev::DevArgs),
+    /// Write a value.
+    Put(PutArgs),
+    /// Read every sibling of a key and its context.
+    Get(GetArgs),
+    /// Delete a key (writes a tombstone covering the given context).
+    Delete(DeleteArgs),
+    /// Cluster administration.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Print the ring's ownership table for a set of nodes (no cluster needed).
+    Ring(RingArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Members, their state, address and ownership, and the ring version, as the node sees them.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Node(s) to talk to, comma-separated host:port; the next is tried when one is unreachable.
+    #[arg(long, short = 'e', env = "DYNAKV_ENDPOINT", default_value = DEFAULT_ENDPOINTS)]
+    pub endpoint: String,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// Request deadline in milliseconds (default: the node's).
+    #[arg(long)]
+    pub timeout_ms: Option<u32>,
+    /// Count only the key's primary replicas (no fallbacks) toward the quorum.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct PutArgs {
+    pub key: String,
+    /// The value; omit it with --file, or pass "-" to read standard input (binary-safe).
+    pub value: Option<String>,
+    /// Read the value from this file (binary-safe).
+    #[arg(long, short = 'f', conflicts_with = "value")]
+    pub file: Option<PathBuf>,
+    /// Context from the read this write is based on (base64, as `get` prints it).
+    #[arg(long, short = 'c', default_value = "")]
+    pub context: String,
+    /// Write quorum: ONE, QUORUM, ALL or a number of replicas.
+    #[arg(long, short = 'w')]
+    pub w: Option<QuorumSetting>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    pub key: String,
+    /// Read quorum: ONE, QUORUM, ALL or a number of replicas.
+    #[arg(long, short = 'r')]
+    pub r: Option<QuorumSetting>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    pub key: String,
+    /// Context from the read the delete is based on (base64). Without it, the delete covers
+    /// whatever a read at the same consistency returns first.
+    #[arg(long, short = 'c')]
+    pub context: Option<String>,
+    #[arg(long, short = 'w')]
+    pub w: Option<QuorumSetting>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RingArgs {
+    /// Number of equally weighted nodes, named n1..nN.
+    #[arg(long, conflicts_with = "node")]
+    pub nodes: Option<usize>,
+    /// A node as id[:weight[:zone]]; repeat for each node.
+    #[arg(long)]
+    pub node: Vec<String>,
+    /// Virtual nodes of a node of weight 100.
+    #[arg(long, default_value_t = dynakv_core::ring::DEFAULT_VNODES_PER_NODE)]
+    pub vnodes: u32,
+    /// Replication factor.
+    #[arg(long, short = 'n', default_value_t = 3)]
+    pub n: usize,
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+/// `dynakv serve`: every flag overrides the config file's field of the same name.
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// YAML config file (see --print-config for every field with its default and meaning).
+    #[arg(long, short = 'c', env = "DYNAKV_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as YAML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Stable node name (config: node_id). Persisted in the data directory.
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Cluster name (config: cluster_id). Persisted in the data directory.
+    #[arg(long)]
+    pub cluster_id: Option<String>,
+    /// gRPC listen address, also the source IP of peer connections (config: listen).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Address peers and clients use to reach this node (config: advertise; default: listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// HTTP address for /metrics (config: metrics_listen).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Database directory (config: data_dir).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Ring weight, 100 normal, 0 owns nothing (config: weight).
+    #[arg(long)]
+    pub weight: Option<u32>,
+    /// Failure zone (config: zone).
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// A cluster member as id=host:port; repeat for each (config: members). Include this node.
+    #[arg(long = "member")]
+    pub members: Vec<String>,
+    /// Replicas per key (config: replication.n).
+    #[arg(long, short = 'n')]
+    pub n: Option<u32>,
+    /// Default read quorum (config: replication.read_quorum).
+    #[arg(long)]
+    pub read_quorum: Option<QuorumSetting>,
+    /// Default write quorum (config: replication.write_quorum).
+    #[arg(long)]
+    pub write_quorum: Option<QuorumSetting>,
+    /// "siblings" or "lww" (config: replication.conflict_mode).
+    #[arg(long)]
+    pub conflict_mode: Option<String>,
+    /// Virtual nodes per node of weight 100 (config: replication.vnodes_per_node).
+    #[arg(long)]
+    pub vnodes_per_node: Option<u32>,
+    /// Largest key in bytes (config: limits.max_key_bytes).
+    #[arg(long)]
+    pub max_key_bytes: Option<usize>,
+    /// Largest value in bytes (config: limits.max_value_bytes).
+    #[arg(long)]
+    pub max_value_bytes: Option<usize>,
+    /// Default request deadline in ms (config: limits.request_timeout_ms).
+    #[arg(long)]
+    pub request_timeout_ms: Option<u64>,
+    /// "text" or "json" logs (config: log.format).
+    #[arg(long)]
+    pub log_format: Option<String>,
+}

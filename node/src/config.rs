@@ -1,0 +1,485 @@
+//! Node configuration: one YAML file plus command-line flags, validated once at start-up and then
+//! passed into constructors. No module reads environment variables on its own.
+//!
+//! `dynakv serve --print-config` prints the effective configuration with every default filled in.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use dynakv_core::NodeId;
+use dynakv_core::ring::{DEFAULT_VNODES_PER_NODE, MAX_WEIGHT};
+use serde::{Deserialize, Serialize};
+
+/// Everything a node needs to start. Every field has a default except `node_id` and `data_dir`
+/// in a real deployment (the defaults suit a single local node).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Stable name of this node (the pod name on Kubernetes). Persisted in the data directory:
+    /// a data directory of another node is refused.
+    pub node_id: String,
+    /// Name of the cluster. Persisted in the data directory and checked on every peer stream and
+    /// client context: data of one cluster never mixes with another's.
+    pub cluster_id: String,
+    /// gRPC listen address (clients and peers). Its IP is also the source address of outgoing
+    /// peer connections, so a node on 127.0.0.3 talks to its peers from 127.0.0.3.
+    pub listen: SocketAddr,
+    /// Address other nodes and clients use to reach this node. Default: `listen`.
+    pub advertise: Option<String>,
+    /// HTTP address of `/metrics` (Prometheus text format). Unset: no metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Directory of the node's database (created if missing).
+    pub data_dir: PathBuf,
+    /// Ring weight of this node: 100 is normal, 0 owns nothing. At most 1000.
+    pub weight: u32,
+    /// Failure zone (rack, availability zone). Replicas of a key prefer distinct zones.
+    pub zone: Option<String>,
+    /// Static cluster membership: every node of the cluster, this one included. Every node must be
+    /// given the same list; it determines the ring.
+    pub members: Vec<MemberConfig>,
+    pub replication: ReplicationConfig,
+    pub limits: LimitsConfig,
+    pub storage: StorageConfig,
+    pub log: LogConfig,
+}
+
+/// One member of the static membership list.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    pub id: String,
+    /// gRPC address (host:port).
+    pub address: String,
+    /// HTTP metrics address, for `dynakv cluster status` (optional).
+    #[serde(default)]
+    pub metrics: Option<String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+/// Replication settings: these must be equal on every node of a cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// N: replicas of every key.
+    pub n: u32,
+    /// Default R when a request names none: "one", "quorum", "all" or a number.
+    pub read_quorum: QuorumSetting,
+    /// Default W when a request names none.
+    pub write_quorum: QuorumSetting,
+    /// Default for requests that do not say: fallback nodes count toward R/W (sloppy quorum).
+    pub sloppy: bool,
+    /// "siblings" (keep concurrent values, Dynamo) or "lww" (last write wins by hybrid timestamp).
+    pub conflict_mode: ConflictMode,
+    /// Virtual nodes of a node of weight 100.
+    pub vnodes_per_node: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ConflictMode {
+    Siblings,
+    Lww,
+}
+
+impl ConflictMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictMode::Siblings => "siblings",
+            ConflictMode::Lww => "lww",
+        }
+    }
+}
+
+/// A quorum as written in the config: a level name or a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuorumSetting {
+    One,
+    Quorum,
+    All,
+    Count(u32),
+}
+
+impl QuorumSetting {
+    /// The number of replies this setting needs with replication factor `n`.
+    pub fn resolve(self, n: u32) -> u32 {
+        match self {
+            QuorumSetting::One => 1,
+            QuorumSetting::Quorum => n / 2 + 1,
+            QuorumSetting::All => n,
+            QuorumSetting::Count(c) => c,
+        }
+    }
+}
+
+impl std::str::FromStr for QuorumSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "one" => Ok(QuorumSetting::One),
+            "quorum" => Ok(QuorumSetting::Quorum),
+            "all" => Ok(QuorumSetting::All),
+            other => other.parse::<u32>().map(QuorumSetting::Count).map_err(|_| {
+                format!("{s:?} is not a quorum: use ONE, QUORUM, ALL or a number of replicas")
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for QuorumSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QuorumSetting::One => f.write_str("one"),
+            QuorumSetting::Quorum => f.write_str("quorum"),
+            QuorumSetting::All => f.write_str("all"),
+            QuorumSetting::Count(c) => write!(f, "{c}"),
+        }
+    }
+}
+
+impl Serialize for QuorumSetting {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            QuorumSetting::Count(c) => s.serialize_u32(*c),
+            other => s.serialize_str(&other.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for QuorumSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u32),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(QuorumSetting::Count(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Limits that keep one bad client from taking a node down.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest key accepted, in bytes.
+    pub max_key_bytes: usize,
+    /// Largest value accepted, in bytes.
+    pub max_value_bytes: usize,
+    /// Deadline of a request that names none, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Longest deadline a request may ask for, in milliseconds.
+    pub max_request_timeout_ms: u64,
+    /// Client requests in flight on this node; past it, requests get RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: usize,
+    /// Concurrent replica operations served per peer stream.
+    pub max_replica_ops_per_stream: usize,
+    /// Replica requests queued per peer before callers wait.
+    pub peer_queue_len: usize,
+    /// Replica messages packed into one stream frame.
+    pub max_frame_messages: usize,
+    /// Connect timeout for peer connections, in milliseconds.
+    pub peer_connect_timeout_ms: u64,
+    /// Live siblings of one key past which a warning is logged and counted.
+    pub sibling_warn: usize,
+    /// Live siblings of one key past which writes are refused until a client resolves them.
+    pub sibling_max: usize,
+}
+
+/// Group commit settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Writes committed together in one fsync'd transaction, at most.
+    pub max_batch_ops: usize,
+    /// Bytes committed together, at most.
+    pub max_batch_bytes: usize,
+    /// Writes queued for the committer before callers wait.
+    pub queue_len: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// "text" or "json".
+    pub format: String,
+    /// A tracing filter such as "info" or "dynakv_node=debug,info". RUST_LOG overrides it.
+    pub level: String,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: "n1".into(),
+            cluster_id: "dynakv".into(),
+            listen: "127.0.0.1:7100".parse().expect("literal address"),
+            advertise: None,
+            metrics_listen: None,
+            data_dir: PathBuf::from("./dynakv-data"),
+            weight: 100,
+            zone: None,
+            members: Vec::new(),
+            replication: ReplicationConfig::default(),
+            limits: LimitsConfig::default(),
+            storage: StorageConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            n: 3,
+            read_quorum: QuorumSetting::Quorum,
+            write_quorum: QuorumSetting::Quorum,
+            sloppy: true,
+            conflict_mode: ConflictMode::Siblings,
+            vnodes_per_node: DEFAULT_VNODES_PER_NODE,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_key_bytes: 1024,
+            max_value_bytes: 1024 * 1024,
+            request_timeout_ms: 5_000,
+            max_request_timeout_ms: 60_000,
+            max_concurrent_requests: 4096,
+            max_replica_ops_per_stream: 4096,
+            peer_queue_len: 8192,
+            max_frame_messages: 256,
+            peer_connect_timeout_ms: 1_000,
+            sibling_warn: 25,
+            sibling_max: 100,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            max_batch_ops: 1024,
+            max_batch_bytes: 16 * 1024 * 1024,
+            queue_len: 8192,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration that failed validation; the message names the field and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// The configuration after validation, with typed ids.
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    pub raw: Config,
+    pub node_id: NodeId,
+    pub members: Vec<ValidMember>,
+    pub advertise: String,
+    pub read_quorum: u32,
+    pub write_quorum: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidMember {
+    pub id: NodeId,
+    pub address: String,
+    pub metrics: Option<String>,
+    pub weight: u32,
+    pub zone: Option<String>,
+}
+
+impl Config {
+    /// Reads a YAML file. Unknown fields are errors (a typo must not silently fall back to a default).
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        serde_saphyr::from_str(text).map_err(|e| ConfigError(e.to_string()))
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_saphyr::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+
+    /// Checks every field once; the rest of the node trusts the result.
+    pub fn validate(self) -> Result<ValidConfig, ConfigError> {
+        let err = |s: String| Err(ConfigError(s));
+        let node_id =
+            NodeId::new(&self.node_id).map_err(|e| ConfigError(format!("node_id: {e}")))?;
+        if self.cluster_id.is_empty() || self.cluster_id.len() > 253 {
+            return err("cluster_id must be 1..=253 bytes".into());
+        }
+        let r = &self.replication;
+        if r.n == 0 || r.n > 16 {
+            return err(format!("replication.n = {}: must be 1..=16", r.n));
+        }
+        let read_quorum = r.read_quorum.resolve(r.n);
+        let write_quorum = r.write_quorum.resolve(r.n);
+        for (name, q) in [("read_quorum", read_quorum), ("write_quorum", write_quorum)] {
+            if q == 0 || q > r.n {
+                return err(format!(
+                    "replication.{name} = {q}: must be between 1 and n = {}",
+                    r.n
+                ));
+            }
+        }
+        if r.vnodes_per_node == 0 || r.vnodes_per_node > 4096 {
+            return err(format!(
+                "replication.vnodes_per_node = {}: must be 1..=4096",
+                r.vnodes_per_node
+            ));
+        }
+        if self.weight > MAX_WEIGHT {
+            return err(format!("weight = {}: at most {MAX_WEIGHT}", self.weight));
+        }
+        let l = &self.limits;
+        if l.max_key_bytes == 0 || l.max_key_bytes > 64 * 1024 {
+            return err("limits.max_key_bytes must be 1..=65536".into());
+        }
+        if l.max_value_bytes == 0 || l.max_value_bytes > 64 * 1024 * 1024 {
+            return err("limits.max_value_bytes must be 1..=67108864".into());
+        }
+        if l.request_timeout_ms == 0 || l.request_timeout_ms > l.max_request_timeout_ms {
+            return err(
+                "limits.request_timeout_ms must be >= 1 and <= limits.max_request_timeout_ms"
+                    .into(),
+            );
+        }
+        for (name, v) in [
+            ("limits.max_concurrent_requests", l.max_concurrent_requests),
+            (
+                "limits.max_replica_ops_per_stream",
+                l.max_replica_ops_per_stream,
+            ),
+            ("limits.peer_queue_len", l.peer_queue_len),
+            ("limits.max_frame_messages", l.max_frame_messages),
+            ("limits.sibling_max", l.sibling_max),
+            ("storage.max_batch_ops", self.storage.max_batch_ops),
+            ("storage.max_batch_bytes", self.storage.max_batch_bytes),
+            ("storage.queue_len", self.storage.queue_len),
+        ] {
+            if v == 0 {
+                return err(format!("{name} must be at least 1"));
+            }
+        }
+        if l.sibling_warn > l.sibling_max {
+            return err("limits.sibling_warn must not exceed limits.sibling_max".into());
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return err(format!(
+                "log.format = {:?}: use \"text\" or \"json\"",
+                self.log.format
+            ));
+        }
+        let advertise = self
+            .advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string());
+        let mut members = Vec::with_capacity(self.members.len().max(1));
+        for m in &self.members {
+            let id = NodeId::new(&m.id).map_err(|e| ConfigError(format!("members: {e}")))?;
+            if members.iter().any(|v: &ValidMember| v.id == id) {
+                return err(format!("members: {id} is listed twice"));
+            }
+            if m.weight > MAX_WEIGHT {
+                return err(format!(
+                    "members: {id} has weight {} > {MAX_WEIGHT}",
+                    m.weight
+                ));
+            }
+            if m.address.is_empty() {
+                return err(format!("members: {id} has no address"));
+            }
+            members.push(ValidMember {
+                id,
+                address: m.address.clone(),
+                metrics: m.metrics.clone(),
+                weight: m.weight,
+                zone: m.zone.clone(),
+            });
+        }
+        match members.iter().find(|m| m.id == node_id) {
+            Some(me) if me.weight != self.weight || me.zone != self.zone => {
+                return err(format!(
+                    "members: the entry for this node ({node_id}) says weight {} zone {:?}, \
+                     but weight/zone are {} {:?}",
+                    me.weight, me.zone, self.weight, self.zone
+                ));
+            }
+            Some(_) => {}
+            None => members.push(ValidMember {
+                id: node_id.clone(),
+                address: advertise.clone(),
+                metrics: self.metrics_listen.map(|a| a.to_string()),
+                weight: self.weight,
+                zone: self.zone.clone(),
+            }),
+        }
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(ValidConfig {
+            node_id,
+            members,
+            advertise,
+            read_quorum,
+            write_quorum,
+            raw: self,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let v = Config::default().validate().unwrap();
+        assert_eq!(v.read_quorum, 2);
+        assert_eq!(v.write_quorum, 2);
+        assert_eq!(v.members.len(), 1, "a lone node is its own member");
+    }
+
+    #[test]
+    fn yaml_round_trips_with_levels_and_numbers() {
+        let text = "node_id: kv-0\nreplication:\n  n: 5\n  read_quorum: ONE\n  write_quorum: 4\n";
+        let c = Config::from_yaml(text).unwrap();
+        assert_eq!(c.replication.read_quorum, QuorumSetting::One);
+        assert_eq!(c.replication.write_quorum, QuorumSetting::Count(4));
+        let again = Config::from_yaml(&c.to_yaml()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn typos_are_errors_not_defaults() {
+        let e = Config::from_yaml("replicaton:\n  n: 3\n").unwrap_err();
+        assert!(e.to_string().contains("replicaton"), "{e}");
+    }
+
+    #[test]
+    fn quorum_larger_than_n_is_refused() {
+        let mut c = Config::default();
+        c.replication.write_quorum = QuorumSetting::Count(4);
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("write_quorum = 4"), "{e}");
+    }
+}

@@ -1,0 +1,495 @@
+//! `dynakv.v1.KV`: the client service. Validates every request before anything changes, forwards
+//! writes to a replica of the key when this node is not one, and maps coordinator outcomes to
+//! gRPC statuses a person can act on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dynakv_core::NodeId;
+use dynakv_core::dvvset::VersionVector;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Code, Request, Response, Status};
+
+use crate::node::{CoordinatorError, Node, Receipt, WriteOutcome, WriteRequest};
+use crate::peer::{CLUSTER_HEADER, NODE_HEADER};
+use crate::proto::kv_client::KvClient;
+use crate::proto::kv_server::Kv;
+use crate::proto::{self, ConsistencyLevel, quorum};
+
+/// Set on a request one node forwards to another; the receiver coordinates it and never forwards
+/// again (so two nodes with different ring views cannot bounce a request forever).
+pub const FORWARDED_HEADER: &str = "x-dynakv-forwarded";
+
+pub struct KvService {
+    node: Arc<Node>,
+    inflight: Arc<Semaphore>,
+}
+
+impl KvService {
+    pub fn new(node: Arc<Node>) -> Self {
+        let permits = node.config.raw.limits.max_concurrent_requests;
+        KvService {
+            node,
+            inflight: Arc::new(Semaphore::new(permits)),
+        }
+    }
+
+    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.inflight.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "node {} is overloaded: {} requests in flight (limits.max_concurrent_requests); retry with back-off",
+                self.node.id, self.node.config.raw.limits.max_concurrent_requests
+            ))
+        })
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), Status> {
+        let max = self.node.config.raw.limits.max_key_bytes;
+        if key.is_empty() {
+            return Err(Status::invalid_argument("the key is empty"));
+        }
+        if key.len() > max {
+            return Err(Status::invalid_argument(format!(
+                "the key is {} bytes; the limit is {max} bytes (limits.max_key_bytes)",
+                key.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<(), Status> {
+        let max = self.node.config.raw.limits.max_value_bytes;
+        if value.len() > max {
+            return Err(Status::invalid_argument(format!(
+                "the value is {} bytes; the limit is {max} bytes (limits.max_value_bytes)",
+                value.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn context(&self, bytes: &[u8]) -> Result<VersionVector, Status> {
+        self.node
+            .decode_context(bytes)
+            .map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+
+    /// Resolves a requested quorum against n, refusing 0 and anything above n.
+    fn quorum(
+        &self,
+        q: Option<&proto::Quorum>,
+        which: char,
+        default: u32,
+    ) -> Result<usize, Status> {
+        let n = self.node.config.raw.replication.n;
+        let value = match q.and_then(|q| q.value) {
+            None => default,
+            Some(quorum::Value::Count(c)) => c,
+            Some(quorum::Value::Level(l)) => match ConsistencyLevel::try_from(l) {
+                Ok(ConsistencyLevel::Unspecified) => default,
+                Ok(ConsistencyLevel::One) => 1,
+                Ok(ConsistencyLevel::Quorum) => n / 2 + 1,
+                Ok(ConsistencyLevel::All) => n,
+                Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "{which}: unknown consistency level {l}; use ONE, QUORUM, ALL or a number"
+                    )));
+                }
+            },
+        };
+        if value == 0 || value > n {
+            return Err(Status::invalid_argument(format!(
+                "{which}={value} is not possible: the cluster keeps n={n} replicas of each key; \
+                 use 1..={n}, ONE, QUORUM or ALL"
+            )));
+        }
+        Ok(value as usize)
+    }
+
+    fn deadline(&self, c: Option<&proto::Consistency>, meta: &MetadataMap) -> Instant {
+        let limits = &self.node.config.raw.limits;
+        let mut ms = match c.map(|c| c.timeout_ms).unwrap_or(0) {
+            0 => limits.request_timeout_ms,
+            t => u64::from(t),
+        };
+        if let Some(grpc) = grpc_timeout(meta) {
+            ms = ms.min(grpc.as_millis() as u64);
+        }
+        Instant::now() + Duration::from_millis(ms.min(limits.max_request_timeout_ms))
+    }
+
+    fn sloppy(&self, c: Option<&proto::Consistency>) -> bool {
+        c.and_then(|c| c.sloppy)
+            .unwrap_or(self.node.config.raw.replication.sloppy)
+    }
+
+    async fn write(
+        &self,
+        op: &'static str,
+        meta: &MetadataMap,
+        key: Bytes,
+        value: Option<Bytes>,
+        context: Bytes,
+        consistency: Option<proto::Consistency>,
+    ) -> Result<(Vec<u8>, proto::Receipt), Status> {
+        let started = std::time::Instant::now();
+        let _permit = self.admit()?;
+        self.check_key(&key)?;
+        if let Some(v) = &value {
+            self.check_value(v)?;
+        }
+        let ctx = self.context(&context)?;
+        let w = self.quorum(
+            consistency.as_ref().and_then(|c| c.w.as_ref()),
+            'w',
+            self.node.config.write_quorum,
+        )?;
+        let deadline = self.deadline(consistency.as_ref(), meta);
+        let forwarded = meta.contains_key(FORWARDED_HEADER);
+        let label = quorum_label(w, self.node.n());
+        if let Some(replicas) = (!forwarded)
+            .then(|| self.node.replicas_if_not_local(&key))
+            .flatten()
+        {
+            let result = self
+                .forward(op, &replicas, key, value, context, consistency, deadline)
+                .await;
+            self.observe(op, &label, started, result.as_ref().err());
+            return result;
+        }
+        let result = self
+            .node
+            .write(WriteRequest {
+                key,
+                value,
+                context: ctx,
+                w,
+                sloppy: self.sloppy(consistency.as_ref()),
+                deadline,
+            })
+            .await
+            .map(|WriteOutcome { context, receipt }| {
+                let mut r = receipt_proto(&receipt);
+                r.forwarded = forwarded;
+                (context, r)
+            })
+            .map_err(status);
+        self.observe(op, &label, started, result.as_ref().err());
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        op: &'static str,
+        replicas: &[NodeId],
+        key: Bytes,
+        value: Option<Bytes>,
+        context: Bytes,
+        consistency: Option<proto::Consistency>,
+        deadline: Instant,
+    ) -> Result<(Vec<u8>, proto::Receipt), Status> {
+        self.node.metrics.forwarded.inc();
+        let mut failures = Vec::new();
+        for replica in replicas {
+            let Some(channel) = self.node.peers.channel(replica) else {
+                failures.push(format!("{replica} unknown"));
+                continue;
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            let mut client = KvClient::new(channel)
+                .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
+                .max_encoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES);
+            let mut consistency = consistency.unwrap_or_default();
+            consistency.timeout_ms = remaining.as_millis().min(u32::MAX as u128) as u32;
+            let result = match &value {
+                Some(v) => {
+                    let req = self.forward_request(proto::PutRequest {
+                        key: key.clone(),
+                        value: v.clone(),
+                        context: context.clone(),
+                        consistency: Some(consistency),
+                    });
+                    tokio::time::timeout(remaining, client.put(req))
+                        .await
+                        .map(|r| r.map(|r| r.into_inner()).map(|r| (r.context, r.receipt)))
+                }
+                None => {
+                    let req = self.forward_request(proto::DeleteRequest {
+                        key: key.clone(),
+                        context: context.clone(),
+                        consistency: Some(consistency),
+                    });
+                    tokio::time::timeout(remaining, client.delete(req))
+                        .await
+                        .map(|r| r.map(|r| r.into_inner()).map(|r| (r.context, r.receipt)))
+                }
+            };
+            match result {
+                Ok(Ok((context, receipt))) => {
+                    return Ok((context.to_vec(), receipt.unwrap_or_default()));
+                }
+                // The replica could not be reached: try the next one. Any other answer (a
+                // quorum failure, a refused request) is the replica's verdict and final.
+                Ok(Err(s)) if s.code() == Code::Unavailable && is_transport_error(&s) => {
+                    failures.push(format!("{replica} unreachable"));
+                }
+                Ok(Err(s)) => return Err(s),
+                Err(_) => {
+                    failures.push(format!("{replica} timed out"));
+                    break;
+                }
+            }
+        }
+        tracing::debug!(op, ?failures, "forwarding failed");
+        Err(Status::unavailable(format!(
+            "no replica of the key could coordinate the write: {}",
+            failures.join(", ")
+        )))
+    }
+
+    fn forward_request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        let md = req.metadata_mut();
+        md.insert(FORWARDED_HEADER, MetadataValue::from_static("1"));
+        if let Ok(v) = MetadataValue::try_from(self.node.id.as_str()) {
+            md.insert(NODE_HEADER, v);
+        }
+        if let Ok(v) = MetadataValue::try_from(self.node.config.raw.cluster_id.as_str()) {
+            md.insert(CLUSTER_HEADER, v);
+        }
+        req
+    }
+
+    fn observe(
+        &self,
+        op: &str,
+        consistency: &str,
+        started: std::time::Instant,
+        err: Option<&Status>,
+    ) {
+        let outcome = match err {
+            None => "ok",
+            Some(s) => code_label(s.code()),
+        };
+        self.node
+            .metrics
+            .request_seconds
+            .with_label_values(&[op, consistency, outcome])
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// A transport failure (connection refused or broken), as opposed to a node's answer.
+fn is_transport_error(s: &Status) -> bool {
+    s.metadata().get(ANSWER_HEADER).is_none()
+}
+
+/// Set on every status a DynaKV node returns, so a forwarding node can tell a replica's verdict
+/// from a connection failure.
+pub const ANSWER_HEADER: &str = "x-dynakv-answer";
+
+fn answered(mut s: Status) -> Status {
+    s.metadata_mut()
+        .insert(ANSWER_HEADER, MetadataValue::from_static("1"));
+    s
+}
+
+fn quorum_label(q: usize, n: usize) -> String {
+    if q == 1 {
+        "one".into()
+    } else if q == n {
+        "all".into()
+    } else if q == n / 2 + 1 {
+        "quorum".into()
+    } else {
+        q.to_string()
+    }
+}
+
+fn code_label(c: Code) -> &'static str {
+    match c {
+        Code::InvalidArgument => "invalid_argument",
+        Code::Unavailable => "unavailable",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::Internal => "internal",
+        _ => "error",
+    }
+}
+
+/// Maps a coordinator failure to the status the client sees.
+pub fn status(e: CoordinatorError) -> Status {
+    let s = match &e {
+        CoordinatorError::Invalid(m) => Status::invalid_argument(m.clone()),
+        CoordinatorError::NotReplica(r) => Status::unavailable(format!(
+            "this node is not a replica of the key (replicas: {r:?})"
+        )),
+        CoordinatorError::Quorum(q) => Status::unavailable(q.to_string()),
+        CoordinatorError::Deadline(q) => Status::deadline_exceeded(q.to_string()),
+        CoordinatorError::Storage(s) => Status::unavailable(format!(
+            "this node's storage failed and it acknowledges no writes until restarted: {s}"
+        )),
+        CoordinatorError::TooManySiblings { .. } => Status::resource_exhausted(e.to_string()),
+    };
+    answered(s)
+}
+
+/// Parses the standard `grpc-timeout` header ("100m", "5S", ...).
+fn grpc_timeout(meta: &MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 {
+        return None;
+    }
+    let (num, unit) = v.split_at(v.len() - 1);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+pub fn receipt_proto(r: &Receipt) -> proto::Receipt {
+    proto::Receipt {
+        coordinator: r.coordinator.clone(),
+        needed: r.needed as u32,
+        got: r.got as u32,
+        replicas: r
+            .replicas
+            .iter()
+            .map(|p| proto::ReplicaReply {
+                node: p.node.to_string(),
+                fallback: p.fallback,
+                hint_for: p
+                    .hint_for
+                    .as_ref()
+                    .map(|h| h.to_string())
+                    .unwrap_or_default(),
+                ok: p.error.is_none(),
+                error: p.error.map(|e| e.label().to_string()).unwrap_or_default(),
+                late: false,
+            })
+            .collect(),
+        hinted: r.hinted,
+        siblings: r.siblings as u32,
+        ring_version: r.ring_version,
+        forwarded: false,
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn put(
+        &self,
+        request: Request<proto::PutRequest>,
+    ) -> Result<Response<proto::PutResponse>, Status> {
+        let (meta, _, req) = request.into_parts();
+        let (context, receipt) = self
+            .write(
+                "put",
+                &meta,
+                req.key,
+                Some(req.value),
+                req.context,
+                req.consistency,
+            )
+            .await
+            .map_err(answered)?;
+        Ok(Response::new(proto::PutResponse {
+            context: context.into(),
+            receipt: Some(receipt),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<proto::DeleteRequest>,
+    ) -> Result<Response<proto::DeleteResponse>, Status> {
+        let (meta, _, req) = request.into_parts();
+        let (context, receipt) = self
+            .write("delete", &meta, req.key, None, req.context, req.consistency)
+            .await
+            .map_err(answered)?;
+        Ok(Response::new(proto::DeleteResponse {
+            context: context.into(),
+            receipt: Some(receipt),
+        }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<proto::GetRequest>,
+    ) -> Result<Response<proto::GetResponse>, Status> {
+        let started = std::time::Instant::now();
+        let (meta, _, req) = request.into_parts();
+        let _permit = self.admit().map_err(answered)?;
+        self.check_key(&req.key).map_err(answered)?;
+        let c = req.consistency.as_ref();
+        let r = self
+            .quorum(
+                c.and_then(|c| c.r.as_ref()),
+                'r',
+                self.node.config.read_quorum,
+            )
+            .map_err(answered)?;
+        let label = quorum_label(r, self.node.n());
+        let deadline = self.deadline(c, &meta);
+        let result = self
+            .node
+            .read(req.key, r, self.sloppy(c), deadline)
+            .await
+            .map_err(status);
+        self.observe("get", &label, started, result.as_ref().err());
+        let out = result?;
+        Ok(Response::new(proto::GetResponse {
+            values: out
+                .values
+                .into_iter()
+                .filter_map(|s| {
+                    let ts = s.ts.as_u64();
+                    s.data.map(|value| proto::Sibling {
+                        value,
+                        timestamp: ts,
+                    })
+                })
+                .collect(),
+            context: out.context.into(),
+            receipt: Some(receipt_proto(&out.receipt)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units_parse() {
+        let mut m = MetadataMap::new();
+        m.insert("grpc-timeout", MetadataValue::from_static("250m"));
+        assert_eq!(grpc_timeout(&m), Some(Duration::from_millis(250)));
+        m.insert("grpc-timeout", MetadataValue::from_static("2S"));
+        assert_eq!(grpc_timeout(&m), Some(Duration::from_secs(2)));
+        m.insert("grpc-timeout", MetadataValue::from_static("x"));
+        assert_eq!(grpc_timeout(&m), None);
+    }
+
+    #[test]
+    fn quorum_labels_name_levels() {
+        assert_eq!(quorum_label(1, 3), "one");
+        assert_eq!(quorum_label(2, 3), "quorum");
+        assert_eq!(quorum_label(3, 3), "all");
+        assert_eq!(quorum_label(2, 5), "2");
+    }
+}

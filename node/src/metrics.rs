@@ -1,0 +1,240 @@
+//! Prometheus metrics of a node and the HTTP endpoint that serves them (`GET /metrics`).
+//!
+//! Names follow Prometheus conventions: `dynakv_` prefix, `_total` for counters, `_seconds` and
+//! `_bytes` units last. Label values come from fixed sets (error variant labels), never from
+//! free text, so cardinality stays bounded.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::net::TcpListener;
+
+use crate::storage::StoreMetrics;
+
+/// Every metric of one node, registered in its own registry (so tests can run many nodes in one
+/// process).
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Client request latency by op (put/get/delete), consistency (one/quorum/all/<n>) and
+    /// outcome (ok or an error label).
+    pub request_seconds: HistogramVec,
+    /// Quorums not reached, by op and reason.
+    pub quorum_failures: IntCounterVec,
+    /// Replicas sent the merged state after a read found them behind.
+    pub read_repairs: IntCounter,
+    /// Requests forwarded to a replica of the key.
+    pub forwarded: IntCounter,
+    /// Replica operations served to peers, by op and outcome.
+    pub replica_ops: IntCounterVec,
+    /// Live siblings returned per read.
+    pub siblings_per_read: Histogram,
+    /// Writes that left a key with more siblings than `limits.sibling_warn`.
+    pub sibling_warnings: IntCounter,
+    /// Keys and bytes in the data table.
+    pub keys_stored: IntGauge,
+    pub bytes_stored: IntGauge,
+    /// Low 52 bits of the ring version digest (the full value is in `dynakv_ring_info`).
+    pub ring_version: IntGauge,
+    pub ring_info: IntGaugeVec,
+    pub store: StoreMetrics,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ]
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let request_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "dynakv_request_duration_seconds",
+                "Client request latency by operation, consistency and outcome",
+            )
+            .buckets(latency_buckets()),
+            &["op", "consistency", "outcome"],
+        )
+        .expect("static metric definition");
+        let quorum_failures = IntCounterVec::new(
+            Opts::new(
+                "dynakv_quorum_failures_total",
+                "Requests that did not reach their quorum, by operation and reason",
+            ),
+            &["op", "reason"],
+        )
+        .expect("static metric definition");
+        let read_repairs = IntCounter::new(
+            "dynakv_read_repairs_total",
+            "Replicas sent the merged state after a read found them behind",
+        )
+        .expect("static metric definition");
+        let forwarded = IntCounter::new(
+            "dynakv_forwarded_requests_total",
+            "Client writes forwarded to a replica of the key",
+        )
+        .expect("static metric definition");
+        let replica_ops = IntCounterVec::new(
+            Opts::new(
+                "dynakv_replica_operations_total",
+                "Replica operations served to peers, by operation and outcome",
+            ),
+            &["op", "outcome"],
+        )
+        .expect("static metric definition");
+        let siblings_per_read = Histogram::with_opts(
+            HistogramOpts::new(
+                "dynakv_siblings_per_read",
+                "Live siblings returned by each read",
+            )
+            .buckets(vec![1.0, 2.0, 3.0, 5.0, 10.0, 25.0, 50.0, 100.0]),
+        )
+        .expect("static metric definition");
+        let sibling_warnings = IntCounter::new(
+            "dynakv_sibling_warnings_total",
+            "Writes that left a key with more siblings than limits.sibling_warn",
+        )
+        .expect("static metric definition");
+        let keys_stored = IntGauge::new("dynakv_keys_stored", "Keys held by this node")
+            .expect("static metric definition");
+        let bytes_stored = IntGauge::new(
+            "dynakv_stored_bytes",
+            "Bytes of keys and versions held by this node",
+        )
+        .expect("static metric definition");
+        let ring_version = IntGauge::new(
+            "dynakv_ring_version",
+            "Low 52 bits of the digest of the ring this node uses",
+        )
+        .expect("static metric definition");
+        let ring_info = IntGaugeVec::new(
+            Opts::new("dynakv_ring_info", "The ring this node uses (value is 1)"),
+            &["version"],
+        )
+        .expect("static metric definition");
+        let store = StoreMetrics::new().expect("static metric definition");
+        let m = Metrics {
+            registry,
+            request_seconds,
+            quorum_failures,
+            read_repairs,
+            forwarded,
+            replica_ops,
+            siblings_per_read,
+            sibling_warnings,
+            keys_stored,
+            bytes_stored,
+            ring_version,
+            ring_info,
+            store,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.request_seconds.clone()),
+            Box::new(m.quorum_failures.clone()),
+            Box::new(m.read_repairs.clone()),
+            Box::new(m.forwarded.clone()),
+            Box::new(m.replica_ops.clone()),
+            Box::new(m.siblings_per_read.clone()),
+            Box::new(m.sibling_warnings.clone()),
+            Box::new(m.keys_stored.clone()),
+            Box::new(m.bytes_stored.clone()),
+            Box::new(m.ring_version.clone()),
+            Box::new(m.ring_info.clone()),
+        ];
+        for c in collectors {
+            m.registry
+                .register(c)
+                .expect("metric names are unique within a node registry");
+        }
+        m.store
+            .register(&m.registry)
+            .expect("metric names are unique within a node registry");
+        m
+    }
+
+    /// Records the ring in use.
+    pub fn set_ring_version(&self, version: u64) {
+        self.ring_version.set((version & ((1 << 52) - 1)) as i64);
+        self.ring_info.reset();
+        self.ring_info
+            .with_label_values(&[&format!("{version:016x}")])
+            .set(1);
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            return format!("# encoding failed: {e}\n");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Serves `GET /metrics` until `shutdown` resolves. `before_scrape` refreshes gauges that are
+/// cheaper to read at scrape time than to maintain (keys and bytes stored).
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Metrics,
+    before_scrape: Arc<dyn Fn() + Send + Sync>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer): (_, SocketAddr) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let before_scrape = before_scrape.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                let before_scrape = before_scrape.clone();
+                async move {
+                    let resp = match req.uri().path() {
+                        "/metrics" => {
+                            before_scrape();
+                            Response::builder()
+                                .header("content-type", "text/plain; version=0.0.4")
+                                .body(Full::new(Bytes::from(metrics.render())))
+                        }
+                        "/healthz" => Response::builder().body(Full::new(Bytes::from("ok\n"))),
+                        _ => Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::from("try /metrics\n"))),
+                    };
+                    Ok::<_, Infallible>(resp.unwrap_or_else(|_| Response::new(Full::default())))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}

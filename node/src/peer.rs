@@ -1,0 +1,318 @@
+//! Outgoing replica traffic: one long-lived `Replica.Exchange` stream per peer, carrying batched
+//! request frames, with replies matched to callers by request id.
+//!
+//! A busy coordinator pays one HTTP/2 frame for many replica messages instead of one RPC each.
+//! Every queue here is bounded: callers wait for room until their deadline, and a peer that
+//! cannot be reached fails fast for a short back-off instead of making every caller wait for a
+//! connect timeout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dynakv_core::NodeId;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use crate::net::Connector;
+use crate::proto::replica_client::ReplicaClient;
+use crate::proto::{
+    ReplicaRequest, RequestFrame, ResponseFrame, replica_error, replica_request, replica_response,
+};
+
+/// Metadata keys on every peer stream and forwarded request.
+pub const CLUSTER_HEADER: &str = "x-dynakv-cluster";
+pub const NODE_HEADER: &str = "x-dynakv-node";
+
+/// Largest message accepted on peer connections (a clock with many siblings of 1 MiB values must fit).
+pub const MAX_PEER_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// How a replica call failed. Labels are stable (metrics).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    #[error("no reply before the deadline")]
+    Timeout,
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("unknown peer {0}")]
+    UnknownPeer(NodeId),
+}
+
+impl PeerError {
+    pub fn as_replica_failure(&self) -> dynakv_core::quorum::ReplicaFailure {
+        use dynakv_core::quorum::ReplicaFailure;
+        match self {
+            PeerError::Unreachable(_) | PeerError::UnknownPeer(_) => ReplicaFailure::Unreachable,
+            PeerError::Timeout => ReplicaFailure::Timeout,
+            PeerError::Refused(_) => ReplicaFailure::Refused,
+        }
+    }
+}
+
+/// Settings of the peer links.
+#[derive(Debug, Clone)]
+pub struct PeerSettings {
+    pub self_id: NodeId,
+    pub cluster_id: String,
+    pub queue_len: usize,
+    pub max_frame_messages: usize,
+    pub connect_timeout: Duration,
+    /// How long a peer that could not be reached fails calls at once before the next attempt.
+    pub backoff: Duration,
+}
+
+type Reply = oneshot::Sender<Result<replica_response::Result, PeerError>>;
+
+struct Outgoing {
+    op: replica_request::Op,
+    timeout_ms: u32,
+    reply: Reply,
+}
+
+struct Link {
+    address: String,
+    tx: mpsc::Sender<Outgoing>,
+    channel: Channel,
+}
+
+/// The links to every peer. Cheap to clone.
+#[derive(Clone)]
+pub struct PeerPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    settings: PeerSettings,
+    connector: Connector,
+    links: Mutex<BTreeMap<NodeId, Link>>,
+}
+
+impl PeerPool {
+    pub fn new(settings: PeerSettings, connector: Connector) -> PeerPool {
+        PeerPool {
+            inner: Arc::new(PoolInner {
+                settings,
+                connector,
+                links: Mutex::new(BTreeMap::new()),
+            }),
+        }
+    }
+
+    /// Makes the pool match the membership: new peers get a link, moved peers a new one, removed
+    /// peers lose theirs (their link task ends when the last sender is dropped).
+    pub fn set_members(&self, members: &[(NodeId, String)]) {
+        let mut links = self.inner.links.lock().unwrap_or_else(|p| p.into_inner());
+        links.retain(|id, link| {
+            members
+                .iter()
+                .any(|(m, addr)| m == id && *addr == link.address)
+        });
+        for (id, address) in members {
+            if *id == self.inner.settings.self_id || links.contains_key(id) {
+                continue;
+            }
+            let channel = self.inner.connector.channel(address);
+            let (tx, rx) = mpsc::channel(self.inner.settings.queue_len);
+            tokio::spawn(link_task(
+                self.inner.settings.clone(),
+                id.clone(),
+                channel.clone(),
+                rx,
+            ));
+            links.insert(
+                id.clone(),
+                Link {
+                    address: address.clone(),
+                    tx,
+                    channel,
+                },
+            );
+        }
+    }
+
+    /// The gRPC channel to a peer (for forwarded client requests).
+    pub fn channel(&self, node: &NodeId) -> Option<Channel> {
+        let links = self.inner.links.lock().unwrap_or_else(|p| p.into_inner());
+        links.get(node).map(|l| l.channel.clone())
+    }
+
+    /// Sends one replica operation and waits for its reply until `deadline`.
+    pub async fn call(
+        &self,
+        node: &NodeId,
+        op: replica_request::Op,
+        deadline: Instant,
+    ) -> Result<replica_response::Result, PeerError> {
+        let tx = {
+            let links = self.inner.links.lock().unwrap_or_else(|p| p.into_inner());
+            match links.get(node) {
+                Some(l) => l.tx.clone(),
+                None => return Err(PeerError::UnknownPeer(node.clone())),
+            }
+        };
+        let timeout_ms = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .min(u32::MAX as u128) as u32;
+        let (reply, rx) = oneshot::channel();
+        let msg = Outgoing {
+            op,
+            timeout_ms,
+            reply,
+        };
+        match tokio::time::timeout_at(deadline, tx.send(msg)).await {
+            Err(_) => return Err(PeerError::Timeout),
+            Ok(Err(_)) => return Err(PeerError::Unreachable("link closed".into())),
+            Ok(Ok(())) => {}
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => Err(PeerError::Timeout),
+            Ok(Err(_)) => Err(PeerError::Unreachable("link dropped the request".into())),
+            Ok(Ok(r)) => r,
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, Reply>>>;
+
+/// Owns the stream to one peer: connects on demand, batches outgoing requests into frames, and
+/// reconnects after a failure (failing calls at once during a short back-off).
+async fn link_task(
+    settings: PeerSettings,
+    peer: NodeId,
+    channel: Channel,
+    mut rx: mpsc::Receiver<Outgoing>,
+) {
+    let mut next_id: u64 = 1;
+    let mut backoff_until: Option<Instant> = None;
+    loop {
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        if backoff_until.is_some_and(|until| Instant::now() < until) {
+            fail(first, &peer, "unreachable (retrying shortly)");
+            continue;
+        }
+        let (frame_tx, frame_rx) = mpsc::channel::<RequestFrame>(64);
+        let mut request = tonic::Request::new(ReceiverStream::new(frame_rx));
+        if let (Ok(c), Ok(n)) = (
+            MetadataValue::try_from(settings.cluster_id.as_str()),
+            MetadataValue::try_from(settings.self_id.as_str()),
+        ) {
+            request.metadata_mut().insert(CLUSTER_HEADER, c);
+            request.metadata_mut().insert(NODE_HEADER, n);
+        }
+        let mut client = ReplicaClient::new(channel.clone())
+            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+        let opened = tokio::time::timeout(settings.connect_timeout, client.exchange(request)).await;
+        let inbound = match opened {
+            Ok(Ok(resp)) => resp.into_inner(),
+            Ok(Err(status)) => {
+                tracing::debug!(%peer, error = %status.message(), "peer stream refused");
+                backoff_until = Some(Instant::now() + settings.backoff);
+                fail(first, &peer, status.message());
+                continue;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "peer connect timed out");
+                backoff_until = Some(Instant::now() + settings.backoff);
+                fail(first, &peer, "connect timed out");
+                continue;
+            }
+        };
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let (closed_tx, mut closed_rx) = oneshot::channel::<()>();
+        tokio::spawn(read_replies(inbound, pending.clone(), closed_tx));
+
+        let mut batch = vec![first];
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        'connected: loop {
+            while batch.len() < settings.max_frame_messages {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                let mut frame = RequestFrame {
+                    requests: Vec::with_capacity(batch.len()),
+                };
+                {
+                    let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                    for m in batch.drain(..) {
+                        let id = next_id;
+                        next_id += 1;
+                        p.insert(id, m.reply);
+                        frame.requests.push(ReplicaRequest {
+                            id,
+                            timeout_ms: m.timeout_ms,
+                            op: Some(m.op),
+                        });
+                    }
+                }
+                tokio::select! {
+                    sent = frame_tx.send(frame) => if sent.is_err() { break 'connected; },
+                    _ = &mut closed_rx => break 'connected,
+                }
+            }
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => batch.push(m),
+                    None => return,
+                },
+                _ = &mut closed_rx => break 'connected,
+                _ = sweep.tick() => {
+                    // Callers that gave up (deadline) leave entries behind; drop them.
+                    let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                    p.retain(|_, reply| !reply.is_closed());
+                }
+            }
+        }
+        let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, reply) in p.drain() {
+            let _ = reply.send(Err(PeerError::Unreachable(format!(
+                "stream to {peer} broke"
+            ))));
+        }
+        backoff_until = Some(Instant::now() + settings.backoff);
+    }
+}
+
+fn fail(msg: Outgoing, peer: &NodeId, why: &str) {
+    let _ = msg
+        .reply
+        .send(Err(PeerError::Unreachable(format!("{peer}: {why}"))));
+}
+
+async fn read_replies(
+    mut inbound: tonic::Streaming<ResponseFrame>,
+    pending: Pending,
+    closed: oneshot::Sender<()>,
+) {
+    while let Ok(Some(frame)) = inbound.message().await {
+        let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+        for r in frame.responses {
+            let Some(reply) = p.remove(&r.id) else {
+                continue;
+            };
+            let result = match r.result {
+                Some(replica_response::Result::Error(e)) => {
+                    Err(match replica_error::Kind::try_from(e.kind) {
+                        Ok(replica_error::Kind::Timeout) => PeerError::Timeout,
+                        _ => PeerError::Refused(e.message),
+                    })
+                }
+                Some(ok) => Ok(ok),
+                None => Err(PeerError::Refused("empty reply".into())),
+            };
+            let _ = reply.send(result);
+        }
+    }
+    let _ = closed.send(());
+}

@@ -1,0 +1,161 @@
+//! The server side of `Replica.Exchange`: requests arrive in frames, run concurrently (bounded
+//! per stream), and their responses are batched back into frames.
+
+use std::sync::Arc;
+
+use dynakv_core::dvvset::Clock;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::node::Node;
+use crate::peer::{CLUSTER_HEADER, NODE_HEADER};
+use crate::proto::replica_server::Replica;
+use crate::proto::{
+    FetchResponse, ReplicaError, ReplicaRequest, ReplicaResponse, RequestFrame, ResponseFrame,
+    StoreResponse, replica_error, replica_request, replica_response,
+};
+use crate::storage::StorageError;
+
+pub struct ReplicaService {
+    node: Arc<Node>,
+}
+
+impl ReplicaService {
+    pub fn new(node: Arc<Node>) -> Self {
+        ReplicaService { node }
+    }
+}
+
+#[tonic::async_trait]
+impl Replica for ReplicaService {
+    type ExchangeStream = ReceiverStream<Result<ResponseFrame, Status>>;
+
+    async fn exchange(
+        &self,
+        request: Request<Streaming<RequestFrame>>,
+    ) -> Result<Response<Self::ExchangeStream>, Status> {
+        let cluster = request
+            .metadata()
+            .get(CLUSTER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if cluster != self.node.config.raw.cluster_id {
+            return Err(Status::permission_denied(format!(
+                "this node belongs to cluster {:?}, not {cluster:?}",
+                self.node.config.raw.cluster_id
+            )));
+        }
+        let peer = request
+            .metadata()
+            .get(NODE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?")
+            .to_string();
+        let limits = &self.node.config.raw.limits;
+        let max_frame = limits.max_frame_messages;
+        let concurrency = Arc::new(Semaphore::new(limits.max_replica_ops_per_stream));
+        let (resp_tx, mut resp_rx) = mpsc::channel::<ReplicaResponse>(max_frame * 4);
+        let (frame_tx, frame_rx) = mpsc::channel::<Result<ResponseFrame, Status>>(16);
+
+        // Batch responses into frames.
+        tokio::spawn(async move {
+            while let Some(first) = resp_rx.recv().await {
+                let mut responses = vec![first];
+                while responses.len() < max_frame {
+                    match resp_rx.try_recv() {
+                        Ok(r) => responses.push(r),
+                        Err(_) => break,
+                    }
+                }
+                if frame_tx
+                    .send(Ok(ResponseFrame { responses }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+
+        let node = self.node.clone();
+        let mut inbound = request.into_inner();
+        tokio::spawn(async move {
+            loop {
+                let frame = match inbound.message().await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "replica stream ended");
+                        break;
+                    }
+                };
+                for req in frame.requests {
+                    let Ok(permit) = concurrency.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let node = node.clone();
+                    let resp_tx = resp_tx.clone();
+                    tokio::spawn(async move {
+                        let response = handle(&node, req).await;
+                        drop(permit);
+                        let _ = resp_tx.send(response).await;
+                    });
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(frame_rx)))
+    }
+}
+
+fn error(kind: replica_error::Kind, message: impl Into<String>) -> replica_response::Result {
+    replica_response::Result::Error(ReplicaError {
+        kind: kind as i32,
+        message: message.into(),
+    })
+}
+
+fn storage_error(node: &Node, e: StorageError) -> replica_response::Result {
+    node.metrics
+        .replica_ops
+        .with_label_values(&["store", e.label()])
+        .inc();
+    error(replica_error::Kind::StorageFailed, e.to_string())
+}
+
+async fn handle(node: &Node, req: ReplicaRequest) -> ReplicaResponse {
+    let result = match req.op {
+        Some(replica_request::Op::Store(s)) => match Clock::decode(&s.clock) {
+            Err(e) => error(replica_error::Kind::Invalid, format!("bad clock: {e}")),
+            Ok(clock) => match node.merge_local(s.key.to_vec(), clock).await {
+                Ok(_) => {
+                    node.metrics
+                        .replica_ops
+                        .with_label_values(&["store", "ok"])
+                        .inc();
+                    replica_response::Result::Store(StoreResponse {})
+                }
+                Err(e) => storage_error(node, e),
+            },
+        },
+        Some(replica_request::Op::Fetch(f)) => {
+            match node.store.get(crate::storage::Table::Data, &f.key) {
+                Ok(v) => {
+                    node.metrics
+                        .replica_ops
+                        .with_label_values(&["fetch", "ok"])
+                        .inc();
+                    replica_response::Result::Fetch(FetchResponse {
+                        clock: v.map(bytes::Bytes::from).unwrap_or_default(),
+                    })
+                }
+                Err(e) => storage_error(node, e),
+            }
+        }
+        None => error(replica_error::Kind::Invalid, "empty request"),
+    };
+    ReplicaResponse {
+        id: req.id,
+        result: Some(result),
+    }
+}

@@ -1,0 +1,217 @@
+//! `run`: a whole node from a listener, a configuration and a shutdown signal. Tests, `dynakv
+//! serve`, `dynakv dev` and the deterministic simulation all drive this same function.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tonic::transport::server::Connected;
+use tonic_health::ServingStatus;
+
+use crate::admin::AdminService;
+use crate::config::ValidConfig;
+use crate::kv::KvService;
+use crate::metrics::Metrics;
+use crate::net::Connector;
+use crate::node::{Node, WallClock};
+use crate::peer::{MAX_PEER_MESSAGE_BYTES, PeerPool, PeerSettings};
+use crate::proto::admin_server::AdminServer;
+use crate::proto::kv_server::KvServer;
+use crate::proto::replica_server::ReplicaServer;
+use crate::replica::ReplicaService;
+use crate::storage::{
+    Backend, MemoryBackend, RedbBackend, StorageError, Store, StoreConfig, WriterMode,
+};
+
+/// Where the node keeps its data.
+pub enum StorageChoice {
+    /// redb in `<data_dir>/dynakv.redb` (the real thing).
+    Redb,
+    /// A memory backend with crash semantics (tests, simulation).
+    Memory(MemoryBackend, WriterMode),
+}
+
+/// What the node takes from its environment: time, network, storage.
+pub struct Env {
+    pub wall: WallClock,
+    pub connector: Connector,
+    pub storage: StorageChoice,
+}
+
+impl Env {
+    /// Real time, real TCP leaving from the listen IP, redb.
+    pub fn real(config: &ValidConfig) -> Env {
+        let ip = config.raw.listen.ip();
+        Env {
+            wall: Arc::new(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0)
+            }),
+            connector: Connector::tcp(
+                (!ip.is_unspecified()).then_some(ip),
+                Duration::from_millis(config.raw.limits.peer_connect_timeout_ms),
+            ),
+            storage: StorageChoice::Redb,
+        }
+    }
+}
+
+/// Why a node could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(String),
+}
+
+/// Runs a node until `shutdown` resolves. `incoming` yields accepted gRPC connections;
+/// `metrics` is the listener for `/metrics`, if any.
+pub async fn run<I, IO, IE>(
+    incoming: I,
+    metrics_listener: Option<TcpListener>,
+    config: ValidConfig,
+    env: Env,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError>
+where
+    I: futures::Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    let raw = &config.raw;
+    let metrics = Metrics::new();
+    let (backend, writer): (Arc<dyn Backend>, WriterMode) = match env.storage {
+        StorageChoice::Redb => {
+            std::fs::create_dir_all(&raw.data_dir).map_err(|source| ServeError::DataDir {
+                path: raw.data_dir.clone(),
+                source,
+            })?;
+            let backend = RedbBackend::open(raw.data_dir.join("dynakv.redb"))?;
+            (Arc::new(backend), WriterMode::Thread)
+        }
+        StorageChoice::Memory(m, mode) => (Arc::new(m), mode),
+    };
+    let store = Store::open(
+        backend,
+        StoreConfig {
+            max_batch_ops: raw.storage.max_batch_ops,
+            max_batch_bytes: raw.storage.max_batch_bytes,
+            queue_capacity: raw.storage.queue_len,
+            writer,
+        },
+        metrics.store.clone(),
+    )?;
+    // Identity fencing before anything else touches the data.
+    store
+        .check_identity(config.node_id.as_str(), &raw.cluster_id)
+        .await?;
+
+    let peers = PeerPool::new(
+        PeerSettings {
+            self_id: config.node_id.clone(),
+            cluster_id: raw.cluster_id.clone(),
+            queue_len: raw.limits.peer_queue_len,
+            max_frame_messages: raw.limits.max_frame_messages,
+            connect_timeout: Duration::from_millis(raw.limits.peer_connect_timeout_ms),
+            backoff: Duration::from_millis(200),
+        },
+        env.connector,
+    );
+    let node = Arc::new(Node::new(
+        config.clone(),
+        store,
+        peers,
+        metrics.clone(),
+        env.wall,
+    ));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    // Room above the value limit so an oversized value reaches the handler and gets a clear
+    // INVALID_ARGUMENT; far larger messages are cut off by the transport (OUT_OF_RANGE).
+    let max_message = 4 * raw.limits.max_value_bytes + raw.limits.max_key_bytes + 64 * 1024;
+    let kv = KvServer::new(KvService::new(node.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+    let replica = ReplicaServer::new(ReplicaService::new(node.clone()))
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+    let admin = AdminServer::new(AdminService::new(node.clone()));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics_task = metrics_listener.map(|listener| {
+        let node = node.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            Arc::new(move || {
+                let stats = node.store.stats();
+                node.metrics.keys_stored.set(stats.keys as i64);
+                node.metrics.bytes_stored.set(stats.bytes as i64);
+            }),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        ))
+    });
+
+    // Storage is open and the node is in its ring: serve.
+    health.set_serving::<KvServer<KvService>>().await;
+    health.set_service_status("", ServingStatus::Serving).await;
+    tracing::info!(
+        node = %config.node_id,
+        cluster = %raw.cluster_id,
+        listen = %raw.listen,
+        ring_version = format!("{:016x}", node.view().ring.version()),
+        members = node.view().members.len(),
+        "node serving"
+    );
+
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(Some(4096))
+        .timeout(Duration::from_millis(
+            raw.limits.max_request_timeout_ms + 5_000,
+        ))
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(kv)
+        .add_service(replica)
+        .add_service(admin);
+    let result = server
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let _ = stop_tx.send(true);
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    tracing::info!(node = %config.node_id, "node stopped");
+    result.map_err(ServeError::from)
+}
