@@ -1,8 +1,8 @@
 //! Consistent hashing with weighted virtual nodes: which nodes hold which keys.
 //!
-//! A key lives at `hash::key_position(key)` on a ring of 2^64 positions. Every node owns a list of
-//! tokens (positions); the token ranges `(previous token, token]` tile the ring. A key's preference
-//! list is found by walking clockwise from the first token at or after its position.
+//! A key lives at [`crate::hash::key_position`] on a ring of 2^64 positions. Every node owns a
+//! list of tokens (positions); the token ranges `(previous token, token]` tile the ring. A key's
+//! preference list is found by walking clockwise from the first token at or after its position.
 //!
 //! Invariants:
 //! - tokens are explicit, listed per node ([`NodeSpec::tokens`], gossiped with the node's
@@ -14,21 +14,24 @@
 //! - a preference list holds `min(n, nodes with tokens)` distinct nodes, and the first ones span
 //!   as many zones as possible (see [`Ring::preference_list`]).
 //!
-//! Tokens are chosen by a replication-aware allocator, like Cassandra's
-//! (`ReplicationAwareTokenAllocator`): random tokens leave replica ownership about 20% uneven,
-//! so a joining node places its tokens one at a time, greedily. A candidate token splits one
-//! existing range at the best point of its middle three quarters; the split only changes the
-//! preference lists of that range and of the few ranges before it whose walk reaches it, so each
-//! candidate is scored incrementally by the drop in `sum over nodes of (load / target - 1)^2`
-//! (replica load, plus a tenth of the same term for primary load). Candidates sit in a max-heap
-//! and are re-scored lazily when popped (scores only fall as the joiner gains load).
-//! [`Ring::balanced`] joins members one by one in id order, so every node computes the same ring.
-//! The scores are `f64` built from `+ - * /` only, which IEEE 754 makes identical on every
-//! platform, so the allocator is deterministic everywhere.
+//! Tokens are chosen by a replication-aware greedy allocator (after Cassandra's
+//! `ReplicationAwareTokenAllocator`), because random tokens miss the balance target: at 64 tokens
+//! a node, `hash(id, i)` tokens put the fullest node's replica ownership 14% above the mean at 64
+//! nodes, and up to 35% above it at fewer. A joining node places its tokens one at a time; for
+//! each it scores a few positions derived from its identity, `hash(id, token index, attempt)`,
+//! and takes the one that most lowers `sum over nodes of (load / target - 1)^2` (replica load,
+//! plus a smaller weight of the same for primary load; targets in proportion to token counts).
+//! A token changes only the preference lists of the keys just before it and of the few ranges
+//! before those whose walk reaches it, so scoring a candidate walks those ranges only. The
+//! joiner's own target is paced (after `i` of its `c` tokens it aims at `i / c` of its share), so
+//! that each token takes about its share instead of the first ones grabbing the largest ranges
+//! and the last ones overshooting. [`Ring::balanced`] joins members one by one in id order, so
+//! every node computes the same ring. The scores are `f64` built from `+ - * /` only, which
+//! IEEE 754 makes identical on every platform, so the allocator is deterministic everywhere.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt;
 
 use xxhash_rust::xxh3::{Xxh3Default, xxh3_64};
 
@@ -36,11 +39,13 @@ use crate::NodeId;
 
 /// Tokens per node at the normal weight (100).
 ///
-/// 64 meets the balance targets (replica ownership within 10% of the mean at 3..=64 nodes, N=3)
-/// with room to spare once the allocator balances, while keeping what grows with it small: the
-/// gossiped token list (512 bytes a node), the number of ranges a join or drain streams, and the
-/// allocator's work. It also gives weights a useful resolution: one token is 1.6 weight points,
-/// so an operator ramping a node in by steps of 10 moves about 6 tokens per step.
+/// 64 meets the balance targets with a wide margin: with the allocator, replica ownership (N=3)
+/// stays within 5% of the mean at every size from 3 to 64 nodes and a join moves within 3% of
+/// its fair share, whatever the node names; at 32 some names come to 9%, too near the 10%
+/// target. More tokens would enlarge what grows with them: the gossiped token list (512 bytes a
+/// node), the ranges a join or drain streams, the allocator's work (tens of milliseconds for a
+/// 64-node ring). Weights get a useful resolution: a token is 1.6 weight points, so ramping a
+/// node in by steps of 10 moves about 6 tokens a step.
 pub const DEFAULT_VNODES_PER_NODE: u32 = 64;
 
 /// The weight of an ordinary node: it owns `vnodes_per_node` tokens.
@@ -221,6 +226,7 @@ impl Ring {
         self.nodes.len()
     }
 
+    /// Whether the ring has no members at all.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
     }
@@ -281,7 +287,7 @@ impl Ring {
     }
 
     /// Chooses `count` new tokens for node `id` (which may already own tokens here) so that
-    /// replica ownership stays balanced, given each node a target in proportion to its token
+    /// replica ownership stays balanced, giving each node a target in proportion to its token
     /// count (the joiner's counted with the new tokens). Deterministic; never returns a token
     /// already on the ring. The zone of a node that already owns tokens is the ring's; `zone`
     /// applies to a node that owns none yet.
@@ -299,7 +305,9 @@ impl Ring {
             return spread_evenly(id, count);
         }
         let mut allocator = Allocator::new(self, id, zone, count, n);
-        let first_index = self.node_index(id.as_str()).map_or(0, |node| self.nodes[node].tokens.len());
+        let first_index = self
+            .node_index(id.as_str())
+            .map_or(0, |node| self.nodes[node].tokens.len());
         let mut tokens = Vec::with_capacity(count as usize);
         for token_index in first_index..first_index + count as usize {
             // All candidates taken only if the ring is nearly full: stop short rather than loop.
@@ -308,7 +316,6 @@ impl Ring {
             };
             allocator.take(position);
             tokens.push(position);
-            if std::env::var("RING_DEBUG").is_ok() { let x = allocator.node; eprintln!("tok {} xload/target {:.4}", tokens.len(), allocator.replica_load[x] as f64 / RING_SIZE / allocator.replica_target[x]); }
         }
         tokens
     }
@@ -450,7 +457,13 @@ struct Segment {
 }
 
 fn for_each_segment(old: &Ring, new: &Ring, n: usize, mut visit: impl FnMut(&Segment)) {
-    let mut bounds: Vec<u64> = old.table.tokens.iter().chain(&new.table.tokens).copied().collect();
+    let mut bounds: Vec<u64> = old
+        .table
+        .tokens
+        .iter()
+        .chain(&new.table.tokens)
+        .copied()
+        .collect();
     bounds.sort_unstable();
     bounds.dedup();
     let Some(&last) = bounds.last() else {
@@ -485,7 +498,12 @@ fn contains_id(replicas: &[usize], ring: &Ring, id: &NodeId) -> bool {
 }
 
 /// Ids of `replicas` (of `ring`) that are not among `others` (of `other_ring`).
-fn missing_from(replicas: &[usize], ring: &Ring, others: &[usize], other_ring: &Ring) -> Vec<NodeId> {
+fn missing_from(
+    replicas: &[usize],
+    ring: &Ring,
+    others: &[usize],
+    other_ring: &Ring,
+) -> Vec<NodeId> {
     replicas
         .iter()
         .map(|&node| &ring.nodes[node].id)
@@ -543,7 +561,7 @@ pub struct ChangeReport {
 pub fn report(members: &[Member], vnodes_per_node: u32, n: usize) -> RingReport {
     let ring = Ring::balanced(members, vnodes_per_node, n);
     let ownership = ring.ownership(n);
-    let weights: Vec<u64> = ring.nodes.iter().map(|node| u64::from(node.weight)).collect();
+    let weights = weights(&ring);
     let fair_replica = fair_replica_shares(&weights, n);
     let total_weight: u64 = weights.iter().sum();
     let replica_ratios = ratios(&weights, |node| {
@@ -565,18 +583,27 @@ pub fn report(members: &[Member], vnodes_per_node: u32, n: usize) -> RingReport 
             replica: owned.replica,
         })
         .collect();
+    let (replica_max_over_mean, replica_min_over_mean) = spread(&replica_ratios);
+    let (primary_max_over_mean, primary_min_over_mean) = spread(&primary_ratios);
     RingReport {
         replication_factor: n,
         vnodes_per_node,
         version: ring.version,
         nodes,
-        replica_max_over_mean: spread(&replica_ratios).0,
-        replica_min_over_mean: spread(&replica_ratios).1,
-        primary_max_over_mean: spread(&primary_ratios).0,
-        primary_min_over_mean: spread(&primary_ratios).1,
+        replica_max_over_mean,
+        replica_min_over_mean,
+        primary_max_over_mean,
+        primary_min_over_mean,
         adding: report_join(&ring, vnodes_per_node, n),
         removing: report_leave(&ring, n),
     }
+}
+
+fn weights(ring: &Ring) -> Vec<u64> {
+    ring.nodes
+        .iter()
+        .map(|node| u64::from(node.weight))
+        .collect()
 }
 
 /// `ratio(node)` for every node of weight > 0.
@@ -621,12 +648,12 @@ fn report_join(ring: &Ring, vnodes_per_node: u32, n: usize) -> Option<ChangeRepo
     };
     let grown = ring.with_node(&member, vnodes_per_node, n).ok()?;
     let index = grown.node_index(id.as_str())?;
-    let weights: Vec<u64> = grown.nodes.iter().map(|node| u64::from(node.weight)).collect();
+    let weights = weights(&grown);
     let moves = moved_ranges(ring, &grown, n);
     Some(ChangeReport {
         moved_fraction: moved_fraction(ring, &grown, n),
         fair_fraction: fair_replica_shares(&weights, n)[index],
-        only_this_node: moves.iter().all(|m| m.to == [id.clone()]),
+        only_this_node: moves.iter().all(|m| m.to == std::slice::from_ref(&id)),
         node: id,
     })
 }
@@ -634,37 +661,49 @@ fn report_join(ring: &Ring, vnodes_per_node: u32, n: usize) -> Option<ChangeRepo
 fn report_leave(ring: &Ring, n: usize) -> Option<ChangeReport> {
     let (index, leaving) = ring.nodes.iter().enumerate().next_back()?;
     let shrunk = ring.without_node(&leaving.id).ok()?;
-    let weights: Vec<u64> = ring.nodes.iter().map(|node| u64::from(node.weight)).collect();
+    let weights = weights(ring);
     let moves = moved_ranges(ring, &shrunk, n);
     Some(ChangeReport {
         node: leaving.id.clone(),
         moved_fraction: moved_fraction(ring, &shrunk, n),
         fair_fraction: fair_replica_shares(&weights, n)[index],
-        only_this_node: moves.iter().all(|m| m.from == [leaving.id.clone()]),
+        only_this_node: moves
+            .iter()
+            .all(|m| m.from == std::slice::from_ref(&leaving.id)),
     })
 }
 
 impl RingReport {
-    /// A fixed-width table, one line per node, then the summary.
+    /// A fixed-width table, one line per node, then a summary (the same as `Display`).
     pub fn to_table(&self) -> String {
-        let id_width = self.nodes.iter().map(|node| node.id.as_str().len()).max().unwrap_or(0).max(4);
+        self.to_string()
+    }
+}
+
+impl fmt::Display for RingReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let id_width = self
+            .nodes
+            .iter()
+            .map(|node| node.id.as_str().len())
+            .max()
+            .unwrap_or(0)
+            .max("node".len());
         let zone_width = self
             .nodes
             .iter()
             .map(|node| node.zone.as_deref().map_or(1, str::len))
             .max()
             .unwrap_or(0)
-            .max(4);
-        let mut table = String::new();
-        // Writing to a String cannot fail.
-        let _ = writeln!(
-            table,
+            .max("zone".len());
+        writeln!(
+            f,
             "{:<id_width$}  {:>6}  {:<zone_width$}  {:>6}  {:>8}  {:>8}",
             "node", "weight", "zone", "tokens", "primary", "replica"
-        );
+        )?;
         for node in &self.nodes {
-            let _ = writeln!(
-                table,
+            writeln!(
+                f,
                 "{:<id_width$}  {:>6}  {:<zone_width$}  {:>6}  {:>7.3}%  {:>7.3}%",
                 node.id.as_str(),
                 node.weight,
@@ -672,37 +711,46 @@ impl RingReport {
                 node.tokens,
                 node.primary * 100.0,
                 node.replica * 100.0,
-            );
+            )?;
         }
-        let _ = writeln!(
-            table,
-            "{} nodes, n={}, {} vnodes per node, version {:016x}: replica max/mean {:.3} min/mean {:.3}, primary max/mean {:.3} min/mean {:.3}",
+        writeln!(
+            f,
+            "{} nodes, n={}, {} vnodes per node, ring version {:016x}",
             self.nodes.len(),
             self.replication_factor,
             self.vnodes_per_node,
             self.version,
+        )?;
+        writeln!(
+            f,
+            "replica max/mean {:.3}, min/mean {:.3}; primary max/mean {:.3}, min/mean {:.3}",
             self.replica_max_over_mean,
             self.replica_min_over_mean,
             self.primary_max_over_mean,
             self.primary_min_over_mean,
-        );
-        for (verb, change, direction) in [
+        )?;
+        let changes = [
             ("adding", &self.adding, "to"),
             ("removing", &self.removing, "from"),
-        ] {
-            if let Some(change) = change {
-                let _ = writeln!(
-                    table,
-                    "{verb} {}: moves {:.3}% of key-replicas (fair share {:.3}%), {} {direction} {}",
-                    change.node,
-                    change.moved_fraction * 100.0,
-                    change.fair_fraction * 100.0,
-                    if change.only_this_node { "all" } else { "NOT all" },
-                    change.node,
-                );
-            }
+        ];
+        for (verb, change, direction) in changes {
+            let Some(change) = change else {
+                continue;
+            };
+            let all = if change.only_this_node {
+                "all"
+            } else {
+                "NOT all"
+            };
+            writeln!(
+                f,
+                "{verb} {}: moves {:.3}% of key-replicas (fair share {:.3}%), {all} {direction} it",
+                change.node,
+                change.moved_fraction * 100.0,
+                change.fair_fraction * 100.0,
+            )?;
         }
-        table
+        Ok(())
     }
 }
 
@@ -721,7 +769,9 @@ fn fair_replica_shares(weights: &[u64], n: usize) -> Vec<f64> {
 /// no node getting more than one ring (it holds each key once at most): water-filling from the
 /// largest amount down. In fractions of the ring.
 fn replica_targets(amounts: &[u64], replicas_per_key: usize) -> Vec<f64> {
-    let mut order: Vec<usize> = (0..amounts.len()).filter(|&node| amounts[node] > 0).collect();
+    let mut order: Vec<usize> = (0..amounts.len())
+        .filter(|&node| amounts[node] > 0)
+        .collect();
     order.sort_by(|&a, &b| amounts[b].cmp(&amounts[a]).then(a.cmp(&b)));
     let mut remaining = replicas_per_key as f64;
     let mut remaining_amount: u64 = order.iter().map(|&node| amounts[node]).sum();
@@ -757,7 +807,10 @@ fn intern_zones(nodes: &[NodeSpec]) -> Vec<usize> {
     for (id, slot) in ids.values_mut().enumerate() {
         *slot = id;
     }
-    nodes.iter().map(|node| ids[&node.zone.as_deref()]).collect()
+    nodes
+        .iter()
+        .map(|node| ids[&node.zone.as_deref()])
+        .collect()
 }
 
 /// The canonical encoding hashed into [`Ring::version`]. Never change it: versions are compared
@@ -970,7 +1023,10 @@ fn choose_replicas(
     for offset in 0..steps {
         last_offset = offset;
         let node = owner_at(offset);
-        if !replicas.iter().any(|&chosen| zone_of[chosen] == zone_of[node]) {
+        if !replicas
+            .iter()
+            .any(|&chosen| zone_of[chosen] == zone_of[node])
+        {
             replicas.push(node);
             if replicas.len() == quota.zones {
                 break;
@@ -997,10 +1053,10 @@ fn choose_replicas(
 /// score. Replica balance is what the targets are about, but while there are at most `n` nodes
 /// (their replica loads cannot differ) primary balance is what places tokens, and coordinators
 /// (the primaries) stay more even for it.
-const PRIMARY_BALANCE_WEIGHT: f64 = 0.1;
+const PRIMARY_BALANCE_WEIGHT: f64 = 0.3;
 
-/// Candidate positions scored for each new token. More candidates balance better and cost
-/// proportionally more allocation time.
+/// Candidate positions scored for each new token; the allocation time grows in proportion. With
+/// 16 the 64-node ring came out at replica max/mean 1.05, with 32 at 1.02, with 64 no better.
 const CANDIDATES_PER_TOKEN: u32 = 32;
 
 /// Candidate `attempt` for the node's token number `token_index`: `hash(id, index, attempt)`.
@@ -1056,7 +1112,10 @@ impl<'a> Allocator<'a> {
             }
         };
         if table.tokens_per_node[node] == 0 {
-            let same_zone = ring.nodes.iter().position(|other| other.zone.as_deref() == zone);
+            let same_zone = ring
+                .nodes
+                .iter()
+                .position(|other| other.zone.as_deref() == zone);
             table.zone_of[node] = match same_zone {
                 Some(other) => table.zone_of[other],
                 None => {
@@ -1268,6 +1327,572 @@ fn record_change(deltas: &mut Vec<Delta>, old: &[usize], new: &[usize], len: i12
     for (list, other, sign) in [(new, old, 1), (old, new, -1)] {
         for &node in list.iter().filter(|node| !other.contains(node)) {
             delta_of(deltas, node).replica += sign * len;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::OnceLock;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const N: usize = 3;
+
+    fn id(name: &str) -> NodeId {
+        NodeId::new(name).unwrap()
+    }
+
+    fn member(name: &str, weight: u32, zone: Option<&str>) -> Member {
+        Member {
+            id: id(name),
+            weight,
+            zone: zone.map(str::to_string),
+        }
+    }
+
+    fn spec(name: &str, zone: Option<&str>, tokens: &[u64]) -> NodeSpec {
+        NodeSpec {
+            id: id(name),
+            weight: NORMAL_WEIGHT,
+            zone: zone.map(str::to_string),
+            tokens: tokens.to_vec(),
+        }
+    }
+
+    /// `kv-00`, `kv-01`, ...: id order is numeric order.
+    fn kv_members(count: usize) -> Vec<Member> {
+        (0..count)
+            .map(|index| member(&format!("kv-{index:02}"), NORMAL_WEIGHT, None))
+            .collect()
+    }
+
+    /// The balanced ring of 64 normal nodes, built once for all tests.
+    fn sixty_four() -> &'static Ring {
+        static RING: OnceLock<Ring> = OnceLock::new();
+        RING.get_or_init(|| Ring::balanced(&kv_members(64), DEFAULT_VNODES_PER_NODE, N))
+    }
+
+    /// The balanced ring of the first `count` of the 64: a join never changes earlier nodes'
+    /// tokens, so it is a prefix of the big one (checked by
+    /// `a_balanced_ring_of_the_first_members_is_a_prefix_of_a_bigger_one`).
+    fn first(count: usize) -> Ring {
+        Ring::new(sixty_four().nodes()[..count].to_vec()).unwrap()
+    }
+
+    fn ids(ring: &Ring, nodes: &[usize]) -> Vec<String> {
+        nodes
+            .iter()
+            .map(|&node| ring.nodes()[node].id.to_string())
+            .collect()
+    }
+
+    fn max_over_mean(values: impl Iterator<Item = f64>) -> f64 {
+        let values: Vec<f64> = values.collect();
+        let mean = values.iter().sum::<f64>() / values.len() as f64;
+        values.iter().copied().fold(0.0, f64::max) / mean
+    }
+
+    fn replica_max_over_mean(ring: &Ring) -> f64 {
+        max_over_mean(ring.ownership(N).iter().map(|owned| owned.replica))
+    }
+
+    /// Asserts that every replica that moved between `old` and `new` went to `joiner`.
+    fn assert_moves_only_to(old: &Ring, new: &Ring, joiner: &NodeId) {
+        let moves = moved_ranges(old, new, N);
+        assert!(!moves.is_empty(), "{joiner} joined but nothing moved");
+        for range in moves {
+            assert_eq!(range.to, std::slice::from_ref(joiner), "{range:?}");
+            assert!(range.from.len() <= 1, "{range:?}");
+            assert!(
+                range
+                    .from
+                    .iter()
+                    .all(|from| old.node_index(from.as_str()).is_some())
+            );
+        }
+    }
+
+    #[test]
+    fn vnode_count_rounds_to_the_nearest_token() {
+        assert_eq!(vnode_count(64, 100), 64);
+        assert_eq!(vnode_count(64, 0), 0);
+        assert_eq!(vnode_count(64, 50), 32);
+        assert_eq!(vnode_count(64, 10), 6);
+        assert_eq!(vnode_count(64, 1), 1);
+        assert_eq!(vnode_count(3, 50), 2);
+        assert_eq!(vnode_count(64, MAX_WEIGHT), 640);
+        assert_eq!(vnode_count(u32::MAX, MAX_WEIGHT), u32::MAX);
+    }
+
+    #[test]
+    fn new_refuses_repeated_ids_excessive_weights_and_shared_tokens() {
+        let repeated = Ring::new(vec![spec("a", None, &[1]), spec("a", None, &[2])]);
+        assert_eq!(repeated, Err(RingError::DuplicateNode(id("a"))));
+
+        let mut heavy = spec("a", None, &[1]);
+        heavy.weight = MAX_WEIGHT + 1;
+        assert_eq!(
+            Ring::new(vec![heavy]),
+            Err(RingError::WeightTooHigh {
+                node: id("a"),
+                weight: MAX_WEIGHT + 1
+            })
+        );
+
+        let shared = Ring::new(vec![spec("b", None, &[7, 9]), spec("a", None, &[3, 7])]);
+        assert_eq!(
+            shared,
+            Err(RingError::DuplicateToken {
+                token: 7,
+                first: id("a"),
+                second: id("b")
+            })
+        );
+        let twice = Ring::new(vec![spec("a", None, &[5, 5])]);
+        assert!(matches!(
+            twice,
+            Err(RingError::DuplicateToken { token: 5, .. })
+        ));
+    }
+
+    #[test]
+    fn nodes_are_sorted_by_id_and_found_by_it() {
+        let ring = Ring::new(vec![
+            spec("c", None, &[30]),
+            spec("a", None, &[10]),
+            spec("b", None, &[20]),
+        ])
+        .unwrap();
+        assert_eq!(ids(&ring, &[0, 1, 2]), ["a", "b", "c"]);
+        assert_eq!(ring.node_index("b"), Some(1));
+        assert_eq!(ring.node_index("d"), None);
+        assert_eq!(ring.len(), 3);
+        assert!(!ring.is_empty());
+        assert!(Ring::new(Vec::new()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn version_digests_the_whole_membership_whatever_the_listing_order() {
+        let nodes = vec![spec("a", Some("z1"), &[10, 40]), spec("b", None, &[20])];
+        let version = Ring::new(nodes.clone()).unwrap().version();
+        let reversed: Vec<NodeSpec> = nodes.iter().rev().cloned().collect();
+        assert_eq!(Ring::new(reversed).unwrap().version(), version);
+
+        let mut changes: Vec<Vec<NodeSpec>> = Vec::new();
+        for change in 0..4 {
+            let mut changed = nodes.clone();
+            match change {
+                0 => changed[0].weight = 50,
+                1 => changed[0].zone = Some("z2".to_string()),
+                2 => changed[0].tokens.reverse(),
+                _ => changed[1].id = id("c"),
+            }
+            changes.push(changed);
+        }
+        for changed in changes {
+            assert_ne!(
+                Ring::new(changed.clone()).unwrap().version(),
+                version,
+                "{changed:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn preference_list_walks_clockwise_skipping_chosen_nodes_and_wraps() {
+        let ring = Ring::new(vec![
+            spec("a", None, &[10, 40]),
+            spec("b", None, &[20]),
+            spec("c", None, &[30]),
+            spec("d", None, &[50]),
+        ])
+        .unwrap();
+        let list = |key_pos| ids(&ring, &ring.preference_list(key_pos, N));
+        assert_eq!(list(15), ["b", "c", "a"]);
+        assert_eq!(
+            list(20),
+            ["b", "c", "a"],
+            "a token's own position is in its range"
+        );
+        assert_eq!(list(35), ["a", "d", "b"], "a's second token is skipped");
+        assert_eq!(list(45), ["d", "a", "b"]);
+        assert_eq!(
+            list(51),
+            ["a", "b", "c"],
+            "past the last token the walk wraps"
+        );
+        assert_eq!(list(0), ["a", "b", "c"]);
+        assert_eq!(
+            ids(&ring, &ring.preference_list(15, 9)),
+            ["b", "c", "a", "d"]
+        );
+        assert!(ring.preference_list(15, 0).is_empty());
+    }
+
+    #[test]
+    fn zones_take_a_second_replica_from_a_zone_only_once_every_zone_is_in() {
+        let ring = Ring::new(vec![
+            spec("a", Some("z1"), &[10]),
+            spec("b", Some("z1"), &[20]),
+            spec("c", Some("z2"), &[30]),
+            spec("d", Some("z3"), &[40]),
+            spec("e", Some("z2"), &[50]),
+        ])
+        .unwrap();
+        let list = |key_pos, n| ids(&ring, &ring.preference_list(key_pos, n));
+        assert_eq!(list(5, 3), ["a", "c", "d"]);
+        assert_eq!(list(5, 4), ["a", "c", "d", "b"]);
+        assert_eq!(list(5, 5), ["a", "c", "d", "b", "e"]);
+        assert_eq!(list(45, 3), ["e", "a", "d"]);
+        assert_eq!(list(45, 4), ["e", "a", "d", "b"]);
+        assert_eq!(list(45, 2), ["e", "a"]);
+    }
+
+    #[test]
+    fn nodes_of_weight_zero_are_never_chosen() {
+        let mut drained = spec("b", None, &[20]);
+        drained.weight = 0;
+        let ring = Ring::new(vec![
+            spec("a", None, &[10]),
+            drained,
+            spec("c", None, &[30]),
+        ])
+        .unwrap();
+        for key_pos in [0, 15, 20, 25, 35] {
+            assert_eq!(ids(&ring, &ring.preference_list(key_pos, N)).len(), 2);
+            assert!(!ring.walk(key_pos, N).any(|node| node == 1));
+        }
+        assert_eq!(ring.ownership(N)[1].replica, 0.0);
+        assert_eq!(ring.ownership(N)[1].primary, 0.0);
+    }
+
+    #[test]
+    fn walk_gives_the_preference_list_then_the_other_nodes_clockwise() {
+        let ring = Ring::new(vec![
+            spec("a", None, &[10, 40]),
+            spec("b", None, &[20]),
+            spec("c", None, &[30]),
+            spec("d", None, &[50]),
+            spec("e", None, &[60]),
+        ])
+        .unwrap();
+        let walk: Vec<usize> = ring.walk(15, 2).collect();
+        assert_eq!(ids(&ring, &walk), ["b", "c", "a", "d", "e"]);
+        let walk: Vec<usize> = ring.walk(55, 3).collect();
+        assert_eq!(ids(&ring, &walk), ["e", "a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn ownership_shares_sum_to_one() {
+        for count in [1, 2, 3, 5, 16] {
+            let ownership = first(count).ownership(N);
+            let replica: f64 = ownership.iter().map(|owned| owned.replica).sum();
+            let primary: f64 = ownership.iter().map(|owned| owned.primary).sum();
+            assert!((replica - 1.0).abs() < 1e-9, "{count} nodes: {replica}");
+            assert!((primary - 1.0).abs() < 1e-9, "{count} nodes: {primary}");
+        }
+    }
+
+    #[test]
+    fn a_balanced_ring_of_the_first_members_is_a_prefix_of_a_bigger_one() {
+        let small = Ring::balanced(&kv_members(6), DEFAULT_VNODES_PER_NODE, N);
+        assert_eq!(small, first(6));
+    }
+
+    #[test]
+    fn replica_ownership_stays_within_ten_percent_of_the_mean_from_3_to_64_nodes() {
+        for count in 3..=64 {
+            let spread = replica_max_over_mean(&first(count));
+            assert!(spread <= 1.10, "{count} nodes: replica max/mean {spread}");
+        }
+    }
+
+    #[test]
+    fn adding_the_kth_node_moves_at_most_1_1_over_k_of_the_replicas_all_to_it() {
+        for k in 3..=64 {
+            let (old, new) = (first(k - 1), first(k));
+            let joiner = &new.nodes()[k - 1].id;
+            assert_moves_only_to(&old, &new, joiner);
+            let moved = moved_fraction(&old, &new, N);
+            assert!(moved <= 1.1 / k as f64, "k={k}: moved {moved}");
+        }
+    }
+
+    #[test]
+    fn moved_ranges_merge_neighbours_also_across_zero() {
+        const QUARTER: u64 = 1 << 62;
+        let old = Ring::new(vec![
+            spec("a", None, &[QUARTER]),
+            spec("b", None, &[2 * QUARTER]),
+        ])
+        .unwrap();
+        let d_tokens = [3 * QUARTER, QUARTER / 2, QUARTER / 2 * 3, QUARTER / 4 * 7];
+        let mut nodes = old.nodes().to_vec();
+        nodes.push(spec("d", None, &d_tokens));
+        let new = Ring::new(nodes).unwrap();
+        // With one replica, d takes (2Q, 3Q] and (3Q, Q/2] from a, which merge across zero (and
+        // come first, wrapping), and (Q, 3Q/2] and (3Q/2, 7Q/4] from b.
+        let expected = [
+            RangeMove {
+                start: 2 * QUARTER,
+                end: QUARTER / 2,
+                from: vec![id("a")],
+                to: vec![id("d")],
+            },
+            RangeMove {
+                start: QUARTER,
+                end: QUARTER / 4 * 7,
+                from: vec![id("b")],
+                to: vec![id("d")],
+            },
+        ];
+        assert_eq!(moved_ranges(&old, &new, 1), expected);
+        assert_eq!(moved_fraction(&old, &new, 1), (2.5 + 0.75) / 4.0);
+        assert!(moved_ranges(&new, &new, N).is_empty());
+        assert_eq!(moved_fraction(&new, &new, N), 0.0);
+    }
+
+    #[test]
+    fn a_change_of_every_list_is_one_range_round_the_ring() {
+        let old = Ring::new(vec![spec("a", None, &[100])]).unwrap();
+        let new = Ring::new(vec![spec("b", None, &[100])]).unwrap();
+        let moves = moved_ranges(&old, &new, N);
+        assert_eq!(
+            moves,
+            [RangeMove {
+                start: 100,
+                end: 100,
+                from: vec![id("a")],
+                to: vec![id("b")]
+            }]
+        );
+        assert_eq!(moved_fraction(&old, &new, N), 1.0);
+    }
+
+    #[test]
+    fn changes_to_unknown_or_existing_nodes_are_refused() {
+        let ring = first(4);
+        let existing = member("kv-01", NORMAL_WEIGHT, None);
+        assert_eq!(
+            ring.with_node(&existing, DEFAULT_VNODES_PER_NODE, N),
+            Err(RingError::DuplicateNode(id("kv-01")))
+        );
+        assert_eq!(
+            ring.without_node(&id("nope")),
+            Err(RingError::UnknownNode(id("nope")))
+        );
+        assert_eq!(
+            ring.with_weight(&id("nope"), 0, DEFAULT_VNODES_PER_NODE, N),
+            Err(RingError::UnknownNode(id("nope")))
+        );
+        assert!(matches!(
+            ring.with_weight(&id("kv-01"), MAX_WEIGHT + 1, DEFAULT_VNODES_PER_NODE, N),
+            Err(RingError::WeightTooHigh { .. })
+        ));
+        let heavy = member("new", MAX_WEIGHT + 1, None);
+        assert!(matches!(
+            ring.with_node(&heavy, DEFAULT_VNODES_PER_NODE, N),
+            Err(RingError::WeightTooHigh { .. })
+        ));
+    }
+
+    #[test]
+    fn lowering_a_weight_drops_the_highest_tokens_and_moves_only_that_nodes_replicas() {
+        let ring = first(8);
+        let node = id("kv-03");
+        let lowered = ring
+            .with_weight(&node, 50, DEFAULT_VNODES_PER_NODE, N)
+            .unwrap();
+        let index = ring.node_index("kv-03").unwrap();
+        assert_eq!(
+            lowered.nodes()[index].tokens,
+            ring.nodes()[index].tokens[..32]
+        );
+        for range in moved_ranges(&ring, &lowered, N) {
+            assert_eq!(range.from, std::slice::from_ref(&node), "{range:?}");
+        }
+        let share = lowered.ownership(N)[index].replica * 8.0;
+        assert!(
+            (0.4..=0.6).contains(&share),
+            "half weight holds {share} of a fair share"
+        );
+    }
+
+    #[test]
+    fn raising_a_weight_appends_tokens_and_moves_replicas_only_to_that_node() {
+        let ring = first(8);
+        let node = id("kv-05");
+        let raised = ring
+            .with_weight(&node, 200, DEFAULT_VNODES_PER_NODE, N)
+            .unwrap();
+        let index = ring.node_index("kv-05").unwrap();
+        assert_eq!(
+            raised.nodes()[index].tokens[..64],
+            ring.nodes()[index].tokens
+        );
+        assert_eq!(raised.nodes()[index].tokens.len(), 128);
+        assert_moves_only_to(&ring, &raised, &node);
+        let fair = fair_replica_shares(&[100, 100, 100, 100, 100, 200, 100, 100], N);
+        let share = raised.ownership(N)[index].replica / fair[index];
+        assert!(
+            (0.9..=1.1).contains(&share),
+            "double weight holds {share} of its fair share"
+        );
+    }
+
+    #[test]
+    fn report_lists_every_node_and_what_a_join_and_a_leave_move() {
+        let report = report(&kv_members(8), DEFAULT_VNODES_PER_NODE, N);
+        assert_eq!(report.nodes.len(), 8);
+        assert!(report.nodes.iter().all(|node| node.tokens == 64));
+        assert!(report.replica_max_over_mean <= 1.10);
+        assert!(report.replica_min_over_mean >= 0.9);
+        let adding = report.adding.as_ref().unwrap();
+        assert_eq!(adding.node, id("new-node"));
+        assert!(adding.only_this_node);
+        assert!(adding.moved_fraction <= 1.1 / 9.0);
+        let removing = report.removing.as_ref().unwrap();
+        assert_eq!(removing.node, id("kv-07"));
+        assert!(removing.only_this_node);
+        let table = report.to_table();
+        assert_eq!(table.lines().count(), 1 + 8 + 4);
+        assert!(table.contains("kv-07"));
+        assert!(table.contains("replica max/mean"));
+        assert!(table.contains("adding new-node: moves"));
+        assert!(!table.contains("NOT all"));
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["nodes"][0]["id"], "kv-00");
+    }
+
+    #[test]
+    fn the_report_names_the_new_node_so_that_it_does_not_clash() {
+        let members = [
+            member("new-node", NORMAL_WEIGHT, Some("z1")),
+            member("other", NORMAL_WEIGHT, Some("z1")),
+            member("third", NORMAL_WEIGHT, Some("z2")),
+        ];
+        let report = report(&members, 8, N);
+        assert_eq!(report.adding.unwrap().node, id("new-node-2"));
+    }
+
+    fn node_name() -> impl Strategy<Value = String> {
+        "[a-z][a-z0-9-]{0,6}"
+    }
+
+    fn zone() -> impl Strategy<Value = Option<String>> {
+        prop::option::of(prop::sample::select(vec!["z1", "z2", "z3"]).prop_map(str::to_string))
+    }
+
+    /// Distinct members with any weight up to 200, some drained, some zoned.
+    fn members(max: usize) -> impl Strategy<Value = Vec<Member>> {
+        prop::collection::btree_map(node_name(), (0u32..=200, zone()), 1..=max).prop_map(|map| {
+            map.into_iter()
+                .map(|(name, (weight, zone))| Member {
+                    id: id(&name),
+                    weight,
+                    zone,
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+
+        #[test]
+        fn the_same_members_in_any_order_give_the_same_ring(
+            members in members(8),
+            vnodes in 1u32..=32,
+            n in 1usize..=4,
+            rotation in 0usize..8,
+        ) {
+            let ring = Ring::balanced(&members, vnodes, n);
+            let mut reordered = members.clone();
+            reordered.reverse();
+            let len = reordered.len();
+            reordered.rotate_left(rotation % len);
+            let again = Ring::balanced(&reordered, vnodes, n);
+            prop_assert_eq!(&again, &ring);
+            prop_assert_eq!(again.version(), ring.version());
+            for (node, member) in ring.nodes().iter().zip(&members) {
+                prop_assert_eq!(node.tokens.len() as u32, vnode_count(vnodes, member.weight));
+            }
+        }
+
+        #[test]
+        fn preference_lists_hold_distinct_nodes_spanning_as_many_zones_as_possible(
+            members in members(10),
+            n in 1usize..=5,
+            key_positions in prop::collection::vec(any::<u64>(), 20),
+        ) {
+            let ring = Ring::balanced(&members, 8, n);
+            let active: Vec<usize> = (0..ring.len())
+                .filter(|&node| {
+                    let spec = &ring.nodes()[node];
+                    spec.weight > 0 && !spec.tokens.is_empty()
+                })
+                .collect();
+            let zones: BTreeSet<Option<&str>> =
+                active.iter().map(|&node| ring.nodes()[node].zone.as_deref()).collect();
+            for key_pos in key_positions {
+                let list = ring.preference_list(key_pos, n);
+                prop_assert_eq!(list.len(), n.min(active.len()));
+                let distinct: BTreeSet<usize> = list.iter().copied().collect();
+                prop_assert_eq!(distinct.len(), list.len());
+                prop_assert!(list.iter().all(|node| active.contains(node)));
+                let list_zones: BTreeSet<Option<&str>> =
+                    list.iter().map(|&node| ring.nodes()[node].zone.as_deref()).collect();
+                prop_assert_eq!(list_zones.len(), n.min(zones.len()).min(list.len()));
+
+                let walk: Vec<usize> = ring.walk(key_pos, n).collect();
+                prop_assert_eq!(&walk[..list.len()], &list[..]);
+                let walked: BTreeSet<usize> = walk.iter().copied().collect();
+                prop_assert_eq!(walk.len(), active.len());
+                prop_assert_eq!(walked, active.iter().copied().collect::<BTreeSet<usize>>());
+            }
+        }
+
+        #[test]
+        fn adding_a_node_moves_only_replicas_to_it(k in 3usize..=64, name in node_name()) {
+            let ring = first(k - 1);
+            let joiner = member(&format!("new-{name}"), NORMAL_WEIGHT, None);
+            let grown = ring.with_node(&joiner, DEFAULT_VNODES_PER_NODE, N).unwrap();
+            assert_moves_only_to(&ring, &grown, &joiner.id);
+            let moved = moved_fraction(&ring, &grown, N);
+            prop_assert!(moved <= 1.1 / k as f64, "k={} moved {}", k, moved);
+        }
+
+        #[test]
+        fn adding_a_node_to_any_membership_moves_replicas_only_to_it(
+            members in members(6),
+            joiner_zone in zone(),
+        ) {
+            let ring = Ring::balanced(&members, 16, N);
+            let joiner = Member { id: id("joiner"), weight: NORMAL_WEIGHT, zone: joiner_zone };
+            let grown = ring.with_node(&joiner, 16, N).unwrap();
+            assert_moves_only_to(&ring, &grown, &joiner.id);
+        }
+
+        #[test]
+        fn draining_a_node_moves_only_ranges_it_held(
+            members in members(8),
+            pick in any::<prop::sample::Index>(),
+        ) {
+            let ring = Ring::balanced(&members, 16, N);
+            let drained = &ring.nodes()[pick.index(ring.len())].id;
+            let index = ring.node_index(drained.as_str()).unwrap();
+            let held = ring.ownership(N)[index].replica;
+            let after = ring.with_weight(drained, 0, 16, N).unwrap();
+            prop_assert!(after.nodes()[index].tokens.is_empty());
+            let moves = moved_ranges(&ring, &after, N);
+            for range in &moves {
+                prop_assert_eq!(&range.from, &vec![drained.clone()]);
+            }
+            prop_assert_eq!(moves.is_empty(), held == 0.0);
         }
     }
 }
