@@ -10,7 +10,10 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::node::Node;
 use crate::proto::admin_server::Admin;
-use crate::proto::{ClusterStatusRequest, ClusterStatusResponse, Member};
+use crate::proto::{
+    ClusterStatusRequest, ClusterStatusResponse, HintQueue, Member, NodeStatusRequest,
+    NodeStatusResponse, PeerRoot,
+};
 
 pub struct AdminService {
     node: Arc<Node>,
@@ -90,6 +93,39 @@ impl Admin for AdminService {
             ring_version: view.ring.version(),
             vnodes_per_node: cfg.replication.vnodes_per_node,
             members,
+        }))
+    }
+
+    async fn node_status(
+        &self,
+        _request: Request<NodeStatusRequest>,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
+        let stats = self.node.store.stats();
+        Ok(Response::new(NodeStatusResponse {
+            node_id: self.node.id.to_string(),
+            roots: self
+                .node
+                .trees
+                .roots()
+                .into_iter()
+                .map(|(peer, root)| PeerRoot {
+                    peer: peer.to_string(),
+                    root: format!("{root:032x}"),
+                })
+                .collect(),
+            hints: self
+                .node
+                .hints
+                .depths()
+                .into_iter()
+                .map(|(target, d)| HintQueue {
+                    target: target.to_string(),
+                    count: d.count,
+                    bytes: d.bytes,
+                })
+                .collect(),
+            keys: stats.keys,
+            bytes: stats.bytes,
         }))
     }
 }

@@ -40,6 +40,8 @@ pub struct Config {
     pub replication: ReplicationConfig,
     pub limits: LimitsConfig,
     pub storage: StorageConfig,
+    pub anti_entropy: crate::antientropy::AntiEntropyConfig,
+    pub hints: crate::hints::HintsConfig,
     pub log: LogConfig,
 }
 
@@ -231,6 +233,8 @@ impl Default for Config {
             replication: ReplicationConfig::default(),
             limits: LimitsConfig::default(),
             storage: StorageConfig::default(),
+            anti_entropy: Default::default(),
+            hints: Default::default(),
             log: LogConfig::default(),
         }
     }
@@ -384,6 +388,19 @@ impl Config {
         }
         if l.sibling_warn > l.sibling_max {
             return err("limits.sibling_warn must not exceed limits.sibling_max".into());
+        }
+        let ae = &self.anti_entropy;
+        if !(1..=20).contains(&ae.leaf_bits) {
+            return err(format!(
+                "anti_entropy.leaf_bits = {}: must be 1..=20",
+                ae.leaf_bits
+            ));
+        }
+        if ae.interval_ms == 0 {
+            return err("anti_entropy.interval_ms must be at least 1".into());
+        }
+        if self.hints.delivery_interval_ms == 0 {
+            return err("hints.delivery_interval_ms must be at least 1".into());
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return err(format!(

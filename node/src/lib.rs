@@ -3,6 +3,8 @@
 //! - [`server`]: `run(listener, config, env, shutdown)`, the whole node.
 //! - [`node`]: local replica state and the coordinator (write and read paths, read repair).
 //! - [`kv`], [`replica`], [`admin`]: the gRPC services (clients, peers, administration).
+//! - [`antientropy`]: Merkle trees per peer and the background exchange; [`hints`]: hinted
+//!   handoff storage and delivery.
 //! - [`peer`]: batched long-lived replica streams to every peer; [`net`]: the network seam.
 //! - [`storage`]: the `Backend` seam (redb, memory) and group commit.
 //! - [`config`]: the validated configuration; [`metrics`]: Prometheus metrics and `/metrics`.
@@ -10,8 +12,10 @@
 #![allow(clippy::result_large_err)]
 
 pub mod admin;
+pub mod antientropy;
 pub mod cli;
 pub mod config;
+pub mod hints;
 pub mod kv;
 pub mod metrics;
 pub mod net;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use dynakv_node::cli::{Cli, ClusterCommand, Command, commands, dev};
+use dynakv_node::cli::{Cli, ClusterCommand, Command, bench, commands, dev};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -30,12 +30,16 @@ fn main() -> ExitCode {
                 }
             },
             Command::Dev(args) => dev::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
             Command::Put(args) => commands::put(args).await,
             Command::Get(args) => commands::get(args).await,
             Command::Delete(args) => commands::delete(args).await,
             Command::Cluster {
                 command: ClusterCommand::Status(args),
             } => commands::cluster_status(args).await,
+            Command::Cluster {
+                command: ClusterCommand::Roots(args),
+            } => commands::cluster_roots(args).await,
             Command::Ring(_) => ExitCode::SUCCESS,
         }
     })

@@ -46,6 +46,18 @@ pub struct Metrics {
     pub ring_version: IntGauge,
     pub ring_info: IntGaugeVec,
     pub store: StoreMetrics,
+    /// Anti-entropy exchanges by outcome.
+    pub ae_exchanges: IntCounterVec,
+    pub ae_keys_repaired: IntCounter,
+    pub ae_bytes_sent: IntCounter,
+    /// Duration of the last complete round over every peer.
+    pub ae_last_cycle_seconds: prometheus::Gauge,
+    pub hints_stored: IntCounter,
+    pub hints_delivered: IntCounter,
+    /// Hints dropped, by reason (full, expired).
+    pub hints_dropped: IntCounterVec,
+    /// Hints queued per target.
+    pub hint_queue_depth: IntGaugeVec,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -124,7 +136,59 @@ impl Metrics {
         )
         .expect("static metric definition");
         let store = StoreMetrics::new().expect("static metric definition");
+        let counter =
+            |name: &str, help: &str| IntCounter::new(name, help).expect("static metric definition");
+        let ae_exchanges = IntCounterVec::new(
+            Opts::new(
+                "dynakv_antientropy_exchanges_total",
+                "Anti-entropy exchanges with a peer, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric definition");
+        let ae_keys_repaired = counter(
+            "dynakv_antientropy_keys_repaired_total",
+            "Keys found different by anti-entropy and synced both ways",
+        );
+        let ae_bytes_sent = counter(
+            "dynakv_antientropy_sent_bytes_total",
+            "Bytes of versions sent to peers by anti-entropy",
+        );
+        let ae_last_cycle_seconds = prometheus::Gauge::new(
+            "dynakv_antientropy_last_cycle_duration_seconds",
+            "Duration of the last complete anti-entropy round over every peer",
+        )
+        .expect("static metric definition");
+        let hints_stored = counter(
+            "dynakv_hints_stored_total",
+            "Hints stored for unreachable primaries",
+        );
+        let hints_delivered = counter(
+            "dynakv_hints_delivered_total",
+            "Hints delivered to their primary and deleted",
+        );
+        let hints_dropped = IntCounterVec::new(
+            Opts::new(
+                "dynakv_hints_dropped_total",
+                "Hints not stored (queue full) or dropped (expired), by reason",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition");
+        let hint_queue_depth = IntGaugeVec::new(
+            Opts::new("dynakv_hint_queue_depth", "Hints held for each target"),
+            &["target"],
+        )
+        .expect("static metric definition");
         let m = Metrics {
+            ae_exchanges,
+            ae_keys_repaired,
+            ae_bytes_sent,
+            ae_last_cycle_seconds,
+            hints_stored,
+            hints_delivered,
+            hints_dropped,
+            hint_queue_depth,
             registry,
             request_seconds,
             quorum_failures,
@@ -151,6 +215,14 @@ impl Metrics {
             Box::new(m.bytes_stored.clone()),
             Box::new(m.ring_version.clone()),
             Box::new(m.ring_info.clone()),
+            Box::new(m.ae_exchanges.clone()),
+            Box::new(m.ae_keys_repaired.clone()),
+            Box::new(m.ae_bytes_sent.clone()),
+            Box::new(m.ae_last_cycle_seconds.clone()),
+            Box::new(m.hints_stored.clone()),
+            Box::new(m.hints_delivered.clone()),
+            Box::new(m.hints_dropped.clone()),
+            Box::new(m.hint_queue_depth.clone()),
         ];
         for c in collectors {
             m.registry
@@ -170,6 +242,15 @@ impl Metrics {
         self.ring_info
             .with_label_values(&[&format!("{version:016x}")])
             .set(1);
+    }
+
+    /// Counts one anti-entropy exchange by outcome.
+    pub fn observe_exchange<T>(&self, result: &Result<T, crate::antientropy::ExchangeError>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(e) => e.label(),
+        };
+        self.ae_exchanges.with_label_values(&[outcome]).inc();
     }
 
     pub fn render(&self) -> String {

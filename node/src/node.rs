@@ -20,12 +20,15 @@ use dynakv_core::quorum::{QuorumError, QuorumKind, QuorumTracker, ReplicaFailure
 use dynakv_core::ring::{Member, Ring};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use std::collections::BTreeMap;
 use tokio::time::Instant;
 
+use crate::antientropy::Trees;
 use crate::config::{ConflictMode, ValidConfig, ValidMember};
+use crate::hints::Hints;
 use crate::metrics::Metrics;
 use crate::peer::{PeerError, PeerPool};
-use crate::proto::{FetchRequest, StoreRequest, replica_request, replica_response};
+use crate::proto::{FetchRequest, StoreRequest, replica_error, replica_request, replica_response};
 use crate::storage::{StorageError, Store, Table};
 
 /// Milliseconds since the Unix epoch, as the node's environment tells it (the simulation passes
@@ -139,36 +142,56 @@ pub struct WriteRequest {
     pub deadline: Instant,
 }
 
-/// Everything one node holds. Shared behind an `Arc` by the services.
+/// Everything one node holds. Shared behind an `Arc` by the services and background tasks.
 pub struct Node {
     pub id: NodeId,
     pub config: ValidConfig,
     pub store: Store,
     pub peers: PeerPool,
     pub metrics: Metrics,
+    pub trees: Trees,
+    pub hints: Hints,
     view: RwLock<Arc<ClusterView>>,
     clock: Mutex<HybridClock>,
-    wall: WallClock,
+    pub(crate) wall: WallClock,
     cluster_tag: u32,
 }
 
 /// The tag that binds client contexts to one cluster.
 pub fn cluster_tag(cluster_id: &str) -> u32 {
-    xxhash_tag(cluster_id.as_bytes())
+    (dynakv_core::hash::hash128(cluster_id.as_bytes()) & 0xffff_ffff) as u32
 }
 
-fn xxhash_tag(bytes: &[u8]) -> u32 {
-    (dynakv_core::hash::hash128(bytes) & 0xffff_ffff) as u32
+/// The key under which a client key is stored: its 8-byte big-endian ring position, then the
+/// key, so one Merkle segment (a range of positions) is one contiguous range of stored keys.
+pub fn data_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + key.len());
+    k.extend_from_slice(&key_position(key).to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+/// The ring position and client key of a stored key.
+pub fn split_data_key(stored: &[u8]) -> Option<(u64, &[u8])> {
+    let pos = u64::from_be_bytes(stored.get(..8)?.try_into().ok()?);
+    Some((pos, &stored[8..]))
+}
+
+/// A replica call's target and what it stands for: `hint_for` is the primary a fallback covers.
+struct Sent {
+    node: NodeId,
+    hint_for: Option<NodeId>,
 }
 
 impl Node {
     pub fn new(
         config: ValidConfig,
         store: Store,
+        hints: Hints,
         peers: PeerPool,
         metrics: Metrics,
         wall: WallClock,
-    ) -> Node {
+    ) -> Result<Node, dynakv_core::merkle::MerkleError> {
         let view = ClusterView::from_members(
             config.members.clone(),
             config.raw.replication.vnodes_per_node,
@@ -182,17 +205,19 @@ impl Node {
                 .map(|m| (m.id.clone(), m.address.clone()))
                 .collect::<Vec<_>>(),
         );
-        Node {
+        Ok(Node {
             id: config.node_id.clone(),
             cluster_tag: cluster_tag(&config.raw.cluster_id),
+            trees: Trees::new(config.raw.anti_entropy.leaf_bits)?,
             config,
             store,
+            hints,
             peers,
             metrics,
             view: RwLock::new(Arc::new(view)),
             clock: Mutex::new(HybridClock::new()),
             wall,
-        }
+        })
     }
 
     pub fn view(&self) -> Arc<ClusterView> {
@@ -201,6 +226,19 @@ impl Node {
 
     pub fn n(&self) -> usize {
         self.config.raw.replication.n as usize
+    }
+
+    pub fn is_lww(&self) -> bool {
+        self.config.raw.replication.conflict_mode == ConflictMode::Lww
+    }
+
+    /// Applies the cluster's conflict policy to a merged clock.
+    pub fn resolve(&self, clock: Clock) -> Clock {
+        if self.is_lww() {
+            clock.lww_resolve()
+        } else {
+            clock
+        }
     }
 
     pub fn decode_context(&self, bytes: &[u8]) -> Result<VersionVector, ContextError> {
@@ -228,44 +266,103 @@ impl Node {
         }
     }
 
-    /// The key's replicas (indexes into the view's ring nodes), or who they are when this node is
-    /// not one of them.
-    fn replicas(&self, view: &ClusterView, key: &[u8]) -> Vec<NodeId> {
-        let pos = key_position(key);
-        view.ring
-            .preference_list(pos, self.n())
-            .into_iter()
+    /// The key's walk: its N primaries first, then the fallbacks in ring order.
+    fn walk(&self, view: &ClusterView, key: &[u8]) -> (Vec<NodeId>, Vec<NodeId>) {
+        let n = self.n();
+        let all: Vec<NodeId> = view
+            .ring
+            .walk(key_position(key), n)
             .map(|i| view.ring.nodes()[i].id.clone())
-            .collect()
+            .collect();
+        let split = n.min(all.len());
+        let fallbacks = all[split..].to_vec();
+        let mut primaries = all;
+        primaries.truncate(split);
+        (primaries, fallbacks)
     }
 
     /// Whether this node is a replica of `key`; otherwise the replicas, to forward to.
     pub fn replicas_if_not_local(&self, key: &[u8]) -> Option<Vec<NodeId>> {
-        let view = self.view();
-        let replicas = self.replicas(&view, key);
-        if replicas.contains(&self.id) {
+        let (primaries, _) = self.walk(&self.view(), key);
+        if primaries.contains(&self.id) {
             None
         } else {
-            Some(replicas)
+            Some(primaries)
+        }
+    }
+
+    /// Peers this node shares a stored key with (both in its preference list).
+    fn co_replicas(&self, view: &ClusterView, stored_key: &[u8]) -> Vec<NodeId> {
+        let Some((pos, _)) = split_data_key(stored_key) else {
+            return Vec::new();
+        };
+        let prefs: Vec<NodeId> = view
+            .ring
+            .preference_list(pos, self.n())
+            .into_iter()
+            .map(|i| view.ring.nodes()[i].id.clone())
+            .collect();
+        if !prefs.contains(&self.id) {
+            return Vec::new();
+        }
+        prefs.into_iter().filter(|p| *p != self.id).collect()
+    }
+
+    /// Whether `peer` and this node are both replicas of the stored key.
+    pub fn shares_with(&self, view: &ClusterView, stored_key: &[u8], peer: &NodeId) -> bool {
+        self.co_replicas(view, stored_key).contains(peer)
+    }
+
+    /// Rebuilds the Merkle trees from storage (at start, and after a ring change).
+    pub fn rebuild_trees(&self) -> Result<u64, StorageError> {
+        use std::ops::Bound;
+        let view = self.view();
+        self.trees.clear();
+        let mut count = 0;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let from = match &after {
+                Some(k) => Bound::Excluded(k.as_slice()),
+                None => Bound::Unbounded,
+            };
+            let page = self.store.scan(
+                Table::Data,
+                from,
+                Bound::Unbounded,
+                crate::storage::ScanLimit::entries(4096),
+            )?;
+            for (k, v) in &page.entries {
+                let peers = self.co_replicas(&view, k);
+                self.trees.record(peers.iter(), k, None, Some(v));
+                count += 1;
+            }
+            match page.next {
+                Some(n) => after = Some(n),
+                None => return Ok(count),
+            }
         }
     }
 
     /// Coordinates a put or delete. The caller has validated sizes and decoded the context.
-    pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, CoordinatorError> {
+    pub async fn write(
+        self: &Arc<Self>,
+        req: WriteRequest,
+    ) -> Result<WriteOutcome, CoordinatorError> {
         let view = self.view();
-        let replicas = self.replicas(&view, &req.key);
+        let (primaries, fallbacks) = self.walk(&view, &req.key);
+        let stored_key = data_key(&req.key);
         let ts = self.now();
         let sibling = match req.value {
             Some(v) => Sibling::live(ts, v),
             None => Sibling::tombstone(ts),
         };
         let coordinator = self.id.clone();
-        let lww = self.config.raw.replication.conflict_mode == ConflictMode::Lww;
+        let lww = self.is_lww();
         let limit = self.config.raw.limits.sibling_max;
         let context = req.context;
         let applied = self
             .store
-            .update(Table::Data, req.key.to_vec(), move |current| {
+            .update(Table::Data, stored_key.clone(), move |current| {
                 let stored = match current.map(Clock::decode).transpose() {
                     Ok(s) => s,
                     Err(e) => {
@@ -293,10 +390,20 @@ impl Node {
                     return (None, Err(CoordinatorError::Invalid(e.to_string())));
                 }
                 let bytes = next.to_bytes();
-                (Some(Some(bytes.clone())), Ok((next, Bytes::from(bytes))))
+                let old = current.map(<[u8]>::to_vec);
+                (
+                    Some(Some(bytes.clone())),
+                    Ok((next, Bytes::from(bytes), old)),
+                )
             })
             .await?;
-        let (clock, encoded) = applied?;
+        let (clock, encoded, old) = applied?;
+        self.trees.record(
+            primaries.iter().filter(|p| **p != self.id),
+            &stored_key,
+            old.as_deref(),
+            Some(&encoded),
+        );
         let siblings = clock.live_values().count();
         if siblings > self.config.raw.limits.sibling_warn {
             self.metrics.sibling_warnings.inc();
@@ -307,55 +414,95 @@ impl Node {
             );
         }
 
+        let segment = self.trees.segment_of(key_position(&req.key));
         let mut tracker = QuorumTracker::new(QuorumKind::Write, req.w, !req.sloppy);
         tracker.asked(self.id.clone());
         tracker.register_ack(&self.id, false);
+        let mut fallbacks = fallbacks.into_iter();
+        let mut hinted: BTreeMap<NodeId, NodeId> = BTreeMap::new();
         let mut calls = FuturesUnordered::new();
-        for node in replicas.iter().filter(|n| **n != self.id) {
-            tracker.asked(node.clone());
+        let send = |sent: Sent| {
             let peers = self.peers.clone();
-            let node = node.clone();
             let op = replica_request::Op::Store(StoreRequest {
                 key: req.key.clone(),
                 clock: encoded.clone(),
-                hint_for: String::new(),
+                hint_for: sent
+                    .hint_for
+                    .as_ref()
+                    .map(|h| h.to_string())
+                    .unwrap_or_default(),
             });
             let deadline = req.deadline;
-            calls.push(async move {
-                let r = peers.call(&node, op, deadline).await;
-                (node, r)
+            async move {
+                let r = peers.call(&sent.node, op, deadline).await;
+                (sent, r)
+            }
+        };
+        for node in primaries.iter().filter(|n| **n != self.id) {
+            tracker.asked(node.clone());
+            calls.push(send(Sent {
+                node: node.clone(),
+                hint_for: None,
+            }));
+        }
+        let verdict = loop {
+            if *tracker.vote() != Vote::Pending {
+                break tracker.vote().clone();
+            }
+            let (sent, result) = match tokio::time::timeout_at(req.deadline, calls.next()).await {
+                Ok(Some(reply)) => reply,
+                Ok(None) => break tracker.no_more_targets().clone(),
+                Err(_) => break tracker.deadline_passed().clone(),
+            };
+            match classify(result) {
+                Ok(()) => {
+                    if let Some(primary) = &sent.hint_for {
+                        hinted.insert(sent.node.clone(), primary.clone());
+                    }
+                    tracker.register_ack(&sent.node, sent.hint_for.is_some());
+                }
+                Err(why) => {
+                    // The primary this target stood for still needs the write: hand it to the
+                    // next fallback as a hint (sloppy quorum), and queue the key's segment for
+                    // a targeted anti-entropy exchange with that primary once it is back.
+                    let primary = sent.hint_for.clone().unwrap_or_else(|| sent.node.clone());
+                    self.trees.queue(&primary, Some(segment));
+                    let fallback = req
+                        .sloppy
+                        .then(|| fallbacks.by_ref().find(|f| *f != self.id))
+                        .flatten();
+                    if let Some(f) = fallback {
+                        tracker.asked(f.clone());
+                        calls.push(send(Sent {
+                            node: f,
+                            hint_for: Some(primary),
+                        }));
+                    }
+                    tracker.register_failure(&sent.node, why);
+                }
+            }
+        };
+        // The slower replicas still get the write, until the deadline; a primary that fails now
+        // is repaired by a targeted anti-entropy exchange.
+        if !calls.is_empty() {
+            let this = self.clone();
+            tokio::spawn(async move {
+                while let Some((sent, result)) = calls.next().await {
+                    if classify(result).is_err() {
+                        let primary = sent.hint_for.unwrap_or(sent.node);
+                        this.trees.queue(&primary, Some(segment));
+                    }
+                }
             });
         }
-        tracker.no_more_targets();
-        let verdict = drive(
-            &mut tracker,
-            &mut calls,
-            req.deadline,
-            |t, (node, r)| match r {
-                Ok(replica_response::Result::Store(_)) => {
-                    t.register_ack(&node, false);
-                }
-                Ok(_) => {
-                    t.register_failure(&node, ReplicaFailure::Refused);
-                }
-                Err(e) => {
-                    t.register_failure(&node, e.as_replica_failure());
-                }
-            },
-        )
-        .await;
-        // The slower replicas still get the write, until the deadline.
-        if !calls.is_empty() {
-            tokio::spawn(async move { while calls.next().await.is_some() {} });
-        }
-        let receipt = self.receipt(&tracker, &view, siblings);
+        let receipt = self.receipt(&tracker, &view, siblings, &hinted);
         match verdict {
             Vote::Won => Ok(WriteOutcome {
                 context: encode_context(&clock.join(), self.cluster_tag),
                 receipt,
             }),
             Vote::Lost(e) => Err(self.quorum_error(e)),
-            Vote::Pending => unreachable_pending(tracker),
+            Vote::Pending => Err(CoordinatorError::Quorum(tracker.error())),
         }
     }
 
@@ -368,52 +515,89 @@ impl Node {
         deadline: Instant,
     ) -> Result<ReadOutcome, CoordinatorError> {
         let view = self.view();
-        let replicas = self.replicas(&view, &key);
+        let (primaries, fallbacks) = self.walk(&view, &key);
+        let mut fallbacks = fallbacks.into_iter();
         let mut tracker = QuorumTracker::new(QuorumKind::Read, r, !sloppy);
         let mut calls = FuturesUnordered::new();
-        for node in &replicas {
-            tracker.asked(node.clone());
-            let node = node.clone();
+        let ask = |sent: Sent| {
             let this = self.clone();
             let key = key.clone();
-            calls.push(async move {
-                let r = this.fetch(&node, key, deadline).await;
-                (node, r)
-            });
+            async move {
+                let r = this.fetch(&sent, key, deadline).await;
+                (sent, r)
+            }
+        };
+        for node in &primaries {
+            tracker.asked(node.clone());
+            calls.push(ask(Sent {
+                node: node.clone(),
+                hint_for: None,
+            }));
         }
-        tracker.no_more_targets();
-        let mut answers: Vec<(NodeId, Option<Clock>)> = Vec::with_capacity(replicas.len());
-        let verdict = drive(&mut tracker, &mut calls, deadline, |t, (node, r)| match r {
-            Ok(clock) => {
-                t.register_ack(&node, false);
-                answers.push((node, clock));
+        let mut answers: Vec<(NodeId, Option<Clock>)> = Vec::with_capacity(primaries.len());
+        let mut fallback_answers: Vec<Clock> = Vec::new();
+        let mut hinted: BTreeMap<NodeId, NodeId> = BTreeMap::new();
+        let verdict = loop {
+            if *tracker.vote() != Vote::Pending {
+                break tracker.vote().clone();
             }
-            Err(f) => {
-                t.register_failure(&node, f);
+            let (sent, result) = match tokio::time::timeout_at(deadline, calls.next()).await {
+                Ok(Some(reply)) => reply,
+                Ok(None) => break tracker.no_more_targets().clone(),
+                Err(_) => break tracker.deadline_passed().clone(),
+            };
+            match result {
+                Ok(clock) => {
+                    tracker.register_ack(&sent.node, sent.hint_for.is_some());
+                    match &sent.hint_for {
+                        None => answers.push((sent.node, clock)),
+                        Some(primary) => {
+                            hinted.insert(sent.node.clone(), primary.clone());
+                            fallback_answers.extend(clock);
+                        }
+                    }
+                }
+                Err(why) => {
+                    let fallback = (sloppy && sent.hint_for.is_none())
+                        .then(|| fallbacks.by_ref().find(|f| !primaries.contains(f)))
+                        .flatten();
+                    if let Some(f) = fallback {
+                        tracker.asked(f.clone());
+                        calls.push(ask(Sent {
+                            node: f,
+                            hint_for: Some(sent.node.clone()),
+                        }));
+                    }
+                    tracker.register_failure(&sent.node, why);
+                }
             }
-        })
-        .await;
+        };
         if let Vote::Lost(e) = verdict {
             return Err(self.quorum_error(e));
         }
-        let merged = merge_answers(&answers);
-        let lww = self.config.raw.replication.conflict_mode == ConflictMode::Lww;
-        let merged = if lww { merged.lww_resolve() } else { merged };
+        let merged = self.resolve(Clock::sync_all(
+            answers
+                .iter()
+                .filter_map(|(_, c)| c.as_ref())
+                .chain(fallback_answers.iter()),
+        ));
         let values: Vec<Sibling> = merged.live_values().cloned().collect();
         self.metrics.siblings_per_read.observe(values.len() as f64);
-        let receipt = self.receipt(&tracker, &view, values.len());
+        let receipt = self.receipt(&tracker, &view, values.len(), &hinted);
         let context = encode_context(&merged.join(), self.cluster_tag);
 
         // Read repair, in the background: wait for the late answers too, then bring every
-        // replica that answered with less up to the merge of everything seen.
+        // primary that answered with less up to the merge of everything seen.
         let this = self.clone();
         tokio::spawn(async move {
-            while let Ok(Some((node, r))) = tokio::time::timeout_at(deadline, calls.next()).await {
-                if let Ok(clock) = r {
-                    answers.push((node, clock));
+            while let Ok(Some((sent, r))) = tokio::time::timeout_at(deadline, calls.next()).await {
+                match (r, sent.hint_for) {
+                    (Ok(clock), None) => answers.push((sent.node, clock)),
+                    (Ok(Some(clock)), Some(_)) => fallback_answers.push(clock),
+                    _ => {}
                 }
             }
-            this.repair(key, answers, deadline).await;
+            this.repair(key, answers, fallback_answers, deadline).await;
         });
         Ok(ReadOutcome {
             values,
@@ -422,10 +606,19 @@ impl Node {
         })
     }
 
-    async fn repair(&self, key: Bytes, answers: Vec<(NodeId, Option<Clock>)>, deadline: Instant) {
-        let lww = self.config.raw.replication.conflict_mode == ConflictMode::Lww;
-        let merged = merge_answers(&answers);
-        let merged = if lww { merged.lww_resolve() } else { merged };
+    async fn repair(
+        &self,
+        key: Bytes,
+        answers: Vec<(NodeId, Option<Clock>)>,
+        extra: Vec<Clock>,
+        deadline: Instant,
+    ) {
+        let merged = self.resolve(Clock::sync_all(
+            answers
+                .iter()
+                .filter_map(|(_, c)| c.as_ref())
+                .chain(extra.iter()),
+        ));
         if merged.size() == 0 && merged.join().is_empty() {
             return;
         }
@@ -446,20 +639,18 @@ impl Node {
             let merged = merged.clone();
             repairs.push(async move {
                 let result = if node == self.id {
-                    self.merge_local(key.to_vec(), merged).await.map(|_| ())
+                    self.merge_local(key.to_vec(), merged)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
                 } else {
                     let op = replica_request::Op::Store(StoreRequest {
                         key,
                         clock: encoded,
                         hint_for: String::new(),
                     });
-                    self.peers
-                        .call(&node, op, deadline)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| StorageError::Corrupt {
-                            detail: e.to_string(),
-                        })
+                    classify(self.peers.call(&node, op, deadline).await)
+                        .map_err(|e| e.as_str().to_string())
                 };
                 if let Err(e) = result {
                     tracing::debug!(%node, error = %e, "read repair did not reach a replica");
@@ -469,26 +660,37 @@ impl Node {
         while repairs.next().await.is_some() {}
     }
 
-    /// One replica's copy of a key: local storage or a peer.
+    /// One replica's copy of a key (or a fallback's hint for a primary): local or a peer.
     async fn fetch(
         &self,
-        node: &NodeId,
+        sent: &Sent,
         key: Bytes,
         deadline: Instant,
     ) -> Result<Option<Clock>, ReplicaFailure> {
-        if *node == self.id {
-            return self.read_local(&key).map_err(|e| {
+        if sent.node == self.id {
+            let local = match &sent.hint_for {
+                None => self.read_local(&key),
+                Some(p) => crate::hints::read_hint(self, p, &data_key(&key)),
+            };
+            return local.map_err(|e| {
                 tracing::warn!(error = %e, "local read failed");
                 ReplicaFailure::Refused
             });
         }
-        let op = replica_request::Op::Fetch(FetchRequest { key });
-        match self.peers.call(node, op, deadline).await {
+        let op = replica_request::Op::Fetch(FetchRequest {
+            key,
+            hint_for: sent
+                .hint_for
+                .as_ref()
+                .map(|h| h.to_string())
+                .unwrap_or_default(),
+        });
+        match self.peers.call(&sent.node, op, deadline).await {
             Ok(replica_response::Result::Fetch(f)) if f.clock.is_empty() => Ok(None),
             Ok(replica_response::Result::Fetch(f)) => match Clock::decode(&f.clock) {
                 Ok(c) => Ok(Some(c)),
                 Err(e) => {
-                    tracing::warn!(%node, error = %e, "replica sent a clock that does not decode");
+                    tracing::warn!(node = %sent.node, error = %e, "replica sent a clock that does not decode");
                     Err(ReplicaFailure::Refused)
                 }
             },
@@ -499,7 +701,7 @@ impl Node {
 
     /// This node's copy of a key.
     pub fn read_local(&self, key: &[u8]) -> Result<Option<Clock>, StorageError> {
-        match self.store.get(Table::Data, key)? {
+        match self.store.get(Table::Data, &data_key(key))? {
             None => Ok(None),
             Some(bytes) => Clock::decode(&bytes)
                 .map(Some)
@@ -513,9 +715,11 @@ impl Node {
     /// whether anything changed.
     pub async fn merge_local(&self, key: Vec<u8>, incoming: Clock) -> Result<bool, StorageError> {
         self.observe(&incoming);
-        let lww = self.config.raw.replication.conflict_mode == ConflictMode::Lww;
-        self.store
-            .update(Table::Data, key, move |current| {
+        let lww = self.is_lww();
+        let stored_key = data_key(&key);
+        let changed = self
+            .store
+            .update(Table::Data, stored_key.clone(), move |current| {
                 let merged = match current {
                     None => incoming,
                     Some(bytes) => match Clock::decode(bytes) {
@@ -533,36 +737,55 @@ impl Node {
                 let merged = if lww { merged.lww_resolve() } else { merged };
                 let encoded = merged.to_bytes();
                 if current == Some(encoded.as_slice()) {
-                    (None, Ok(false))
+                    (None, Ok(None))
                 } else {
-                    (Some(Some(encoded)), Ok(true))
+                    let old = current.map(<[u8]>::to_vec);
+                    (Some(Some(encoded.clone())), Ok(Some((old, encoded))))
                 }
             })
-            .await?
+            .await??;
+        match changed {
+            None => Ok(false),
+            Some((old, new)) => {
+                let view = self.view();
+                let peers = self.co_replicas(&view, &stored_key);
+                self.trees
+                    .record(peers.iter(), &stored_key, old.as_deref(), Some(&new));
+                Ok(true)
+            }
+        }
     }
 
-    fn receipt(&self, tracker: &QuorumTracker, view: &ClusterView, siblings: usize) -> Receipt {
+    fn receipt(
+        &self,
+        tracker: &QuorumTracker,
+        view: &ClusterView,
+        siblings: usize,
+        hinted: &BTreeMap<NodeId, NodeId>,
+    ) -> Receipt {
         let mut replicas: Vec<ReplicaReport> = tracker
             .acked()
             .iter()
             .map(|(node, fallback)| ReplicaReport {
                 node: node.clone(),
                 fallback: *fallback,
-                hint_for: None,
+                hint_for: hinted.get(node).cloned(),
                 error: None,
             })
             .collect();
         replicas.extend(tracker.failed().iter().map(|(node, why)| ReplicaReport {
             node: node.clone(),
-            fallback: false,
-            hint_for: None,
+            fallback: hinted.contains_key(node),
+            hint_for: hinted.get(node).cloned(),
             error: Some(*why),
         }));
         Receipt {
             coordinator: self.id.to_string(),
             needed: tracker.needed(),
             got: tracker.acked().len(),
-            hinted: replicas.iter().any(|r| r.hint_for.is_some()),
+            hinted: replicas
+                .iter()
+                .any(|r| r.hint_for.is_some() && r.error.is_none()),
             replicas,
             siblings,
             ring_version: view.ring.version(),
@@ -590,33 +813,14 @@ impl Node {
     }
 }
 
-fn merge_answers(answers: &[(NodeId, Option<Clock>)]) -> Clock {
-    Clock::sync_all(answers.iter().filter_map(|(_, c)| c.as_ref()))
-}
-
-/// Feeds replies into the tracker until it decides or the deadline passes.
-async fn drive<F, T>(
-    tracker: &mut QuorumTracker,
-    calls: &mut FuturesUnordered<F>,
-    deadline: Instant,
-    mut on_reply: impl FnMut(&mut QuorumTracker, T),
-) -> Vote
-where
-    F: std::future::Future<Output = T>,
-{
-    loop {
-        if *tracker.vote() != Vote::Pending {
-            return tracker.vote().clone();
+/// A replica's answer to a Store: acked, or why not.
+fn classify(result: Result<replica_response::Result, PeerError>) -> Result<(), ReplicaFailure> {
+    match result {
+        Ok(replica_response::Result::Store(_)) => Ok(()),
+        Ok(replica_response::Result::Error(e)) if e.kind == replica_error::Kind::Timeout as i32 => {
+            Err(ReplicaFailure::Timeout)
         }
-        match tokio::time::timeout_at(deadline, calls.next()).await {
-            Ok(Some(reply)) => on_reply(tracker, reply),
-            Ok(None) => return tracker.no_more_targets().clone(),
-            Err(_) => return tracker.deadline_passed().clone(),
-        }
+        Ok(_) => Err(ReplicaFailure::Refused),
+        Err(e) => Err(e.as_replica_failure()),
     }
-}
-
-fn unreachable_pending(tracker: QuorumTracker) -> Result<WriteOutcome, CoordinatorError> {
-    // `drive` only returns a decided vote; keep the invariant visible rather than panic.
-    Err(CoordinatorError::Quorum(tracker.error()))
 }

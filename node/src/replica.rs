@@ -8,12 +8,16 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::node::Node;
+use dynakv_core::NodeId;
+
+use crate::antientropy;
+use crate::hints::{self, HintError};
+use crate::node::{Node, data_key};
 use crate::peer::{CLUSTER_HEADER, NODE_HEADER};
 use crate::proto::replica_server::Replica;
 use crate::proto::{
-    FetchResponse, ReplicaError, ReplicaRequest, ReplicaResponse, RequestFrame, ResponseFrame,
-    StoreResponse, replica_error, replica_request, replica_response,
+    FetchResponse, MerkleResponse, ReplicaError, ReplicaRequest, ReplicaResponse, RequestFrame,
+    ResponseFrame, StoreResponse, replica_error, replica_request, replica_response,
 };
 use crate::storage::StorageError;
 
@@ -50,8 +54,8 @@ impl Replica for ReplicaService {
             .metadata()
             .get(NODE_HEADER)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("?")
-            .to_string();
+            .and_then(|v| NodeId::new(v).ok())
+            .ok_or_else(|| Status::invalid_argument("peer stream without a valid node id"))?;
         let limits = &self.node.config.raw.limits;
         let max_frame = limits.max_frame_messages;
         let concurrency = Arc::new(Semaphore::new(limits.max_replica_ops_per_stream));
@@ -96,8 +100,9 @@ impl Replica for ReplicaService {
                     };
                     let node = node.clone();
                     let resp_tx = resp_tx.clone();
+                    let peer = peer.clone();
                     tokio::spawn(async move {
-                        let response = handle(&node, req).await;
+                        let response = handle(&node, &peer, req).await;
                         drop(permit);
                         let _ = resp_tx.send(response).await;
                     });
@@ -123,39 +128,90 @@ fn storage_error(node: &Node, e: StorageError) -> replica_response::Result {
     error(replica_error::Kind::StorageFailed, e.to_string())
 }
 
-async fn handle(node: &Node, req: ReplicaRequest) -> ReplicaResponse {
+fn ok(node: &Node, op: &str) {
+    node.metrics
+        .replica_ops
+        .with_label_values(&[op, "ok"])
+        .inc();
+}
+
+async fn handle(node: &Node, peer: &NodeId, req: ReplicaRequest) -> ReplicaResponse {
     let result = match req.op {
         Some(replica_request::Op::Store(s)) => match Clock::decode(&s.clock) {
             Err(e) => error(replica_error::Kind::Invalid, format!("bad clock: {e}")),
-            Ok(clock) => match node.merge_local(s.key.to_vec(), clock).await {
-                Ok(_) => {
-                    node.metrics
-                        .replica_ops
-                        .with_label_values(&["store", "ok"])
-                        .inc();
-                    replica_response::Result::Store(StoreResponse {})
+            Ok(clock) if s.hint_for.is_empty() => {
+                match node.merge_local(s.key.to_vec(), clock).await {
+                    Ok(_) => {
+                        ok(node, "store");
+                        replica_response::Result::Store(StoreResponse {})
+                    }
+                    Err(e) => storage_error(node, e),
                 }
-                Err(e) => storage_error(node, e),
+            }
+            Ok(clock) => match NodeId::new(&s.hint_for) {
+                Err(e) => error(replica_error::Kind::Invalid, format!("hint_for: {e}")),
+                Ok(target) => {
+                    match hints::store_hint(node, target, &data_key(&s.key), clock).await {
+                        Ok(()) => {
+                            ok(node, "hint");
+                            replica_response::Result::Store(StoreResponse {})
+                        }
+                        Err(HintError::Storage(e)) => storage_error(node, e),
+                        Err(e) => error(replica_error::Kind::HintDropped, e.to_string()),
+                    }
+                }
             },
         },
         Some(replica_request::Op::Fetch(f)) => {
-            match node.store.get(crate::storage::Table::Data, &f.key) {
+            let local = if f.hint_for.is_empty() {
+                node.read_local(&f.key)
+            } else {
+                match NodeId::new(&f.hint_for) {
+                    Ok(target) => hints::read_hint(node, &target, &data_key(&f.key)),
+                    Err(e) => {
+                        return reply(
+                            req.id,
+                            error(replica_error::Kind::Invalid, format!("hint_for: {e}")),
+                        );
+                    }
+                }
+            };
+            match local {
                 Ok(v) => {
-                    node.metrics
-                        .replica_ops
-                        .with_label_values(&["fetch", "ok"])
-                        .inc();
+                    ok(node, "fetch");
                     replica_response::Result::Fetch(FetchResponse {
-                        clock: v.map(bytes::Bytes::from).unwrap_or_default(),
+                        clock: v
+                            .map(|c| bytes::Bytes::from(c.to_bytes()))
+                            .unwrap_or_default(),
                     })
+                }
+                Err(e) => storage_error(node, e),
+            }
+        }
+        Some(replica_request::Op::Merkle(m)) => match antientropy::handle_merkle(node, peer, &m) {
+            Ok(slice) => {
+                ok(node, "merkle");
+                replica_response::Result::Merkle(MerkleResponse { slice })
+            }
+            Err(e) => error(replica_error::Kind::Invalid, e.to_string()),
+        },
+        Some(replica_request::Op::Digests(d)) => {
+            match antientropy::handle_digests(node, peer, &d) {
+                Ok(r) => {
+                    ok(node, "digests");
+                    replica_response::Result::Digests(r)
                 }
                 Err(e) => storage_error(node, e),
             }
         }
         None => error(replica_error::Kind::Invalid, "empty request"),
     };
+    reply(req.id, result)
+}
+
+fn reply(id: u64, result: replica_response::Result) -> ReplicaResponse {
     ReplicaResponse {
-        id: req.id,
+        id,
         result: Some(result),
     }
 }

@@ -74,6 +74,8 @@ pub enum ServeError {
     Storage(#[from] StorageError),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("reflection service: {0}")]
     Reflection(String),
 }
@@ -131,13 +133,20 @@ where
         },
         env.connector,
     );
-    let node = Arc::new(Node::new(
-        config.clone(),
-        store,
-        peers,
-        metrics.clone(),
-        env.wall,
-    ));
+    let hints = crate::hints::Hints::open(raw.hints.clone(), &store)?;
+    let node = Arc::new(
+        Node::new(
+            config.clone(),
+            store,
+            hints,
+            peers,
+            metrics.clone(),
+            env.wall,
+        )
+        .map_err(|e| ServeError::Config(e.to_string()))?,
+    );
+    let keys = node.rebuild_trees()?;
+    tracing::info!(keys, "merkle trees rebuilt from storage");
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
@@ -175,6 +184,11 @@ where
         ))
     });
 
+    let background = [
+        tokio::spawn(crate::antientropy::run(node.clone(), stop_rx.clone())),
+        tokio::spawn(crate::hints::run(node.clone(), stop_rx.clone())),
+    ];
+
     // Storage is open and the node is in its ring: serve.
     health.set_serving::<KvServer<KvService>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
@@ -210,6 +224,9 @@ where
         .await;
     let _ = stop_tx.send(true);
     if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    for t in background {
         let _ = t.await;
     }
     tracing::info!(node = %config.node_id, "node stopped");

@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::config::{Config, ConflictMode, MemberConfig, ValidConfig};
 use crate::proto::admin_client::AdminClient;
 use crate::proto::kv_client::KvClient;
-use crate::proto::{self, ClusterStatusRequest};
+use crate::proto::{self, ClusterStatusRequest, NodeStatusRequest};
 
 use super::client::{self, ClientError, code_name};
 use super::output::{b64, receipt_json, receipt_text, sibling_json, value_json};
@@ -397,6 +397,101 @@ pub async fn cluster_status(args: StatusArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Asks every member for its Merkle roots and compares each pair both ways.
+pub async fn cluster_roots(args: StatusArgs) -> ExitCode {
+    let format = args.client.output;
+    let status = async {
+        let (channel, _) = client::connect(&args.client.endpoint).await?;
+        Ok::<_, ClientError>(
+            AdminClient::new(channel)
+                .cluster_status(ClusterStatusRequest {})
+                .await?
+                .into_inner(),
+        )
+    }
+    .await;
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => return fail(format, e),
+    };
+    let mut nodes = Vec::new();
+    for m in &status.members {
+        let answer = async {
+            let (channel, _) = client::connect(&m.address).await?;
+            Ok::<_, ClientError>(
+                AdminClient::new(channel)
+                    .node_status(NodeStatusRequest {})
+                    .await?
+                    .into_inner(),
+            )
+        }
+        .await;
+        nodes.push((m.id.clone(), answer.ok()));
+    }
+    let root = |of: &str, peer: &str| -> Option<String> {
+        let (_, s) = nodes.iter().find(|(id, _)| id == of)?;
+        let s = s.as_ref()?;
+        Some(
+            s.roots
+                .iter()
+                .find(|r| r.peer == peer)
+                .map(|r| r.root.clone())
+                .unwrap_or_else(|| format!("{:032x}", 0)),
+        )
+    };
+    let mut pairs = Vec::new();
+    for (i, (a, _)) in nodes.iter().enumerate() {
+        for (b, _) in nodes.iter().skip(i + 1) {
+            let (ra, rb) = (root(a, b), root(b, a));
+            let state = match (&ra, &rb) {
+                (Some(x), Some(y)) if x == y => "identical",
+                (Some(_), Some(_)) => "differ",
+                _ => "unknown",
+            };
+            pairs.push((a.clone(), b.clone(), ra, rb, state));
+        }
+    }
+    let all_identical = pairs.iter().all(|p| p.4 == "identical");
+    match format {
+        OutputFormat::Json => println!(
+            "{}",
+            json!({
+                "identical": all_identical,
+                "pairs": pairs.iter().map(|(a, b, ra, rb, state)| json!({
+                    "a": a, "b": b, "root_a": ra, "root_b": rb, "state": state,
+                })).collect::<Vec<_>>(),
+                "nodes": nodes.iter().map(|(id, s)| json!({
+                    "id": id,
+                    "reachable": s.is_some(),
+                    "keys": s.as_ref().map(|s| s.keys),
+                    "hints": s.as_ref().map(|s| s.hints.iter().map(|h| json!({
+                        "target": h.target, "count": h.count, "bytes": h.bytes,
+                    })).collect::<Vec<_>>()),
+                })).collect::<Vec<_>>(),
+            })
+        ),
+        OutputFormat::Text => {
+            for (a, b, _, _, state) in &pairs {
+                println!("{a} <-> {b}: {state}");
+            }
+            for (id, s) in &nodes {
+                match s {
+                    None => println!("{id}: unreachable"),
+                    Some(s) => {
+                        let hints: u64 = s.hints.iter().map(|h| h.count).sum();
+                        println!("{id}: {} keys, {hints} hints queued", s.keys);
+                    }
+                }
+            }
+        }
+    }
+    if all_identical {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 pub fn ring(args: RingArgs) -> ExitCode {

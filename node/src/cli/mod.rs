@@ -1,6 +1,7 @@
 //! The `dynakv` command line: the server (`serve`, `dev`) and the client tools (`put`, `get`,
 //! `delete`, `cluster status`, `ring`).
 
+pub mod bench;
 pub mod client;
 pub mod commands;
 pub mod dev;
@@ -48,6 +49,8 @@ pub enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Measure throughput and latency with YCSB-style workloads (default target: the dev cluster).
+    Bench(bench::BenchArgs),
     /// Print the ring's ownership table for a set of nodes (no cluster needed).
     Ring(RingArgs),
 }
@@ -56,6 +59,9 @@ pub enum Command {
 pub enum ClusterCommand {
     /// Members, their state, address and ownership, and the ring version, as the node sees them.
     Status(StatusArgs),
+    /// Compare every pair of replicas' Merkle roots (identical roots = identical shared keys) and
+    /// show hint queues.
+    Roots(StatusArgs),
 }
 
 #[derive(Args, Debug, Clone)]
