@@ -42,6 +42,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub anti_entropy: crate::antientropy::AntiEntropyConfig,
     pub hints: crate::hints::HintsConfig,
+    pub tombstone_gc: crate::gc::TombstoneGcConfig,
     pub log: LogConfig,
 }
 
@@ -235,6 +236,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             anti_entropy: Default::default(),
             hints: Default::default(),
+            tombstone_gc: Default::default(),
             log: LogConfig::default(),
         }
     }
@@ -398,6 +400,13 @@ impl Config {
         }
         if ae.interval_ms == 0 {
             return err("anti_entropy.interval_ms must be at least 1".into());
+        }
+        if self.tombstone_gc.grace_ms <= self.hints.max_age_ms {
+            return err(format!(
+                "tombstone_gc.grace_ms = {} must exceed hints.max_age_ms = {}: a hint older than \
+                 a purged tombstone could bring a deleted value back",
+                self.tombstone_gc.grace_ms, self.hints.max_age_ms
+            ));
         }
         if self.hints.delivery_interval_ms == 0 {
             return err("hints.delivery_interval_ms must be at least 1".into());

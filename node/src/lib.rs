@@ -4,7 +4,7 @@
 //! - [`node`]: local replica state and the coordinator (write and read paths, read repair).
 //! - [`kv`], [`replica`], [`admin`]: the gRPC services (clients, peers, administration).
 //! - [`antientropy`]: Merkle trees per peer and the background exchange; [`hints`]: hinted
-//!   handoff storage and delivery.
+//!   handoff storage and delivery; [`gc`]: repair-gated tombstone GC.
 //! - [`peer`]: batched long-lived replica streams to every peer; [`net`]: the network seam.
 //! - [`storage`]: the `Backend` seam (redb, memory) and group commit.
 //! - [`config`]: the validated configuration; [`metrics`]: Prometheus metrics and `/metrics`.
@@ -15,6 +15,7 @@ pub mod admin;
 pub mod antientropy;
 pub mod cli;
 pub mod config;
+pub mod gc;
 pub mod hints;
 pub mod kv;
 pub mod metrics;

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub hints_dropped: IntCounterVec,
     /// Hints queued per target.
     pub hint_queue_depth: IntGaugeVec,
+    /// Tombstones purged by GC after every replica held them and the grace period passed.
+    pub tombstones_purged: IntCounter,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -180,7 +182,12 @@ impl Metrics {
             &["target"],
         )
         .expect("static metric definition");
+        let tombstones_purged = counter(
+            "dynakv_tombstones_purged_total",
+            "Tombstones purged once every replica held them and the grace period had passed",
+        );
         let m = Metrics {
+            tombstones_purged,
             ae_exchanges,
             ae_keys_repaired,
             ae_bytes_sent,
@@ -223,6 +230,7 @@ impl Metrics {
             Box::new(m.hints_delivered.clone()),
             Box::new(m.hints_dropped.clone()),
             Box::new(m.hint_queue_depth.clone()),
+            Box::new(m.tombstones_purged.clone()),
         ];
         for c in collectors {
             m.registry

@@ -292,7 +292,7 @@ impl Node {
     }
 
     /// Peers this node shares a stored key with (both in its preference list).
-    fn co_replicas(&self, view: &ClusterView, stored_key: &[u8]) -> Vec<NodeId> {
+    pub fn co_replicas(&self, view: &ClusterView, stored_key: &[u8]) -> Vec<NodeId> {
         let Some((pos, _)) = split_data_key(stored_key) else {
             return Vec::new();
         };
@@ -751,6 +751,35 @@ impl Node {
                 let peers = self.co_replicas(&view, &stored_key);
                 self.trees
                     .record(peers.iter(), &stored_key, old.as_deref(), Some(&new));
+                Ok(true)
+            }
+        }
+    }
+
+    /// Deletes a key if its stored version still has `digest` (tombstone GC). Returns whether it
+    /// was deleted.
+    pub async fn purge_local(&self, key: &[u8], digest: u128) -> Result<bool, StorageError> {
+        let stored_key = data_key(key);
+        let purged = self
+            .store
+            .update(
+                Table::Data,
+                stored_key.clone(),
+                move |current| match current {
+                    Some(v) if dynakv_core::hash::hash128(v) == digest => {
+                        (Some(None), Some(v.to_vec()))
+                    }
+                    _ => (None, None),
+                },
+            )
+            .await?;
+        match purged {
+            None => Ok(false),
+            Some(old) => {
+                let view = self.view();
+                let peers = self.co_replicas(&view, &stored_key);
+                self.trees
+                    .record(peers.iter(), &stored_key, Some(&old), None);
                 Ok(true)
             }
         }

@@ -16,8 +16,8 @@ use crate::node::{Node, data_key};
 use crate::peer::{CLUSTER_HEADER, NODE_HEADER};
 use crate::proto::replica_server::Replica;
 use crate::proto::{
-    FetchResponse, MerkleResponse, ReplicaError, ReplicaRequest, ReplicaResponse, RequestFrame,
-    ResponseFrame, StoreResponse, replica_error, replica_request, replica_response,
+    FetchResponse, MerkleResponse, PurgeResponse, ReplicaError, ReplicaRequest, ReplicaResponse,
+    RequestFrame, ResponseFrame, StoreResponse, replica_error, replica_request, replica_response,
 };
 use crate::storage::StorageError;
 
@@ -202,6 +202,19 @@ async fn handle(node: &Node, peer: &NodeId, req: ReplicaRequest) -> ReplicaRespo
                     replica_response::Result::Digests(r)
                 }
                 Err(e) => storage_error(node, e),
+            }
+        }
+        Some(replica_request::Op::Purge(p)) => {
+            let digest: Result<[u8; 16], _> = p.digest.as_ref().try_into();
+            match digest {
+                Err(_) => error(replica_error::Kind::Invalid, "digest is not 16 bytes"),
+                Ok(d) => match node.purge_local(&p.key, u128::from_le_bytes(d)).await {
+                    Ok(purged) => {
+                        ok(node, "purge");
+                        replica_response::Result::Purge(PurgeResponse { purged })
+                    }
+                    Err(e) => storage_error(node, e),
+                },
             }
         }
         None => error(replica_error::Kind::Invalid, "empty request"),

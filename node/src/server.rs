@@ -187,6 +187,7 @@ where
     let background = [
         tokio::spawn(crate::antientropy::run(node.clone(), stop_rx.clone())),
         tokio::spawn(crate::hints::run(node.clone(), stop_rx.clone())),
+        tokio::spawn(crate::gc::run(node.clone(), stop_rx.clone())),
     ];
 
     // Storage is open and the node is in its ring: serve.
