@@ -600,3 +600,67 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
         next_full = Instant::now() + Duration::from_millis(cfg.interval_ms);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    #[test]
+    fn the_same_writes_in_any_order_give_equal_roots() {
+        let a = Trees::new(8).unwrap();
+        let b = Trees::new(8).unwrap();
+        let peer = id("p");
+        let k1 = crate::node::data_key(b"k1");
+        let k2 = crate::node::data_key(b"k2");
+        a.record([&peer].into_iter(), &k1, None, Some(b"v1"));
+        a.record([&peer].into_iter(), &k2, None, Some(b"v2"));
+        a.record([&peer].into_iter(), &k1, Some(b"v1"), Some(b"v3"));
+        b.record([&peer].into_iter(), &k2, None, Some(b"v2"));
+        b.record([&peer].into_iter(), &k1, None, Some(b"v3"));
+        assert_eq!(a.roots(), b.roots());
+        b.record([&peer].into_iter(), &k2, Some(b"v2"), None);
+        assert_ne!(a.roots(), b.roots(), "a deletion changes the root");
+    }
+
+    #[test]
+    fn queued_segments_collapse_to_a_full_exchange_past_the_bound() {
+        let t = Trees::new(12).unwrap();
+        let p = id("p");
+        t.queue(&p, Some(1));
+        t.queue(&p, Some(2));
+        assert_eq!(t.take_queued(&p), Some(Some(BTreeSet::from([1, 2]))));
+        for s in 0..=MAX_QUEUED_SEGMENTS as u32 {
+            t.queue(&p, Some(s));
+        }
+        assert_eq!(t.take_queued(&p), Some(None));
+        assert_eq!(t.take_queued(&p), None);
+    }
+
+    #[test]
+    fn a_failed_targeted_exchange_is_requeued_with_what_came_meanwhile() {
+        let t = Trees::new(12).unwrap();
+        let p = id("p");
+        t.queue(&p, Some(7));
+        let taken = t.take_queued(&p).unwrap();
+        t.queue(&p, Some(9));
+        t.requeue(&p, taken);
+        assert_eq!(t.take_queued(&p), Some(Some(BTreeSet::from([7, 9]))));
+    }
+
+    #[test]
+    fn segment_bounds_cover_the_first_and_last_segment() {
+        let tree = MerkleTree::new(4).unwrap();
+        let (lo, hi) = segment_bounds(&tree, 0).unwrap();
+        assert_eq!(lo, 0u64.to_be_bytes());
+        assert_eq!(hi, Some((1u64 << 60).to_be_bytes().to_vec()));
+        let (_, hi) = segment_bounds(&tree, 15).unwrap();
+        assert_eq!(
+            hi, None,
+            "the last segment runs to the end of the key space"
+        );
+    }
+}

@@ -350,3 +350,39 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hint_keys_split_back_into_target_and_stored_key() {
+        let target = NodeId::new("kv-2").unwrap();
+        let stored = crate::node::data_key(b"cart:1");
+        let k = hint_key(&target, &stored);
+        assert_eq!(split_hint_key(&k), Some(("kv-2", stored.as_slice())));
+    }
+
+    #[test]
+    fn hints_of_one_target_sort_together_and_before_longer_names() {
+        let a = NodeId::new("n1").unwrap();
+        let b = NodeId::new("n10").unwrap();
+        let mut keys = [
+            hint_key(&b, &crate::node::data_key(b"x")),
+            hint_key(&a, &crate::node::data_key(b"z")),
+            hint_key(&a, &crate::node::data_key(b"y")),
+        ];
+        keys.sort();
+        assert!(keys[0].starts_with(&hint_key(&a, &[])));
+        assert!(keys[1].starts_with(&hint_key(&a, &[])));
+        assert!(!keys[2].starts_with(&hint_key(&a, &[])));
+    }
+
+    #[test]
+    fn values_carry_their_creation_time() {
+        let mut v = 42u64.to_be_bytes().to_vec();
+        v.extend_from_slice(b"clock");
+        assert_eq!(split_value(&v), Some((42, b"clock".as_slice())));
+        assert_eq!(split_value(b"short"), None);
+    }
+}
