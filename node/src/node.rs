@@ -151,6 +151,10 @@ pub struct Node {
     pub metrics: Metrics,
     pub trees: Trees,
     pub hints: Hints,
+    /// The id this node's dots carry in version vectors: the node id plus a suffix drawn when its
+    /// data directory was created. A node whose disk was wiped comes back with a new one, so it
+    /// can never mint a dot (id, counter) that replicas already hold for a different value.
+    pub dot_id: NodeId,
     view: RwLock<Arc<ClusterView>>,
     clock: Mutex<HybridClock>,
     pub(crate) wall: WallClock,
@@ -177,6 +181,32 @@ pub fn split_data_key(stored: &[u8]) -> Option<(u64, &[u8])> {
     Some((pos, &stored[8..]))
 }
 
+/// Loads the node's dot id from its data directory, or draws and persists one on first start.
+pub async fn load_dot_id(
+    store: &Store,
+    node_id: &NodeId,
+    wall_ms: u64,
+) -> Result<NodeId, StorageError> {
+    const KEY: &[u8] = b"node.dot_id";
+    let candidate = {
+        let mut seed = node_id.as_str().as_bytes().to_vec();
+        seed.extend_from_slice(&wall_ms.to_le_bytes());
+        let suffix = (dynakv_core::hash::hash128(&seed) & 0xffff_ffff) as u32;
+        format!("{node_id}.{suffix:08x}")
+    };
+    let stored = store
+        .update(Table::Meta, KEY.to_vec(), move |current| match current {
+            Some(v) => (None, String::from_utf8(v.to_vec()).ok()),
+            None => (Some(Some(candidate.clone().into_bytes())), Some(candidate)),
+        })
+        .await?;
+    stored
+        .and_then(|s| NodeId::new(s).ok())
+        .ok_or_else(|| StorageError::Corrupt {
+            detail: "the dot id recorded in the data directory is unreadable".into(),
+        })
+}
+
 /// A replica call's target and what it stands for: `hint_for` is the primary a fallback covers.
 struct Sent {
     node: NodeId,
@@ -187,6 +217,7 @@ impl Node {
     pub fn new(
         config: ValidConfig,
         store: Store,
+        dot_id: NodeId,
         hints: Hints,
         peers: PeerPool,
         metrics: Metrics,
@@ -212,6 +243,7 @@ impl Node {
             config,
             store,
             hints,
+            dot_id,
             peers,
             metrics,
             view: RwLock::new(Arc::new(view)),
@@ -356,7 +388,7 @@ impl Node {
             Some(v) => Sibling::live(ts, v),
             None => Sibling::tombstone(ts),
         };
-        let coordinator = self.id.clone();
+        let coordinator = self.dot_id.clone();
         let lww = self.is_lww();
         let limit = self.config.raw.limits.sibling_max;
         let context = req.context;

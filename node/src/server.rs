@@ -134,10 +134,12 @@ where
         env.connector,
     );
     let hints = crate::hints::Hints::open(raw.hints.clone(), &store)?;
+    let dot_id = crate::node::load_dot_id(&store, &config.node_id, (env.wall)()).await?;
     let node = Arc::new(
         Node::new(
             config.clone(),
             store,
+            dot_id,
             hints,
             peers,
             metrics.clone(),
