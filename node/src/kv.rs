@@ -194,15 +194,18 @@ impl KvService {
     ) -> Result<(Vec<u8>, proto::Receipt), Status> {
         self.node.metrics.forwarded.inc();
         let mut failures = Vec::new();
-        for replica in replicas {
+        for (i, replica) in replicas.iter().enumerate() {
             let Some(channel) = self.node.peers.channel(replica) else {
                 failures.push(format!("{replica} unknown"));
                 continue;
             };
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 break;
             }
+            // A replica that does not answer (paused, overloaded) gets half of what is left, so
+            // the next one still has time to coordinate.
+            let remaining = if i + 1 < replicas.len() { left / 2 } else { left };
             let mut client = KvClient::new(channel)
                 .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
                 .max_encoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES);
@@ -241,10 +244,7 @@ impl KvService {
                     failures.push(format!("{replica} unreachable"));
                 }
                 Ok(Err(s)) => return Err(s),
-                Err(_) => {
-                    failures.push(format!("{replica} timed out"));
-                    break;
-                }
+                Err(_) => failures.push(format!("{replica} timed out")),
             }
         }
         tracing::debug!(op, ?failures, "forwarding failed");
