@@ -501,6 +501,46 @@ mod tests {
         assert!(e.to_string().contains("replicaton"), "{e}");
     }
 
+    /// docs/configuration.md lists exactly the fields the code has.
+    #[test]
+    fn configuration_doc_lists_every_field() {
+        fn paths(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+            if let serde_json::Value::Object(map) = v {
+                for (k, child) in map {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    if matches!(child, serde_json::Value::Object(_)) {
+                        paths(&p, child, out);
+                    } else {
+                        out.push(p);
+                    }
+                }
+            }
+        }
+        let doc = include_str!("../../docs/configuration.md");
+        let mut fields = Vec::new();
+        paths(
+            "",
+            &serde_json::to_value(Config::default()).unwrap(),
+            &mut fields,
+        );
+        for f in &fields {
+            assert!(
+                doc.contains(&format!("| `{f}` |")),
+                "docs/configuration.md lacks `{f}`"
+            );
+        }
+        let documented = doc.lines().filter(|l| l.starts_with("| `")).count();
+        assert_eq!(
+            documented,
+            fields.len(),
+            "docs/configuration.md lists fields the code lacks"
+        );
+    }
+
     #[test]
     fn quorum_larger_than_n_is_refused() {
         let mut c = Config::default();

@@ -153,6 +153,10 @@ pub struct RingArgs {
 
 /// `dynakv serve`: every flag overrides the config file's field of the same name.
 #[derive(Args, Debug, Default)]
+#[command(
+    after_help = "Every config field, its default and meaning: docs/configuration.md, or \
+        `dynakv serve --print-config` for the effective YAML."
+)]
 pub struct ServeArgs {
     /// YAML config file (see --print-config for every field with its default and meaning).
     #[arg(long, short = 'c', env = "DYNAKV_CONFIG")]
