@@ -26,6 +26,9 @@ use crate::storage::{
     Backend, MemoryBackend, RedbBackend, StorageError, Store, StoreConfig, WriterMode,
 };
 
+/// How long a stopping node lets in-flight requests finish before it closes connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// Where the node keeps its data.
 pub enum StorageChoice {
     /// redb in `<data_dir>/dynakv.redb` (the real thing).
@@ -219,9 +222,29 @@ where
         .add_service(kv)
         .add_service(replica)
         .add_service(admin);
-    let result = server
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+    // Peers keep long-lived replica streams open, so a graceful shutdown that waits for every
+    // connection to close would wait for them forever: give in-flight requests a grace period,
+    // then drop what is left.
+    let (signal_tx, signal_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = signal_tx.send(true);
+    });
+    let mut graceful = signal_rx.clone();
+    let mut hard = signal_rx;
+    let serving = server.serve_with_incoming_shutdown(incoming, async move {
+        let _ = graceful.wait_for(|s| *s).await;
+    });
+    let result = tokio::select! {
+        r = serving => r,
+        _ = async {
+            let _ = hard.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::info!("closing the connections still open after the grace period");
+            Ok(())
+        }
+    };
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;

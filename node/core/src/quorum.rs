@@ -126,12 +126,13 @@ impl fmt::Display for QuorumError {
             if i > 0 {
                 f.write_str("; ")?;
             }
-            let nodes: Vec<&str> = self
+            let mut nodes: Vec<&str> = self
                 .failed
                 .iter()
                 .filter(|(_, r)| r == reason)
                 .map(|(n, _)| n.as_str())
                 .collect();
+            nodes.sort_unstable();
             write!(f, "{} {}", nodes.join(", "), reason.as_str())?;
         }
         Ok(())

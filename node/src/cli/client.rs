@@ -76,8 +76,21 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Connects to the first endpoint of the comma-separated list that accepts a connection.
+/// Default bound on a whole client request when `--timeout-ms` is not given: the node's default
+/// deadline (5 s) plus room for the answer.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to the first endpoint of the comma-separated list that answers a health check
+/// within a second (a paused or wedged node accepts TCP connections but never answers). Every
+/// request on the channel is bounded by `request_timeout`.
 pub async fn connect(endpoints: &str) -> Result<(Channel, String), ClientError> {
+    connect_with_timeout(endpoints, DEFAULT_REQUEST_TIMEOUT).await
+}
+
+pub async fn connect_with_timeout(
+    endpoints: &str,
+    request_timeout: Duration,
+) -> Result<(Channel, String), ClientError> {
     let mut errors = Vec::new();
     for ep in endpoints
         .split(',')
@@ -98,10 +111,23 @@ pub async fn connect(endpoints: &str) -> Result<(Channel, String), ClientError> 
         };
         let endpoint = endpoint
             .connect_timeout(Duration::from_secs(1))
+            .timeout(request_timeout)
             .tcp_nodelay(true);
-        match endpoint.connect().await {
-            Ok(ch) => return Ok((ch, ep.to_string())),
-            Err(e) => errors.push(format!("{ep}: {}", source_chain(&e))),
+        let ch = match endpoint.connect().await {
+            Ok(ch) => ch,
+            Err(e) => {
+                errors.push(format!("{ep}: {}", source_chain(&e)));
+                continue;
+            }
+        };
+        let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+        let check = health.check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        });
+        match tokio::time::timeout(Duration::from_secs(1), check).await {
+            Ok(Ok(_)) => return Ok((ch, ep.to_string())),
+            Ok(Err(s)) => errors.push(format!("{ep}: {}", s.message())),
+            Err(_) => errors.push(format!("{ep}: no answer within 1 s")),
         }
     }
     Err(ClientError {

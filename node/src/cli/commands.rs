@@ -160,7 +160,14 @@ fn fail(format: OutputFormat, e: ClientError) -> ExitCode {
 }
 
 async fn kv(args: &ClientArgs) -> Result<KvClient<tonic::transport::Channel>, ClientError> {
-    let (channel, _) = client::connect(&args.endpoint).await?;
+    // The node enforces --timeout-ms; the channel bound only guards against a node that never
+    // answers at all.
+    let bound = args
+        .timeout_ms
+        .map_or(client::DEFAULT_REQUEST_TIMEOUT, |ms| {
+            std::time::Duration::from_millis(u64::from(ms) + 1000)
+        });
+    let (channel, _) = client::connect_with_timeout(&args.endpoint, bound).await?;
     Ok(KvClient::new(channel)
         .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES))
