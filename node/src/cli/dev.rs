@@ -44,6 +44,31 @@ pub struct DevArgs {
     /// Default write quorum.
     #[arg(long, default_value = "quorum")]
     pub write_quorum: QuorumSetting,
+    /// Set any node config field, e.g. `--set anti_entropy.interval_ms=1000` (repeatable; see
+    /// docs/configuration.md).
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// Applies `field.path=value` overrides to a config through its serialized form, so every field
+/// is reachable and validated exactly as in a config file.
+pub fn apply_overrides(config: &Config, sets: &[String]) -> Result<Config, String> {
+    let mut value = serde_json::to_value(config).map_err(|e| e.to_string())?;
+    for set in sets {
+        let (path, raw) = set
+            .split_once('=')
+            .ok_or_else(|| format!("--set {set:?}: expected FIELD=VALUE"))?;
+        let new: serde_json::Value =
+            serde_json::from_str(raw).unwrap_or_else(|_| serde_json::Value::String(raw.into()));
+        let mut slot = &mut value;
+        for part in path.split('.') {
+            slot = slot.get_mut(part).ok_or_else(|| {
+                format!("--set {set:?}: no field {path:?} (see docs/configuration.md)")
+            })?;
+        }
+        *slot = new;
+    }
+    serde_json::from_value(value).map_err(|e| format!("--set: {e}"))
 }
 
 #[derive(Debug)]
@@ -108,9 +133,9 @@ fn plan(args: &DevArgs) -> Result<(Vec<DevNode>, Vec<Config>), String> {
             c.replication.conflict_mode = conflict_mode;
             c.replication.read_quorum = args.read_quorum;
             c.replication.write_quorum = args.write_quorum;
-            c
+            apply_overrides(&c, &args.set)
         })
-        .collect::<Vec<_>>();
+        .collect::<Result<Vec<_>, String>>()?;
     for c in &configs {
         c.clone().validate().map_err(|e| e.to_string())?;
     }
@@ -314,7 +339,19 @@ mod tests {
             conflict_mode: "siblings".into(),
             read_quorum: QuorumSetting::Quorum,
             write_quorum: QuorumSetting::Quorum,
+            set: Vec::new(),
         }
+    }
+
+    #[test]
+    fn set_reaches_nested_fields_and_refuses_unknown_ones() {
+        let mut a = args();
+        a.set = vec!["hints.max_per_target=0".into(), "log.format=json".into()];
+        let (_, configs) = plan(&a).unwrap();
+        assert_eq!(configs[0].hints.max_per_target, 0);
+        assert_eq!(configs[0].log.format, "json");
+        a.set = vec!["hints.max_per_targt=0".into()];
+        assert!(plan(&a).unwrap_err().contains("no field"));
     }
 
     #[test]
