@@ -252,8 +252,56 @@ async fn delete_if_unchanged(
         .await
 }
 
-/// Delivers every hint held for `target`; stops at the first failure (the target is still away).
+/// Hints in flight to one target at once: the target's group commit batches them.
+const DELIVERY_CONCURRENCY: usize = 64;
+
+/// Delivers one hint and deletes it after the target's durable ack. Expired hints are dropped.
+async fn deliver_one(node: &Node, target: &NodeId, k: Vec<u8>, v: Vec<u8>) -> Result<(), String> {
+    let (Some((created, clock)), Some((_, stored_key))) = (split_value(&v), split_hint_key(&k))
+    else {
+        return Ok(());
+    };
+    if (node.wall)().saturating_sub(created) > node.hints.max_age_ms() {
+        if delete_if_unchanged(node, k.clone(), v.clone())
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            node.metrics
+                .hints_dropped
+                .with_label_values(&["expired"])
+                .inc();
+        }
+        return Ok(());
+    }
+    let Some((_, client_key)) = split_data_key(stored_key) else {
+        return Ok(());
+    };
+    let op = replica_request::Op::Store(StoreRequest {
+        key: Bytes::copy_from_slice(client_key),
+        clock: Bytes::copy_from_slice(clock),
+        hint_for: String::new(),
+    });
+    match node
+        .peers
+        .call(target, op, Instant::now() + Duration::from_secs(5))
+        .await
+    {
+        Ok(replica_response::Result::Store(_)) => {
+            node.metrics.hints_delivered.inc();
+            delete_if_unchanged(node, k, v)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        Ok(_) => Err("target refused the hint".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Delivers every hint held for `target`, a page at a time with up to
+/// `DELIVERY_CONCURRENCY` in flight; stops after a page with a failure (the target is away).
 async fn deliver_to(node: &Node, target: &NodeId) -> Result<(), String> {
+    use futures::StreamExt;
     let prefix = hint_key(target, &[]);
     let mut after: Option<Vec<u8>> = None;
     loop {
@@ -272,53 +320,22 @@ async fn deliver_to(node: &Node, target: &NodeId) -> Result<(), String> {
             )
             .map_err(|e| e.to_string())?;
         let mut done = page.next.is_none();
+        let mut mine = Vec::with_capacity(page.entries.len());
         for (k, v) in page.entries {
             if !k.starts_with(&prefix) {
                 done = true;
                 break;
             }
             after = Some(k.clone());
-            let Some((created, clock)) = split_value(&v) else {
-                continue;
-            };
-            let Some((_, stored_key)) = split_hint_key(&k) else {
-                continue;
-            };
-            let now = (node.wall)();
-            if now.saturating_sub(created) > node.hints.max_age_ms() {
-                if delete_if_unchanged(node, k.clone(), v.clone())
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
-                    node.metrics
-                        .hints_dropped
-                        .with_label_values(&["expired"])
-                        .inc();
-                }
-                continue;
-            }
-            let Some((_, client_key)) = split_data_key(stored_key) else {
-                continue;
-            };
-            let op = replica_request::Op::Store(StoreRequest {
-                key: Bytes::copy_from_slice(client_key),
-                clock: Bytes::copy_from_slice(clock),
-                hint_for: String::new(),
-            });
-            match node
-                .peers
-                .call(target, op, Instant::now() + Duration::from_secs(5))
-                .await
-            {
-                Ok(replica_response::Result::Store(_)) => {
-                    node.metrics.hints_delivered.inc();
-                    delete_if_unchanged(node, k, v)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok(_) => return Err("target refused the hint".into()),
-                Err(e) => return Err(e.to_string()),
-            }
+            mine.push((k, v));
+        }
+        let results: Vec<Result<(), String>> = futures::stream::iter(mine)
+            .map(|(k, v)| deliver_one(node, target, k, v))
+            .buffer_unordered(DELIVERY_CONCURRENCY)
+            .collect()
+            .await;
+        if let Some(e) = results.into_iter().find_map(Result::err) {
+            return Err(e);
         }
         if done {
             return Ok(());
