@@ -4,6 +4,7 @@
 //! 1. the newest of its tombstones is older than `grace_ms`, and
 //! 2. every primary replica of the key answers with exactly the same version (digest), so every
 //!    replica is known to hold the tombstone.
+//!
 //! Then each replica deletes the key only if its stored version still has that digest
 //! (compare-and-delete), so a write that races with the purge survives. A replica that was away
 //! still holds the old value and blocks condition 2, however long it was away, so a deleted value
