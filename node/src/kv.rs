@@ -205,7 +205,11 @@ impl KvService {
             }
             // A replica that does not answer (paused, overloaded) gets half of what is left, so
             // the next one still has time to coordinate.
-            let remaining = if i + 1 < replicas.len() { left / 2 } else { left };
+            let remaining = if i + 1 < replicas.len() {
+                left / 2
+            } else {
+                left
+            };
             let mut client = KvClient::new(channel)
                 .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
                 .max_encoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES);
