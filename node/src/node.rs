@@ -142,6 +142,9 @@ pub struct WriteRequest {
     pub deadline: Instant,
 }
 
+/// Background tasks (late replica answers, read repair) a node keeps at once, at most.
+const MAX_BACKGROUND_TASKS: usize = 16 * 1024;
+
 /// Everything one node holds. Shared behind an `Arc` by the services and background tasks.
 pub struct Node {
     pub id: NodeId,
@@ -155,6 +158,8 @@ pub struct Node {
     /// data directory was created. A node whose disk was wiped comes back with a new one, so it
     /// can never mint a dot (id, counter) that replicas already hold for a different value.
     pub dot_id: NodeId,
+    /// Bounds the background tasks requests leave behind (late replicas, read repair).
+    background: Arc<tokio::sync::Semaphore>,
     view: RwLock<Arc<ClusterView>>,
     clock: Mutex<HybridClock>,
     pub(crate) wall: WallClock,
@@ -244,6 +249,7 @@ impl Node {
             store,
             hints,
             dot_id,
+            background: Arc::new(tokio::sync::Semaphore::new(MAX_BACKGROUND_TASKS)),
             peers,
             metrics,
             view: RwLock::new(Arc::new(view)),
@@ -517,15 +523,27 @@ impl Node {
         // The slower replicas still get the write, until the deadline; a primary that fails now
         // is repaired by a targeted anti-entropy exchange.
         if !calls.is_empty() {
-            let this = self.clone();
-            tokio::spawn(async move {
-                while let Some((sent, result)) = calls.next().await {
-                    if classify(result).is_err() {
-                        let primary = sent.hint_for.unwrap_or(sent.node);
-                        this.trees.queue(&primary, Some(segment));
+            match self.background.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        while let Some((sent, result)) = calls.next().await {
+                            if classify(result).is_err() {
+                                let primary = sent.hint_for.unwrap_or(sent.node);
+                                this.trees.queue(&primary, Some(segment));
+                            }
+                        }
+                        drop(permit);
+                    });
+                }
+                // Too much background work already: stop waiting for these replicas and let
+                // anti-entropy make sure they got the write.
+                Err(_) => {
+                    for peer in tracker.outstanding() {
+                        self.trees.queue(peer, Some(segment));
                     }
                 }
-            });
+            }
         }
         let receipt = self.receipt(&tracker, &view, siblings, &hinted);
         match verdict {
@@ -620,8 +638,17 @@ impl Node {
 
         // Read repair, in the background: wait for the late answers too, then bring every
         // primary that answered with less up to the merge of everything seen.
+        // Past the bound on background work the read goes unrepaired; anti-entropy covers it.
+        let Ok(permit) = self.background.clone().try_acquire_owned() else {
+            return Ok(ReadOutcome {
+                values,
+                context,
+                receipt,
+            });
+        };
         let this = self.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             while let Ok(Some((sent, r))) = tokio::time::timeout_at(deadline, calls.next()).await {
                 match (r, sent.hint_for) {
                     (Ok(clock), None) => answers.push((sent.node, clock)),
