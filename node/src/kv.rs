@@ -194,22 +194,29 @@ impl KvService {
     ) -> Result<(Vec<u8>, proto::Receipt), Status> {
         self.node.metrics.forwarded.inc();
         let mut failures = Vec::new();
-        for (i, replica) in replicas.iter().enumerate() {
-            let Some(channel) = self.node.peers.channel(replica) else {
+        for replica in replicas {
+            let Some(mut channel) = self.node.peers.channel(replica) else {
                 failures.push(format!("{replica} unknown"));
                 continue;
             };
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
                 break;
             }
-            // A replica that does not answer (paused, overloaded) gets half of what is left, so
-            // the next one still has time to coordinate.
-            let remaining = if i + 1 < replicas.len() {
-                left / 2
-            } else {
-                left
-            };
+            // Move on to the next replica only when this one certainly never got the write (no
+            // connection). Once it was sent, a second coordinator would apply the same write
+            // again under another dot (a duplicate sibling), so silence is reported, not retried.
+            let ready = tokio::time::timeout(
+                remaining.min(Duration::from_secs(1)),
+                tower::ServiceExt::<tonic::codegen::http::Request<tonic::body::Body>>::ready(
+                    &mut channel,
+                ),
+            )
+            .await;
+            if !matches!(ready, Ok(Ok(_))) {
+                failures.push(format!("{replica} unreachable"));
+                continue;
+            }
             let mut client = KvClient::new(channel)
                 .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
                 .max_encoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES);
@@ -242,13 +249,20 @@ impl KvService {
                 Ok(Ok((context, receipt))) => {
                     return Ok((context.to_vec(), receipt.unwrap_or_default()));
                 }
-                // The replica could not be reached: try the next one. Any other answer (a
-                // quorum failure, a refused request) is the replica's verdict and final.
                 Ok(Err(s)) if s.code() == Code::Unavailable && is_transport_error(&s) => {
-                    failures.push(format!("{replica} unreachable"));
+                    return Err(Status::unavailable(format!(
+                        "replica {replica} stopped answering while coordinating the write; it \
+                         may or may not have been applied"
+                    )));
                 }
+                // Any other answer (a quorum failure, a refused request) is the replica's verdict.
                 Ok(Err(s)) => return Err(s),
-                Err(_) => failures.push(format!("{replica} timed out")),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "replica {replica} did not answer before the deadline; the write may or \
+                         may not have been applied"
+                    )));
+                }
             }
         }
         tracing::debug!(op, ?failures, "forwarding failed");
