@@ -160,17 +160,21 @@ impl KvService {
             self.observe(op, &label, started, result.as_ref().err());
             return result;
         }
-        let result = self
-            .node
-            .write(WriteRequest {
-                key,
-                value,
-                context: ctx,
-                w,
-                sloppy: self.sloppy(consistency.as_ref()),
-                deadline,
-            })
+        let req = WriteRequest {
+            key,
+            value,
+            context: ctx,
+            w,
+            sloppy: self.sloppy(consistency.as_ref()),
+            deadline,
+        };
+        // The coordination runs in its own task: a client that gives up drops this handler, and a
+        // write whose local commit already happened must still update the Merkle trees and reach
+        // the other replicas.
+        let node = self.node.clone();
+        let result = tokio::spawn(async move { node.write(req).await })
             .await
+            .map_err(|e| answered(Status::internal(format!("write task failed: {e}"))))?
             .map(|WriteOutcome { context, receipt }| {
                 let mut r = receipt_proto(&receipt);
                 r.forwarded = forwarded;

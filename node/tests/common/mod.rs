@@ -542,6 +542,19 @@ impl Cluster {
         self.nodes[i].child.is_some()
     }
 
+    /// If node `i` exited by itself (crashed), its exit status; it then counts as not running.
+    /// `None` while it runs (or when the harness never started it or already reaped it).
+    pub fn exited(&mut self, i: usize) -> Option<ExitStatus> {
+        let status = self.nodes[i].child.as_mut()?.try_wait().ok().flatten()?;
+        self.nodes[i].child = None;
+        Some(status)
+    }
+
+    /// The whole log of node `i` (every run of it).
+    pub fn log_text(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
     /// SIGKILLs node `i` and reaps it.
     pub fn kill(&mut self, i: usize) {
         let mut child = self.nodes[i]
