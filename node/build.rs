@@ -7,8 +7,8 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
-    let files =
-        ["kv.proto", "replica.proto", "admin.proto"].map(|f| proto_root.join("dynakv/v1").join(f));
+    let files = ["kv.proto", "replica.proto", "admin.proto", "gossip.proto"]
+        .map(|f| proto_root.join("dynakv/v1").join(f));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -6,6 +6,7 @@
 //! - [`antientropy`]: Merkle trees per peer and the background exchange; [`hints`]: hinted
 //!   handoff storage and delivery; [`gc`]: repair-gated tombstone GC.
 //! - [`peer`]: batched long-lived replica streams to every peer; [`net`]: the network seam.
+//! - [`gossip`]: membership and failure detection (drives `dynakv_core::membership`).
 //! - [`storage`]: the `Backend` seam (redb, memory) and group commit.
 //! - [`config`]: the validated configuration; [`metrics`]: Prometheus metrics and `/metrics`.
 //! - [`cli`]: the `dynakv` subcommands; [`proto`]: generated gRPC code.
@@ -16,6 +17,7 @@ pub mod antientropy;
 pub mod cli;
 pub mod config;
 pub mod gc;
+pub mod gossip;
 pub mod hints;
 pub mod kv;
 pub mod metrics;

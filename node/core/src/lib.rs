@@ -10,12 +10,14 @@
 //! - [`ring`]: consistent hashing with weighted virtual nodes and balancing token allocation.
 //! - [`merkle`]: Merkle trees over fixed segments of the hash space, and the step-wise remote diff.
 //! - [`quorum`]: per-request reply bookkeeping and the typed quorum failure.
+//! - [`membership`]: gossip membership and failure detection (SWIM via foca), node metadata.
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
 pub mod context;
 pub mod dvvset;
 pub mod hash;
 pub mod hlc;
+pub mod membership;
 pub mod merkle;
 pub mod node_id;
 pub mod quorum;

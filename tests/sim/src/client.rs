@@ -1,0 +1,381 @@
+//! Simulated clients: the real tonic `KvClient` over simulated TCP, recording every operation
+//! in the shared [`History`].
+//!
+//! A client host runs either a workload (see [`crate::workload`]) or the commands a scenario
+//! queues for it (see [`crate::scenario`]); both go through [`ClientCore::execute`].
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dynakv_core::context::decode_context;
+use dynakv_core::dvvset::VersionVector;
+use dynakv_node::proto::kv_client::KvClient;
+use dynakv_node::proto::{
+    self, Consistency, ConsistencyLevel, DeleteRequest, GetRequest, PutRequest, quorum,
+};
+use dynakv_node::storage::MemoryBackend;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::history::{History, Op, OpKind, OpResult};
+use crate::oracle::{self, DotIndex};
+
+/// Deadline the client asks the node for (`timeout_ms`).
+pub const REQUEST_TIMEOUT_MS: u64 = 2_000;
+/// How long the client itself waits before calling an operation indeterminate.
+pub const CLIENT_TIMEOUT_MS: u64 = 3_000;
+
+/// A quorum as a client names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    One,
+    Quorum,
+    All,
+    Count(u32),
+}
+
+impl Level {
+    pub fn resolve(self, n: u32) -> u32 {
+        match self {
+            Level::One => 1,
+            Level::Quorum => n / 2 + 1,
+            Level::All => n,
+            Level::Count(c) => c,
+        }
+    }
+
+    fn proto(self) -> proto::Quorum {
+        let value = match self {
+            Level::One => quorum::Value::Level(ConsistencyLevel::One as i32),
+            Level::Quorum => quorum::Value::Level(ConsistencyLevel::Quorum as i32),
+            Level::All => quorum::Value::Level(ConsistencyLevel::All as i32),
+            Level::Count(c) => quorum::Value::Count(c),
+        };
+        proto::Quorum { value: Some(value) }
+    }
+}
+
+/// A context a client holds: the opaque token and what it means.
+#[derive(Clone, Debug, Default)]
+pub struct HeldContext {
+    pub bytes: Bytes,
+    pub vv: VersionVector,
+    /// The operation that answered it.
+    pub source: Option<usize>,
+}
+
+/// One request, before it is sent.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub kind: OpKind,
+    pub key: String,
+    pub target: String,
+    pub level: Level,
+    pub strict: bool,
+    pub ctx: HeldContext,
+    pub note: Option<String>,
+}
+
+/// What every client of a run shares.
+pub struct Shared {
+    pub history: RefCell<History>,
+    /// Replication factor, to resolve levels.
+    pub n: u32,
+    pub cluster_tag: u32,
+    /// Fault emulation: send every write without its context (the node then sees blind writes),
+    /// while the history records the context the client meant.
+    pub drop_put_context: bool,
+    /// Every node's storage, for the [oracle](crate::oracle) (no real client can look there).
+    pub backends: BTreeMap<String, MemoryBackend>,
+    /// Where each value has been seen stored (see [`crate::oracle`]).
+    pub dot_index: RefCell<DotIndex>,
+}
+
+/// A client's connections and what it remembers of each key.
+pub struct ClientCore {
+    pub name: String,
+    pub shared: Rc<Shared>,
+    channels: BTreeMap<String, KvClient<Channel>>,
+    /// Last context per key from a read, and from a write.
+    pub last_read: BTreeMap<String, HeldContext>,
+    pub last_write: BTreeMap<String, HeldContext>,
+    /// The id of this client's last completed operation.
+    pub last_op: Option<usize>,
+}
+
+impl ClientCore {
+    /// Must be called inside the client's host (channels spawn onto its runtime).
+    pub fn new(name: &str, nodes: &[String], shared: Rc<Shared>) -> ClientCore {
+        let channels = nodes
+            .iter()
+            .map(|n| (n.clone(), KvClient::new(crate::net::client_channel(n))))
+            .collect();
+        ClientCore {
+            name: name.to_string(),
+            shared,
+            channels,
+            last_read: BTreeMap::new(),
+            last_write: BTreeMap::new(),
+            last_op: None,
+        }
+    }
+
+    fn now_ms() -> u64 {
+        turmoil::sim_elapsed()
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    /// Sends one request, records it in the history and returns its id.
+    pub async fn execute(&mut self, req: Request) -> usize {
+        let n = self.shared.n;
+        let id = {
+            let mut h = self.shared.history.borrow_mut();
+            let id = h.ops.len();
+            h.ops.push(Op {
+                id,
+                client: self.name.clone(),
+                kind: req.kind.clone(),
+                key: req.key.clone(),
+                target: req.target.clone(),
+                quorum: req.level.resolve(n),
+                strict: req.strict,
+                ctx_in: if req.kind.is_write() {
+                    req.ctx.vv.clone()
+                } else {
+                    VersionVector::new()
+                },
+                ctx_source: if req.kind.is_write() {
+                    req.ctx.source
+                } else {
+                    None
+                },
+                note: req.note.clone(),
+                dot_actor: None,
+                unbacked_acks: Vec::new(),
+                invoked_ms: Self::now_ms(),
+                completed_ms: None,
+                result: OpResult::Pending,
+            });
+            id
+        };
+        let result = self.call(&req).await;
+        let result = match result {
+            Ok((ctx_bytes, receipt, values)) => {
+                let ctx_out = decode_context(&ctx_bytes, self.shared.cluster_tag)
+                    .unwrap_or_else(|_| VersionVector::new());
+                let held = HeldContext {
+                    bytes: ctx_bytes,
+                    vv: ctx_out.clone(),
+                    source: Some(id),
+                };
+                if req.kind.is_write() {
+                    self.last_write.insert(req.key.clone(), held);
+                } else {
+                    self.last_read.insert(req.key.clone(), held);
+                }
+                let receipt = receipt.unwrap_or_default();
+                let fallback = receipt.replicas.iter().any(|p| p.fallback && p.ok);
+                let acked_by = receipt
+                    .replicas
+                    .iter()
+                    .filter(|p| p.ok)
+                    .map(|p| {
+                        (
+                            p.node.clone(),
+                            (!p.hint_for.is_empty()).then(|| p.hint_for.clone()),
+                        )
+                    })
+                    .collect();
+                OpResult::Ok {
+                    ctx_out,
+                    coordinator: receipt.coordinator,
+                    values,
+                    fallback,
+                    acked_by,
+                }
+            }
+            Err(status) => {
+                let code = format!("{:?}", status.code());
+                let message = status.message().to_string();
+                match status.code() {
+                    Code::InvalidArgument | Code::ResourceExhausted => {
+                        OpResult::Rejected { code, message }
+                    }
+                    _ => OpResult::Indeterminate { code, message },
+                }
+            }
+        };
+        let dot_actor = match &result {
+            OpResult::Ok { coordinator, .. } if req.kind.is_write() => self
+                .shared
+                .backends
+                .get(coordinator)
+                .and_then(oracle::dot_actor),
+            _ => None,
+        };
+        oracle::observe(
+            &mut self.shared.dot_index.borrow_mut(),
+            self.shared.backends.values(),
+            &req.key,
+        );
+        let mut h = self.shared.history.borrow_mut();
+        let op = &mut h.ops[id];
+        op.dot_actor = dot_actor;
+        op.completed_ms = Some(Self::now_ms());
+        op.result = result;
+        if let (Some(dot), OpResult::Ok { acked_by, .. }) = (op.dot(), &op.result) {
+            op.unbacked_acks = oracle::audit_ack(&self.shared.backends, &req.key, &dot, acked_by);
+        }
+        self.last_op = Some(id);
+        id
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn call(
+        &mut self,
+        req: &Request,
+    ) -> Result<(Bytes, Option<proto::Receipt>, Vec<(Vec<u8>, u64)>), tonic::Status> {
+        let Some(client) = self.channels.get(&req.target) else {
+            return Err(tonic::Status::invalid_argument(format!(
+                "no such node {}",
+                req.target
+            )));
+        };
+        let mut client = client.clone();
+        let level = Some(req.level.proto());
+        let consistency = |read: bool| Consistency {
+            r: if read { level } else { None },
+            w: if read { None } else { level },
+            sloppy: Some(!req.strict),
+            timeout_ms: REQUEST_TIMEOUT_MS as u32,
+        };
+        let ctx = if self.shared.drop_put_context {
+            Bytes::new()
+        } else {
+            req.ctx.bytes.clone()
+        };
+        let key = Bytes::from(req.key.clone().into_bytes());
+        let timeout = Duration::from_millis(CLIENT_TIMEOUT_MS);
+        let answer = match &req.kind {
+            OpKind::Get => {
+                let r = GetRequest {
+                    key,
+                    consistency: Some(consistency(true)),
+                };
+                tokio::time::timeout(timeout, client.get(r)).await.map(|r| {
+                    r.map(|r| {
+                        let r = r.into_inner();
+                        let values = r
+                            .values
+                            .into_iter()
+                            .map(|s| (s.value.to_vec(), s.timestamp))
+                            .collect();
+                        (r.context, r.receipt, values)
+                    })
+                })
+            }
+            OpKind::Put { value } => {
+                let r = PutRequest {
+                    key,
+                    value: Bytes::from(value.clone()),
+                    context: ctx,
+                    consistency: Some(consistency(false)),
+                };
+                tokio::time::timeout(timeout, client.put(r)).await.map(|r| {
+                    r.map(|r| {
+                        let r = r.into_inner();
+                        (r.context, r.receipt, Vec::new())
+                    })
+                })
+            }
+            OpKind::Delete => {
+                let r = DeleteRequest {
+                    key,
+                    context: ctx,
+                    consistency: Some(consistency(false)),
+                };
+                tokio::time::timeout(timeout, client.delete(r))
+                    .await
+                    .map(|r| {
+                        r.map(|r| {
+                            let r = r.into_inner();
+                            (r.context, r.receipt, Vec::new())
+                        })
+                    })
+            }
+        };
+        match answer {
+            Ok(r) => r,
+            Err(_) => Err(tonic::Status::deadline_exceeded("client timeout")),
+        }
+    }
+}
+
+/// A command a scenario queues for a client host.
+#[derive(Clone, Debug)]
+pub struct Command {
+    pub kind: OpKind,
+    pub key: String,
+    pub target: String,
+    pub level: Level,
+    pub strict: bool,
+    pub ctx: crate::scenario::Ctx,
+}
+
+/// The queue between the driver and a command client host.
+#[derive(Default)]
+pub struct CommandQueue {
+    pub queue: VecDeque<Command>,
+    pub busy: bool,
+    /// The last operation this client completed.
+    pub last_op: Option<usize>,
+}
+
+/// The body of a command client host: runs queued commands one at a time, forever.
+pub async fn command_client(
+    name: String,
+    nodes: Vec<String>,
+    shared: Rc<Shared>,
+    queue: Rc<RefCell<CommandQueue>>,
+) -> turmoil::Result {
+    let mut core = ClientCore::new(&name, &nodes, shared);
+    loop {
+        let next = {
+            let mut q = queue.borrow_mut();
+            let next = q.queue.pop_front();
+            q.busy = next.is_some();
+            next
+        };
+        let Some(cmd) = next else {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        };
+        let ctx = match cmd.ctx {
+            crate::scenario::Ctx::Empty => HeldContext::default(),
+            crate::scenario::Ctx::LastRead => {
+                core.last_read.get(&cmd.key).cloned().unwrap_or_default()
+            }
+            crate::scenario::Ctx::LastWrite => {
+                core.last_write.get(&cmd.key).cloned().unwrap_or_default()
+            }
+        };
+        let id = core
+            .execute(Request {
+                kind: cmd.kind,
+                key: cmd.key,
+                target: cmd.target,
+                level: cmd.level,
+                strict: cmd.strict,
+                ctx,
+                note: None,
+            })
+            .await;
+        let mut q = queue.borrow_mut();
+        q.last_op = Some(id);
+        q.busy = false;
+    }
+}

@@ -1,0 +1,186 @@
+//! What the harness learns by looking into the nodes' storage (no real client could): the id a
+//! coordinator's dots carry, and at which dots each value has been stored.
+//!
+//! The dot index is filled after every client operation (for its key) and once at the end: a
+//! value ever stored at two different dots was applied twice, which the checker reports on its
+//! own and uses to explain the violations that follow from it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use dynakv_core::dvvset::Clock;
+use dynakv_core::hash::key_position;
+use std::ops::Bound;
+
+use dynakv_node::storage::{Backend, MemoryBackend, ScanLimit, Table};
+
+use crate::history::Dot;
+
+/// Where the node keeps the id its dots carry.
+const DOT_ID_META_KEY: &[u8] = b"node.dot_id";
+
+/// How the node stores a client key in its data table: the key's ring position (big-endian)
+/// then the key, so that a range of the ring is a range of storage.
+pub fn stored_key(key: &[u8]) -> Vec<u8> {
+    let mut k = key_position(key).to_be_bytes().to_vec();
+    k.extend_from_slice(key);
+    k
+}
+
+/// The client key of a stored key (either layout: with or without the position prefix).
+pub fn client_key(stored: &[u8]) -> &[u8] {
+    match stored.split_at_checked(8) {
+        Some((pos, key)) if pos == key_position(key).to_be_bytes() => key,
+        _ => stored,
+    }
+}
+
+/// A node's stored clock for `key`, in either key layout.
+pub fn stored_clock(backend: &MemoryBackend, key: &str) -> Option<Vec<u8>> {
+    [stored_key(key.as_bytes()), key.as_bytes().to_vec()]
+        .iter()
+        .find_map(|k| backend.get(Table::Data, k).ok().flatten())
+}
+
+/// The id `backend`'s node puts in its dots, if it recorded one.
+pub fn dot_actor(backend: &MemoryBackend) -> Option<String> {
+    let bytes = backend.get(Table::Meta, DOT_ID_META_KEY).ok()??;
+    String::from_utf8(bytes).ok()
+}
+
+/// The key of a hint for `target` in the Hints table: `[target id length: u8][target id]`
+/// then the stored key.
+fn hint_key(target: &str, key: &str) -> Vec<u8> {
+    let mut k = vec![target.len() as u8];
+    k.extend_from_slice(target.as_bytes());
+    k.extend_from_slice(&stored_key(key.as_bytes()));
+    k
+}
+
+/// A hint's clock: the value is `[created at: u64 big-endian][encoded clock]`.
+fn hint_clock(backend: &MemoryBackend, target: &str, key: &str) -> Option<Clock> {
+    let bytes = backend.get(Table::Hints, &hint_key(target, key)).ok()??;
+    Clock::decode(bytes.get(8..)?).ok()
+}
+
+fn covers(clock: Option<Clock>, dot: &Dot) -> bool {
+    clock.is_some_and(|c| dot.covered_by(&c.join()))
+}
+
+/// "An ack means the write is on disk on that replica" (DESIGN.md section 5), checked when the
+/// answer reaches the client: every replica the receipt names as having acknowledged holds the
+/// write's dot, a primary in its data, a fallback as a hint for the primary it stood for (or
+/// already delivered). Returns what is missing.
+pub fn audit_ack(
+    backends: &BTreeMap<String, MemoryBackend>,
+    key: &str,
+    dot: &Dot,
+    acked_by: &[(String, Option<String>)],
+) -> Vec<String> {
+    let data = |node: &str| {
+        backends.get(node).is_some_and(|b| {
+            covers(
+                stored_clock(b, key).and_then(|c| Clock::decode(&c).ok()),
+                dot,
+            )
+        })
+    };
+    let mut missing = Vec::new();
+    for (node, hint_for) in acked_by {
+        let held = match hint_for {
+            None => data(node),
+            Some(primary) => {
+                data(node)
+                    || data(primary)
+                    || backends
+                        .get(node)
+                        .is_some_and(|b| covers(hint_clock(b, primary, key), dot))
+            }
+        };
+        if !held {
+            missing.push(match hint_for {
+                None => format!("{node} acknowledged but does not hold {dot}"),
+                Some(p) => {
+                    format!("{node} acknowledged as fallback for {p} but holds no hint of {dot}")
+                }
+            });
+        }
+    }
+    missing
+}
+
+/// Hints still queued on a node: (target, client key) of each.
+pub fn queued_hints(backend: &MemoryBackend) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut from: Option<Vec<u8>> = None;
+    loop {
+        let lower = from.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+        let Ok(page) = backend.scan(
+            Table::Hints,
+            lower,
+            Bound::Unbounded,
+            ScanLimit::entries(4096),
+        ) else {
+            break;
+        };
+        for (k, _) in &page.entries {
+            let Some((&len, rest)) = k.split_first() else {
+                continue;
+            };
+            let Some((target, stored)) = rest.split_at_checked(len as usize) else {
+                continue;
+            };
+            out.push((
+                String::from_utf8_lossy(target).into_owned(),
+                String::from_utf8_lossy(client_key(stored)).into_owned(),
+            ));
+        }
+        match page.next {
+            Some(next) => from = Some(next),
+            None => break,
+        }
+    }
+    out
+}
+
+/// (key, value) -> every dot the value was seen stored at.
+pub type DotIndex = BTreeMap<(String, Vec<u8>), BTreeSet<Dot>>;
+
+/// Every value of a clock with its dot (tombstones have no value and are left out).
+pub fn live_dots(clock: &Clock) -> Vec<(Dot, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in clock.entries() {
+        for (i, v) in e.values().iter().enumerate() {
+            if let Some(data) = &v.data {
+                out.push((
+                    Dot {
+                        node: e.id().to_string(),
+                        counter: e.counter() - i as u64,
+                    },
+                    data.to_vec(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Records where every replica holds the values of `key` now. (In lww mode a winning value moves
+/// to the top dot of its own entry, so several dots of one actor are normal there; the checker
+/// then counts actors.)
+pub fn observe<'a>(
+    index: &mut DotIndex,
+    backends: impl IntoIterator<Item = &'a MemoryBackend>,
+    key: &str,
+) {
+    for backend in backends {
+        let Some(clock) = stored_clock(backend, key).and_then(|b| Clock::decode(&b).ok()) else {
+            continue;
+        };
+        for (dot, value) in live_dots(&clock) {
+            index
+                .entry((key.to_string(), value))
+                .or_default()
+                .insert(dot);
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! The scenario DSL: a table of [`Step`]s run in order against a simulated cluster, in the
+//! manner of chitchat's `cluster_test.rs` (but in simulated time, so `Wait` costs nothing real).
+//!
+//! ```
+//! use dynakv_sim::scenario::{Check, Scenario, Step};
+//! let s = Scenario::siblings("example", 3).steps(vec![
+//!     Step::put(1, "k", "v1").via("n1"),
+//!     Step::wait_idle(),
+//!     Step::get(2, "k").via("n3"),
+//!     Step::wait_idle(),
+//!     Step::check(Check::Values { client: 2, key: "k".into(), expect: vec!["v1".into()] }),
+//! ]);
+//! assert_eq!(s.nodes().len(), 3);
+//! ```
+//!
+//! Client operations are queued on a client host (`client` is its number: host `c<client>`) and
+//! run one at a time per client, concurrently across clients; `Wait::Idle` waits for every
+//! queue to drain. Faults apply at once. A background [`WorkloadSpec`] may run beside the steps.
+//! At the end of every scenario the harness settles the cluster and runs the checker.
+
+use std::fmt;
+
+use dynakv_node::config::ConflictMode;
+
+use crate::client::Level;
+use crate::history::OpKind;
+use crate::workload::WorkloadSpec;
+
+/// Which context a write carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ctx {
+    /// None: a blind write.
+    Empty,
+    /// The context of this client's last successful read of the key.
+    LastRead,
+    /// The context returned by this client's last successful write of the key.
+    LastWrite,
+}
+
+/// How long to wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// This many milliseconds of simulated time.
+    Ms(u64),
+    /// Until every client's queue is empty and no operation is in flight.
+    Idle,
+}
+
+/// A check made at that point of the scenario (the invariant checker runs at the end anyway).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// The client's last operation succeeded.
+    LastOk { client: usize },
+    /// The client's last operation failed (any error).
+    LastFailed { client: usize },
+    /// The client's last read of `key` returned exactly these values (in any order).
+    Values {
+        client: usize,
+        key: String,
+        expect: Vec<String>,
+    },
+    /// The client's last read of `key` returned this many siblings.
+    SiblingCount {
+        client: usize,
+        key: String,
+        count: usize,
+    },
+    /// Every replica of `key` holds the same state now.
+    ReplicasEqual { key: String },
+    /// `node`'s storage holds exactly these live values for `key` now.
+    NodeHas {
+        node: String,
+        key: String,
+        values: Vec<String>,
+    },
+}
+
+/// One step of a scenario.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// A member of the cluster. Membership is static until gossip lands: every `AddNode` must
+    /// come before any other step (the harness refuses a later one).
+    AddNode(String),
+    /// Power loss: the host stops, and what its storage had not synced is gone.
+    Crash(String),
+    /// Starts a crashed node again on the same storage; reboots (crash + start) a running one.
+    Restart(String),
+    /// Freezes every link of the node (peers and clients): messages wait until `Heal`.
+    Pause(String),
+    /// Two nodes can talk iff some group holds both; a node in no group is isolated.
+    /// Replaces any earlier partition.
+    Partition(Vec<Vec<String>>),
+    /// Ends partitions and pauses (held messages are delivered), message loss and delay.
+    /// Crashed nodes stay down until `Restart`.
+    Heal,
+    /// Message latency up to `max_ms` on every link.
+    Delay {
+        max_ms: u64,
+    },
+    /// Each message breaks its link with probability `rate` (turmoil's TCP then loses the
+    /// connection; the node reconnects).
+    Loss {
+        rate: f64,
+    },
+    /// A client operation (see [`Step::put`], [`Step::get`], [`Step::delete`]).
+    Op(ClientOp),
+    Wait(Wait),
+    Assert(Check),
+}
+
+/// A client operation of a scenario.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientOp {
+    pub client: usize,
+    pub kind: OpKind,
+    pub key: String,
+    /// The node to send to; `None`: the first node.
+    pub via: Option<String>,
+    pub level: Level,
+    pub strict: bool,
+    pub ctx: Ctx,
+}
+
+impl Step {
+    fn op(client: usize, kind: OpKind, key: &str, ctx: Ctx) -> Step {
+        Step::Op(ClientOp {
+            client,
+            kind,
+            key: key.to_string(),
+            via: None,
+            level: Level::Quorum,
+            strict: false,
+            ctx,
+        })
+    }
+
+    /// A put with the context of the client's last read of the key (empty if none), W=QUORUM.
+    pub fn put(client: usize, key: &str, value: &str) -> Step {
+        Step::op(
+            client,
+            OpKind::Put {
+                value: value.as_bytes().to_vec(),
+            },
+            key,
+            Ctx::LastRead,
+        )
+    }
+
+    /// A read, R=QUORUM.
+    pub fn get(client: usize, key: &str) -> Step {
+        Step::op(client, OpKind::Get, key, Ctx::Empty)
+    }
+
+    /// A delete with the context of the client's last read of the key, W=QUORUM.
+    pub fn delete(client: usize, key: &str) -> Step {
+        Step::op(client, OpKind::Delete, key, Ctx::LastRead)
+    }
+
+    pub fn wait_ms(ms: u64) -> Step {
+        Step::Wait(Wait::Ms(ms))
+    }
+
+    pub fn wait_idle() -> Step {
+        Step::Wait(Wait::Idle)
+    }
+
+    pub fn check(check: Check) -> Step {
+        Step::Assert(check)
+    }
+
+    pub fn crash(node: &str) -> Step {
+        Step::Crash(node.to_string())
+    }
+
+    pub fn restart(node: &str) -> Step {
+        Step::Restart(node.to_string())
+    }
+
+    pub fn pause(node: &str) -> Step {
+        Step::Pause(node.to_string())
+    }
+
+    pub fn partition(groups: &[&[&str]]) -> Step {
+        Step::Partition(
+            groups
+                .iter()
+                .map(|g| g.iter().map(|n| n.to_string()).collect())
+                .collect(),
+        )
+    }
+
+    fn map_op(self, f: impl FnOnce(&mut ClientOp)) -> Step {
+        match self {
+            Step::Op(mut op) => {
+                f(&mut op);
+                Step::Op(op)
+            }
+            other => other,
+        }
+    }
+
+    /// Sends the operation to `node`.
+    pub fn via(self, node: &str) -> Step {
+        self.map_op(|op| op.via = Some(node.to_string()))
+    }
+
+    /// R or W of the operation.
+    pub fn level(self, level: Level) -> Step {
+        self.map_op(|op| op.level = level)
+    }
+
+    /// Asks for a strict quorum (only the key's primary replicas count).
+    pub fn strict(self) -> Step {
+        self.map_op(|op| op.strict = true)
+    }
+
+    /// The context a write carries.
+    pub fn ctx(self, ctx: Ctx) -> Step {
+        self.map_op(|op| op.ctx = ctx)
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::AddNode(n) => write!(f, "AddNode({n})"),
+            Step::Crash(n) => write!(f, "Crash({n})"),
+            Step::Restart(n) => write!(f, "Restart({n})"),
+            Step::Pause(n) => write!(f, "Pause({n})"),
+            Step::Partition(groups) => {
+                let g: Vec<String> = groups
+                    .iter()
+                    .map(|g| format!("[{}]", g.join(",")))
+                    .collect();
+                write!(f, "Partition({})", g.join(" "))
+            }
+            Step::Heal => write!(f, "Heal"),
+            Step::Delay { max_ms } => write!(f, "Delay(max {max_ms}ms)"),
+            Step::Loss { rate } => write!(f, "Loss({rate})"),
+            Step::Op(op) => {
+                let what = match &op.kind {
+                    OpKind::Get => format!("Get({})", op.key),
+                    OpKind::Put { value } => {
+                        format!("Put({}={})", op.key, String::from_utf8_lossy(value))
+                    }
+                    OpKind::Delete => format!("Delete({})", op.key),
+                };
+                write!(
+                    f,
+                    "c{}: {what} via {} {:?}{} ctx={:?}",
+                    op.client,
+                    op.via.as_deref().unwrap_or("n1"),
+                    op.level,
+                    if op.strict { " strict" } else { "" },
+                    op.ctx
+                )
+            }
+            Step::Wait(Wait::Ms(ms)) => write!(f, "Wait({ms}ms)"),
+            Step::Wait(Wait::Idle) => write!(f, "Wait(idle)"),
+            Step::Assert(c) => write!(f, "Assert({c:?})"),
+        }
+    }
+}
+
+/// A whole scenario: the cluster, the steps, and an optional background workload.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub name: String,
+    /// Replication factor.
+    pub n: u32,
+    pub conflict: ConflictMode,
+    pub workload: Option<WorkloadSpec>,
+    pub steps: Vec<Step>,
+}
+
+impl Scenario {
+    /// A `siblings`-mode cluster of `nodes` nodes (n1..), N=3 (or fewer nodes).
+    pub fn siblings(name: &str, nodes: usize) -> Scenario {
+        Scenario::new(name, nodes, ConflictMode::Siblings)
+    }
+
+    /// An `lww`-mode cluster.
+    pub fn lww(name: &str, nodes: usize) -> Scenario {
+        Scenario::new(name, nodes, ConflictMode::Lww)
+    }
+
+    fn new(name: &str, nodes: usize, conflict: ConflictMode) -> Scenario {
+        Scenario {
+            name: name.to_string(),
+            n: (nodes as u32).min(3),
+            conflict,
+            workload: None,
+            steps: (1..=nodes)
+                .map(|i| Step::AddNode(format!("n{i}")))
+                .collect(),
+        }
+    }
+
+    /// Appends steps.
+    pub fn steps(mut self, steps: Vec<Step>) -> Scenario {
+        self.steps.extend(steps);
+        self
+    }
+
+    /// Runs a workload beside the steps (from the start until the last step).
+    pub fn with_workload(mut self, workload: WorkloadSpec) -> Scenario {
+        self.workload = Some(workload);
+        self
+    }
+
+    /// The nodes its `AddNode` steps declare.
+    pub fn nodes(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::AddNode(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The command clients its operations use.
+    pub fn clients(&self) -> Vec<usize> {
+        let mut c: Vec<usize> = self
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Op(op) => Some(op.client),
+                _ => None,
+            })
+            .collect();
+        c.sort_unstable();
+        c.dedup();
+        c
+    }
+}
