@@ -1,12 +1,8 @@
 //! `dynakv.v1.Admin`: the node's view of the cluster.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tonic::{Request, Response, Status};
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 use crate::node::Node;
 use crate::proto::admin_server::Admin;
@@ -25,26 +21,6 @@ impl AdminService {
     }
 }
 
-/// Probes a peer's health service. Membership is static until gossip lands, so this is how a node
-/// tells which members are up right now.
-async fn probe(node: &Node, id: &dynakv_core::NodeId) -> &'static str {
-    if *id == node.id {
-        return "alive";
-    }
-    let Some(channel) = node.peers.channel(id) else {
-        return "unknown";
-    };
-    let mut client = HealthClient::new(channel);
-    let check = client.check(HealthCheckRequest {
-        service: String::new(),
-    });
-    match tokio::time::timeout(Duration::from_millis(700), check).await {
-        Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32 => "alive",
-        Ok(Ok(_)) => "starting",
-        _ => "down",
-    }
-}
-
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn cluster_status(
@@ -54,23 +30,28 @@ impl Admin for AdminService {
         let view = self.node.view();
         let n = self.node.n();
         let ownership = view.ring.ownership(n);
-        let states = futures::future::join_all(
-            view.members
-                .iter()
-                .map(|m| async move { probe(&self.node, &m.id).await }),
-        )
-        .await;
+        let gossip = self.node.gossip.snapshot();
         let members = view
             .members
             .iter()
-            .zip(states)
-            .map(|(m, state)| {
+            .map(|m| {
                 let idx = view.ring.node_index(m.id.as_str());
                 let own = idx.and_then(|i| ownership.iter().find(|o| o.node == i));
+                let known = gossip.get(&m.id);
                 Member {
                     id: m.id.to_string(),
                     address: m.address.clone(),
-                    state: state.to_string(),
+                    // Liveness as this node's gossip sees it; "unknown": not heard from since
+                    // this node started.
+                    state: self
+                        .node
+                        .member_state(&m.id)
+                        .map_or("unknown", |s| s.as_str())
+                        .to_string(),
+                    generation: known.map_or(0, |k| k.generation),
+                    lifecycle: known
+                        .map_or("unknown", |k| k.metadata.lifecycle.as_str())
+                        .to_string(),
                     weight: m.weight,
                     zone: m.zone.clone().unwrap_or_default(),
                     tokens: idx.map_or(0, |i| view.ring.nodes()[i].tokens.len() as u32),

@@ -551,10 +551,15 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
     let mut next_full = Instant::now() + Duration::from_millis(cfg.interval_ms);
     loop {
         tokio::select! {
+            biased;
             _ = stop.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }
         for peer in node.trees.queued_peers() {
+            // Away by gossip's account: its queue waits until gossip sees it back.
+            if node.is_down(&peer) {
+                continue;
+            }
             let Some(what) = node.trees.take_queued(&peer) else {
                 continue;
             };
@@ -584,6 +589,11 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
         for peer in peers {
             if *stop.borrow() {
                 return;
+            }
+            if node.is_down(&peer) {
+                // Exchanged with as soon as it is back (Node::apply_membership queues it).
+                complete = false;
+                continue;
             }
             let result = exchange(&node, &peer, &mut limit).await;
             complete &= result.is_ok();

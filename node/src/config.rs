@@ -42,6 +42,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub anti_entropy: crate::antientropy::AntiEntropyConfig,
     pub hints: crate::hints::HintsConfig,
+    pub gossip: crate::gossip::GossipOptions,
     pub tombstone_gc: crate::gc::TombstoneGcConfig,
     pub log: LogConfig,
 }
@@ -236,6 +237,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             anti_entropy: Default::default(),
             hints: Default::default(),
+            gossip: Default::default(),
             tombstone_gc: Default::default(),
             log: LogConfig::default(),
         }
@@ -410,6 +412,9 @@ impl Config {
         }
         if self.hints.delivery_interval_ms == 0 {
             return err("hints.delivery_interval_ms must be at least 1".into());
+        }
+        if let Err(e) = self.gossip.engine().validate() {
+            return err(format!("gossip: {e}"));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return err(format!(

@@ -138,6 +138,7 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.interval_ms.max(10)));
     loop {
         tokio::select! {
+            biased;
             _ = stop.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }

@@ -1,5 +1,7 @@
 //! Hinted handoff (DESIGN.md section 6): a fallback node stores a write for an unreachable
-//! primary durably in its `Hints` table, and delivers it when the primary answers again. A hint
+//! primary durably in its `Hints` table, and delivers it when gossip sees the primary back (at
+//! once, woken by [`crate::node::Node::member_returned`]) or, failing that, at the next delivery
+//! round in which the primary is not held down. A hint
 //! is deleted only after the primary's durable ack, and only if it did not change meanwhile
 //! (compare-and-delete), so delivery is idempotent and never loses a newer hint.
 //!
@@ -349,7 +351,10 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
+            biased;
             _ = stop.wait_for(|s| *s) => return,
+            // A member came back: hand its hints over now, not at the next tick.
+            _ = node.member_returned.notified() => {}
             _ = tick.tick() => {}
         }
         let depths = node.hints.depths();
@@ -358,7 +363,8 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
                 .hint_queue_depth
                 .with_label_values(&[target.as_str()])
                 .set(d.count as i64);
-            if d.count == 0 {
+            // Gossip says it is away: its hints wait until gossip sees it back.
+            if d.count == 0 || node.is_down(target) {
                 continue;
             }
             if let Err(e) = deliver_to(&node, target).await {

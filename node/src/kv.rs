@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dynakv_core::NodeId;
 use dynakv_core::dvvset::VersionVector;
+use dynakv_core::membership::MemberState;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tonic::metadata::{MetadataMap, MetadataValue};
@@ -198,7 +199,15 @@ impl KvService {
     ) -> Result<(Vec<u8>, proto::Receipt), Status> {
         self.node.metrics.forwarded.inc();
         let mut failures = Vec::new();
-        for replica in replicas {
+        // Replicas gossip holds alive first, suspect next, down last: a paused replica still
+        // accepts connections, and only gossip tells it from a live one before the deadline.
+        let mut replicas = replicas.to_vec();
+        replicas.sort_by_key(|r| match self.node.member_state(r) {
+            Some(MemberState::Alive) => 0,
+            None | Some(MemberState::Suspect) => 1,
+            Some(MemberState::Down) => 2,
+        });
+        for replica in &replicas {
             let Some(mut channel) = self.node.peers.channel(replica) else {
                 failures.push(format!("{replica} unknown"));
                 continue;

@@ -60,6 +60,15 @@ pub struct Metrics {
     pub hint_queue_depth: IntGaugeVec,
     /// Tombstones purged by GC after every replica held them and the grace period passed.
     pub tombstones_purged: IntCounter,
+    /// Members by liveness as this node's gossip sees them (this node included).
+    pub gossip_members: IntGaugeVec,
+    /// Gossip packets by what happened to them (received, rejected, sent, send_failed, dropped).
+    pub gossip_packets: IntCounterVec,
+    /// Members this node suspected, and declared down.
+    pub gossip_suspicions: IntCounter,
+    pub gossip_downs: IntCounter,
+    /// The gossip counters already exported (they are read from gossip at scrape time).
+    gossip_exported: Arc<std::sync::Mutex<crate::gossip::GossipStats>>,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -186,7 +195,36 @@ impl Metrics {
             "dynakv_tombstones_purged_total",
             "Tombstones purged once every replica held them and the grace period had passed",
         );
+        let gossip_members = IntGaugeVec::new(
+            Opts::new(
+                "dynakv_gossip_members",
+                "Members by liveness (alive, suspect, down) as this node's gossip sees them",
+            ),
+            &["state"],
+        )
+        .expect("static metric definition");
+        let gossip_packets = IntCounterVec::new(
+            Opts::new(
+                "dynakv_gossip_packets_total",
+                "Gossip packets by outcome (received, rejected, sent, send_failed, dropped)",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric definition");
+        let gossip_suspicions = counter(
+            "dynakv_gossip_suspicions_total",
+            "Members this node's gossip suspected of having failed",
+        );
+        let gossip_downs = counter(
+            "dynakv_gossip_downs_total",
+            "Members this node's gossip declared down",
+        );
         let m = Metrics {
+            gossip_members,
+            gossip_packets,
+            gossip_suspicions,
+            gossip_downs,
+            gossip_exported: Default::default(),
             tombstones_purged,
             ae_exchanges,
             ae_keys_repaired,
@@ -231,6 +269,10 @@ impl Metrics {
             Box::new(m.hints_dropped.clone()),
             Box::new(m.hint_queue_depth.clone()),
             Box::new(m.tombstones_purged.clone()),
+            Box::new(m.gossip_members.clone()),
+            Box::new(m.gossip_packets.clone()),
+            Box::new(m.gossip_suspicions.clone()),
+            Box::new(m.gossip_downs.clone()),
         ];
         for c in collectors {
             m.registry
@@ -261,6 +303,43 @@ impl Metrics {
         self.ae_exchanges.with_label_values(&[outcome]).inc();
     }
 
+    /// Copies what gossip knows and counts into the metrics (at scrape time).
+    pub fn observe_gossip(
+        &self,
+        snapshot: &dynakv_core::membership::MembershipSnapshot,
+        stats: &crate::gossip::GossipStats,
+    ) {
+        use dynakv_core::membership::MemberState;
+        for state in [MemberState::Alive, MemberState::Suspect, MemberState::Down] {
+            self.gossip_members
+                .with_label_values(&[state.as_str()])
+                .set(snapshot.count(state) as i64);
+        }
+        let mut seen = self
+            .gossip_exported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (outcome, now, before) in [
+            ("received", stats.packets_received, seen.packets_received),
+            ("rejected", stats.packets_rejected, seen.packets_rejected),
+            ("sent", stats.packets_sent, seen.packets_sent),
+            ("send_failed", stats.send_failures, seen.send_failures),
+            ("dropped", stats.packets_dropped, seen.packets_dropped),
+        ] {
+            self.gossip_packets
+                .with_label_values(&[outcome])
+                .inc_by(now.saturating_sub(before));
+        }
+        self.gossip_suspicions.inc_by(
+            stats
+                .suspicions_raised
+                .saturating_sub(seen.suspicions_raised),
+        );
+        self.gossip_downs
+            .inc_by(stats.downs_declared.saturating_sub(seen.downs_declared));
+        *seen = stats.clone();
+    }
+
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let encoder = TextEncoder::new();
@@ -288,6 +367,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     loop {
         let (stream, _peer): (_, SocketAddr) = tokio::select! {
+            biased;
             _ = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,

@@ -16,8 +16,9 @@ use dynakv_core::context::{ContextError, decode_context, encode_context};
 use dynakv_core::dvvset::{Clock, Sibling, VersionVector};
 use dynakv_core::hash::key_position;
 use dynakv_core::hlc::{HybridClock, Timestamp};
+use dynakv_core::membership::{MemberState, MembershipSnapshot};
 use dynakv_core::quorum::{QuorumError, QuorumKind, QuorumTracker, ReplicaFailure, Vote};
-use dynakv_core::ring::{Member, Ring};
+use dynakv_core::ring::{Member, NodeSpec, Ring};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ use tokio::time::Instant;
 
 use crate::antientropy::Trees;
 use crate::config::{ConflictMode, ValidConfig, ValidMember};
+use crate::gossip::Gossip;
 use crate::hints::Hints;
 use crate::metrics::Metrics;
 use crate::peer::{PeerError, PeerPool};
@@ -58,6 +60,38 @@ impl ClusterView {
 
     pub fn member(&self, id: &NodeId) -> Option<&ValidMember> {
         self.members.iter().find(|m| &m.id == id)
+    }
+
+    /// The view gossip describes: the ring of what every member gossips about itself (weight,
+    /// zone, tokens), with the configured members gossip has not heard of yet keeping the place
+    /// `defaults` (the configured ring) gives them. Addresses are the gossiped ones; the metrics
+    /// address comes from the configuration.
+    pub fn from_snapshot(
+        snapshot: &MembershipSnapshot,
+        defaults: &[NodeSpec],
+        configured: &[ValidMember],
+    ) -> Result<Self, dynakv_core::ring::RingError> {
+        let ring = snapshot.ring_with_defaults(defaults)?;
+        let members = ring
+            .nodes()
+            .iter()
+            .map(|spec| {
+                let config = configured.iter().find(|m| m.id == spec.id);
+                let address = match (snapshot.get(&spec.id), config) {
+                    (Some(info), _) => info.address.to_string(),
+                    (None, Some(c)) => c.address.clone(),
+                    (None, None) => String::new(),
+                };
+                ValidMember {
+                    id: spec.id.clone(),
+                    address,
+                    metrics: config.and_then(|c| c.metrics.clone()),
+                    weight: spec.weight,
+                    zone: spec.zone.clone(),
+                }
+            })
+            .collect();
+        Ok(ClusterView { ring, members })
     }
 }
 
@@ -154,6 +188,13 @@ pub struct Node {
     pub metrics: Metrics,
     pub trees: Trees,
     pub hints: Hints,
+    /// Membership and failure detection: who is alive, and what the ring is built from.
+    pub gossip: Gossip,
+    /// Woken when gossip sees a member come back (alive again, or restarted): hint delivery
+    /// and anti-entropy go to it at once instead of at their next round.
+    pub member_returned: Arc<tokio::sync::Notify>,
+    /// The configured ring: the place of members gossip has not heard of yet.
+    configured_ring: Vec<NodeSpec>,
     /// The id this node's dots carry in version vectors: the node id plus a suffix drawn when its
     /// data directory was created. A node whose disk was wiped comes back with a new one, so it
     /// can never mint a dot (id, counter) that replicas already hold for a different value.
@@ -212,6 +253,22 @@ pub async fn load_dot_id(
         })
 }
 
+/// Bumps and returns this node's gossip generation, persisted in the data directory: above
+/// every earlier start of this data directory, and at least the wall clock in milliseconds, so
+/// a node whose disk was wiped still outranks what the cluster remembers of its earlier runs.
+pub async fn next_generation(store: &Store, wall_ms: u64) -> Result<u64, StorageError> {
+    const KEY: &[u8] = b"node.generation";
+    store
+        .update(Table::Meta, KEY.to_vec(), move |current| {
+            let previous = current
+                .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                .map_or(0, u64::from_be_bytes);
+            let next = previous.saturating_add(1).max(wall_ms);
+            (Some(Some(next.to_be_bytes().to_vec())), next)
+        })
+        .await
+}
+
 /// A replica call's target and what it stands for: `hint_for` is the primary a fallback covers.
 struct Sent {
     node: NodeId,
@@ -219,20 +276,20 @@ struct Sent {
 }
 
 impl Node {
+    /// A node serving `view` (the configured ring, [`ClusterView::from_members`]) until gossip
+    /// tells it more.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: ValidConfig,
+        view: ClusterView,
         store: Store,
         dot_id: NodeId,
         hints: Hints,
         peers: PeerPool,
+        gossip: Gossip,
         metrics: Metrics,
         wall: WallClock,
     ) -> Result<Node, dynakv_core::merkle::MerkleError> {
-        let view = ClusterView::from_members(
-            config.members.clone(),
-            config.raw.replication.vnodes_per_node,
-            config.raw.replication.n as usize,
-        );
         metrics.set_ring_version(view.ring.version());
         peers.set_members(
             &view
@@ -248,6 +305,9 @@ impl Node {
             config,
             store,
             hints,
+            gossip,
+            member_returned: Arc::new(tokio::sync::Notify::new()),
+            configured_ring: view.ring.nodes().to_vec(),
             dot_id,
             background: Arc::new(tokio::sync::Semaphore::new(MAX_BACKGROUND_TASKS)),
             peers,
@@ -264,6 +324,84 @@ impl Node {
 
     pub fn n(&self) -> usize {
         self.config.raw.replication.n as usize
+    }
+
+    /// Whether gossip holds `id` to be down. The coordinator then does not wait for it: its
+    /// share goes to a fallback at once. Suspect and not-yet-heard-of members are not down;
+    /// this node never is.
+    pub fn is_down(&self, id: &NodeId) -> bool {
+        *id != self.id && self.gossip.is_down(id)
+    }
+
+    /// Liveness of `id` as gossip sees it (`None`: not heard of yet).
+    pub fn member_state(&self, id: &NodeId) -> Option<MemberState> {
+        if *id == self.id {
+            return Some(MemberState::Alive);
+        }
+        self.gossip.state_of(id)
+    }
+
+    /// Takes in a new membership snapshot: members that came back wake hint delivery and
+    /// anti-entropy, and a changed ring replaces the view (and the Merkle trees, whose peer
+    /// sets follow the ring). Returns whether the ring changed.
+    pub fn apply_membership(
+        &self,
+        previous: &MembershipSnapshot,
+        snapshot: &MembershipSnapshot,
+    ) -> bool {
+        let mut returned = false;
+        for change in snapshot.changes_since(previous) {
+            if change.id != self.id
+                && change.now == Some(MemberState::Alive)
+                && (change.was != Some(MemberState::Alive) || change.restarted)
+            {
+                // Whatever it missed while away: hints cover what fallbacks took, a full
+                // exchange the rest.
+                self.trees.queue(&change.id, None);
+                returned = true;
+            }
+        }
+        if returned {
+            self.member_returned.notify_one();
+        }
+        let current = self.view();
+        let view = match ClusterView::from_snapshot(
+            snapshot,
+            &self.configured_ring,
+            &self.config.members,
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "gossiped membership does not make a ring; keeping the current one");
+                return false;
+            }
+        };
+        if view.ring.version() == current.ring.version() {
+            if view.members != current.members {
+                self.set_view(view);
+            }
+            return false;
+        }
+        tracing::info!(
+            from = format!("{:016x}", current.ring.version()),
+            to = format!("{:016x}", view.ring.version()),
+            members = view.members.len(),
+            "ring changed"
+        );
+        self.set_view(view);
+        true
+    }
+
+    fn set_view(&self, view: ClusterView) {
+        self.metrics.set_ring_version(view.ring.version());
+        self.peers.set_members(
+            &view
+                .members
+                .iter()
+                .map(|m| (m.id.clone(), m.address.clone()))
+                .collect::<Vec<_>>(),
+        );
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(view);
     }
 
     pub fn is_lww(&self) -> bool {
@@ -461,6 +599,8 @@ impl Node {
         let mut calls = FuturesUnordered::new();
         let send = |sent: Sent| {
             let peers = self.peers.clone();
+            // A replica gossip holds down is not waited for: its share goes to a fallback now.
+            let down = self.is_down(&sent.node);
             let op = replica_request::Op::Store(StoreRequest {
                 key: req.key.clone(),
                 clock: encoded.clone(),
@@ -472,7 +612,11 @@ impl Node {
             });
             let deadline = req.deadline;
             async move {
-                let r = peers.call(&sent.node, op, deadline).await;
+                let r = if down {
+                    Err(PeerError::Unreachable(format!("{} is down", sent.node)))
+                } else {
+                    peers.call(&sent.node, op, deadline).await
+                };
                 (sent, r)
             }
         };
@@ -688,7 +832,7 @@ impl Node {
                 None => true,
                 Some(c) => c.to_bytes() != encoded.as_ref(),
             };
-            if !behind {
+            if !behind || self.is_down(node) {
                 continue;
             }
             self.metrics.read_repairs.inc();
@@ -735,6 +879,9 @@ impl Node {
                 tracing::warn!(error = %e, "local read failed");
                 ReplicaFailure::Refused
             });
+        }
+        if self.is_down(&sent.node) {
+            return Err(ReplicaFailure::Unreachable);
         }
         let op = replica_request::Op::Fetch(FetchRequest {
             key,

@@ -6,7 +6,7 @@
 //! cannot be reached fails fast for a short back-off instead of making every caller wait for a
 //! connect timeout.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -178,7 +178,7 @@ impl PeerPool {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, Reply>>>;
+type Pending = Arc<Mutex<BTreeMap<u64, Reply>>>;
 
 /// Owns the stream to one peer: connects on demand, batches outgoing requests into frames, and
 /// reconnects after a failure (failing calls at once during a short back-off).
@@ -226,7 +226,7 @@ async fn link_task(
                 continue;
             }
         };
-        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let pending: Pending = Arc::new(Mutex::new(BTreeMap::new()));
         let (closed_tx, mut closed_rx) = oneshot::channel::<()>();
         tokio::spawn(read_replies(inbound, pending.clone(), closed_tx));
 
@@ -257,11 +257,13 @@ async fn link_task(
                     }
                 }
                 tokio::select! {
+                    biased;
                     sent = frame_tx.send(frame) => if sent.is_err() { break 'connected; },
                     _ = &mut closed_rx => break 'connected,
                 }
             }
             tokio::select! {
+                biased;
                 m = rx.recv() => match m {
                     Some(m) => batch.push(m),
                     None => return,
@@ -275,7 +277,7 @@ async fn link_task(
             }
         }
         let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-        for (_, reply) in p.drain() {
+        for (_, reply) in std::mem::take(&mut *p) {
             let _ = reply.send(Err(PeerError::Unreachable(format!(
                 "stream to {peer} broke"
             ))));

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dynakv_core::membership::{Lifecycle, NodeMetadata};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tonic::transport::server::Connected;
@@ -13,10 +14,11 @@ use tonic_health::ServingStatus;
 
 use crate::admin::AdminService;
 use crate::config::ValidConfig;
+use crate::gossip::{Gossip, GossipSettings};
 use crate::kv::KvService;
 use crate::metrics::Metrics;
 use crate::net::Connector;
-use crate::node::{Node, WallClock};
+use crate::node::{ClusterView, Node, WallClock};
 use crate::peer::{MAX_PEER_MESSAGE_BYTES, PeerPool, PeerSettings};
 use crate::proto::admin_server::AdminServer;
 use crate::proto::kv_server::KvServer;
@@ -125,6 +127,46 @@ where
         .check_identity(config.node_id.as_str(), &raw.cluster_id)
         .await?;
 
+    let dot_id = crate::node::load_dot_id(&store, &config.node_id, (env.wall)()).await?;
+    let generation = crate::node::next_generation(&store, (env.wall)()).await?;
+    let view = ClusterView::from_members(
+        config.members.clone(),
+        raw.replication.vnodes_per_node,
+        raw.replication.n as usize,
+    );
+    let gossip = Gossip::start(
+        GossipSettings {
+            cluster_id: raw.cluster_id.clone(),
+            node_id: config.node_id.clone(),
+            advertise: config.advertise.clone(),
+            generation,
+            seeds: config
+                .members
+                .iter()
+                .filter(|m| m.id != config.node_id)
+                .map(|m| (m.id.clone(), m.address.clone()))
+                .collect(),
+            metadata: NodeMetadata {
+                weight: raw.weight,
+                zone: raw.zone.clone(),
+                lifecycle: Lifecycle::Normal,
+                tokens: view
+                    .ring
+                    .node_index(config.node_id.as_str())
+                    .map(|i| view.ring.nodes()[i].tokens.clone())
+                    .unwrap_or_default(),
+            },
+            // Seeded from what makes this run unique, so runs differ and replays repeat.
+            rng_seed: {
+                let mut seed = dot_id.as_str().as_bytes().to_vec();
+                seed.extend_from_slice(&generation.to_le_bytes());
+                dynakv_core::hash::hash128(&seed) as u64
+            },
+            config: raw.gossip.engine(),
+        },
+        env.connector.clone(),
+    )
+    .map_err(|e| ServeError::Config(e.to_string()))?;
     let peers = PeerPool::new(
         PeerSettings {
             self_id: config.node_id.clone(),
@@ -137,14 +179,15 @@ where
         env.connector,
     );
     let hints = crate::hints::Hints::open(raw.hints.clone(), &store)?;
-    let dot_id = crate::node::load_dot_id(&store, &config.node_id, (env.wall)()).await?;
     let node = Arc::new(
         Node::new(
             config.clone(),
+            view,
             store,
             dot_id,
             hints,
             peers,
+            gossip.gossip.clone(),
             metrics.clone(),
             env.wall,
         )
@@ -182,6 +225,8 @@ where
                 let stats = node.store.stats();
                 node.metrics.keys_stored.set(stats.keys as i64);
                 node.metrics.bytes_stored.set(stats.bytes as i64);
+                node.metrics
+                    .observe_gossip(&node.gossip.snapshot(), &node.gossip.stats());
             }),
             async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -193,6 +238,7 @@ where
         tokio::spawn(crate::antientropy::run(node.clone(), stop_rx.clone())),
         tokio::spawn(crate::hints::run(node.clone(), stop_rx.clone())),
         tokio::spawn(crate::gc::run(node.clone(), stop_rx.clone())),
+        tokio::spawn(crate::gossip::follow(node.clone(), stop_rx.clone())),
     ];
 
     // Storage is open and the node is in its ring: serve.
@@ -221,6 +267,7 @@ where
         .add_service(reflection)
         .add_service(kv)
         .add_service(replica)
+        .add_service(gossip.service)
         .add_service(admin);
     // Peers keep long-lived replica streams open, so a graceful shutdown that waits for every
     // connection to close would wait for them forever: give in-flight requests a grace period,
@@ -236,6 +283,7 @@ where
         let _ = graceful.wait_for(|s| *s).await;
     });
     let result = tokio::select! {
+        biased;
         r = serving => r,
         _ = async {
             let _ = hard.wait_for(|s| *s).await;
@@ -248,6 +296,9 @@ where
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
+    // Tell a few members this node is going, so the cluster routes around it at once instead
+    // of after the suspicion timeout.
+    let _ = tokio::time::timeout(Duration::from_millis(500), node.gossip.leave()).await;
     let _ = stop_tx.send(true);
     if let Some(t) = metrics_task {
         let _ = t.await;

@@ -89,7 +89,9 @@ pub fn init_logging(config: &ValidConfig) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.raw.log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only on a terminal: node logs usually go to files (dynakv dev, Kubernetes).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = if config.raw.log.format == "json" {
         builder.json().try_init()
     } else {
@@ -376,6 +378,8 @@ pub async fn cluster_status(args: StatusArgs) -> ExitCode {
                     "primary_ownership": m.primary_ownership,
                     "replica_ownership": m.replica_ownership,
                     "metrics_url": m.metrics_url,
+                    "generation": m.generation,
+                    "lifecycle": m.lifecycle,
                 })).collect::<Vec<_>>(),
             })
         ),

@@ -183,8 +183,6 @@ fn nemesis_carts_3_seeds_1_to_8() {
 /// Same seed, same run: the history, the schedule and the final storage are identical, also
 /// when other runs came first in the same process.
 #[test]
-#[ignore = "needs the node change in docs/testing.md, section Determinism: `biased;` in every \
-            tokio::select! of the node, and a BTreeMap instead of the HashMap in peer.rs"]
 fn same_seed_replays_the_same_history() {
     for (profile, seed) in [("nemesis-mixed", 1), ("nemesis-carts-3", 2)] {
         let a = run(profile, seed, None);
