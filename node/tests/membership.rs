@@ -147,3 +147,77 @@ fn a_killed_and_restarted_node_comes_back_with_a_higher_generation() {
     wait_for_state(&c, &[2], "n1", "alive");
     wait_for_state(&c, &[2], "n2", "alive");
 }
+
+#[test]
+fn with_hints_disabled_anti_entropy_alone_makes_a_returning_node_identical() {
+    // Four nodes, n=3: a dead primary's writes would go to a fallback as hints, but the bound is
+    // 0, so every hint is refused (and counted) and only anti-entropy can bring it up.
+    let mut c = ClusterSpec::new(4)
+        .n(3)
+        .config_yaml(&format!(
+            "{FAST_GOSSIP}hints:\n  max_per_target: 0\nanti_entropy:\n  interval_ms: 500\n"
+        ))
+        .start();
+    c.kill(3);
+    wait_for_state(&c, &[0, 1, 2], "n4", "down");
+    for k in 0..40 {
+        let put = c.cli_at(
+            k % 3,
+            &["put", &format!("ae-only-{k}"), &format!("v{k}"), "-w", "2"],
+        );
+        put.ok();
+    }
+    let dropped: f64 = (0..3)
+        .filter_map(|i| metric_value(&c.metrics(i), "dynakv_hints_dropped_total", &["full"]))
+        .sum();
+    let stored: f64 = (0..3)
+        .filter_map(|i| metric_value(&c.metrics(i), "dynakv_hints_stored_total", &[]))
+        .sum();
+    assert!(
+        dropped > 0.0,
+        "no hint was refused: the test wrote nothing for n4"
+    );
+    assert_eq!(stored, 0.0, "a hint was stored past a bound of 0");
+    let roots = c.cli(&["cluster", "roots"]);
+    assert_eq!(
+        roots.json["identical"], false,
+        "n4 missed writes: {roots:?}"
+    );
+
+    c.restart(3);
+    wait_until(
+        "every pair of replicas to be identical",
+        Duration::from_secs(60),
+        || (c.cli(&["cluster", "roots"]).json["identical"] == true).then_some(()),
+    );
+    // What n4 holds came by anti-entropy: it answers alone for keys it replicates.
+    for i in 0..3 {
+        c.kill(i);
+    }
+    let status_keys = metric_value(&c.metrics(3), "dynakv_keys_stored", &[]).unwrap_or(0.0);
+    assert!(status_keys > 0.0, "n4 holds nothing");
+    // Strict R=ONE on n4 alone: a key n4 replicates answers from its own copy, which must be
+    // there; any other key has no live primary (UNAVAILABLE).
+    let mut read = 0;
+    for k in 0..40 {
+        let get = c.cli_at(
+            3,
+            &["get", &format!("ae-only-{k}"), "-r", "ONE", "--strict"],
+        );
+        if get.code == 0 {
+            assert_eq!(
+                get.texts(),
+                [format!("v{k}")],
+                "n4 lacks ae-only-{k}: {get:?}"
+            );
+            read += 1;
+        } else {
+            assert_eq!(get.error_code(), "UNAVAILABLE", "{get:?}");
+        }
+    }
+    assert!(read > 0, "n4 replicates none of the keys");
+    assert_eq!(
+        read as f64, status_keys,
+        "n4 stores exactly the keys it replicates"
+    );
+}

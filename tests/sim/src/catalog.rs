@@ -27,6 +27,9 @@ pub fn hand_written() -> Vec<Scenario> {
         whole_cluster_power_cut(),
         rolling_restarts(),
         majorities_ring(),
+        paused_node_is_suspected_then_down_then_back(),
+        partition_sides_see_each_other_down_until_healed(),
+        crashed_node_is_down_until_it_restarts(),
     ]
 }
 
@@ -355,4 +358,83 @@ pub fn majorities_ring() -> Scenario {
             Step::Heal,
             Step::wait_ms(2_000),
         ])
+}
+
+/// Gossip's failure detector on a frozen node: suspect first, then down everywhere; while it is
+/// down the coordinator does not wait for it (W=ALL fails, W=QUORUM succeeds); after the pause it
+/// refutes and is alive again, and catches up.
+pub fn paused_node_is_suspected_then_down_then_back() -> Scenario {
+    Scenario::siblings("paused-node-is-suspected-then-down-then-back", 3).steps(vec![
+        Step::await_member("n1", "n3", "alive", 5_000),
+        Step::pause("n3"),
+        Step::await_member("n1", "n3", "suspect", 5_000),
+        Step::await_member("n1", "n3", "down", 10_000),
+        Step::await_member("n2", "n3", "down", 5_000),
+        Step::put(1, "all", "v1").via("n1").level(Level::All),
+        Step::wait_idle(),
+        Step::check(Check::LastFailed { client: 1 }),
+        Step::put(2, "quorum", "w1").via("n1"),
+        Step::wait_idle(),
+        Step::check(Check::LastOk { client: 2 }),
+        Step::Heal,
+        Step::await_member("n1", "n3", "alive", 15_000),
+        Step::await_member("n2", "n3", "alive", 15_000),
+        Step::await_member("n3", "n1", "alive", 15_000),
+        Step::wait_ms(3_000),
+        Step::get(3, "quorum").via("n3").level(Level::One).strict(),
+        Step::wait_idle(),
+        values(3, "quorum", &["w1"]),
+        Step::check(Check::ReplicasEqual {
+            key: "quorum".into(),
+        }),
+    ])
+}
+
+/// Each side of a partition declares the other down (and keeps it in the ring: sloppy writes go
+/// on with hints); after the partition heals, the periodic announcements to down members bring
+/// every node back alive on both sides, and the hinted writes reach their primaries.
+pub fn partition_sides_see_each_other_down_until_healed() -> Scenario {
+    Scenario::siblings("partition-sides-see-each-other-down-until-healed", 5).steps(vec![
+        Step::await_member("n1", "n5", "alive", 5_000),
+        Step::partition(&[&["n1", "n2", "n3"], &["n4", "n5"]]),
+        Step::await_member("n1", "n4", "down", 15_000),
+        Step::await_member("n4", "n1", "down", 15_000),
+        Step::await_member("n5", "n3", "down", 15_000),
+        Step::put(1, "a", "a1").via("n1"),
+        Step::put(2, "b", "b1").via("n2"),
+        Step::put(3, "c", "c1").via("n3"),
+        Step::wait_idle(),
+        Step::check(Check::LastOk { client: 1 }),
+        Step::check(Check::LastOk { client: 2 }),
+        Step::check(Check::LastOk { client: 3 }),
+        Step::Heal,
+        Step::await_member("n1", "n4", "alive", 30_000),
+        Step::await_member("n4", "n1", "alive", 30_000),
+        Step::await_member("n5", "n3", "alive", 30_000),
+        Step::await_member("n2", "n5", "alive", 30_000),
+        Step::wait_ms(5_000),
+        Step::check(Check::ReplicasEqual { key: "a".into() }),
+        Step::check(Check::ReplicasEqual { key: "b".into() }),
+        Step::check(Check::ReplicasEqual { key: "c".into() }),
+    ])
+}
+
+/// A crashed node is declared down; restarted (a new generation), it is alive again and knows the
+/// cluster.
+pub fn crashed_node_is_down_until_it_restarts() -> Scenario {
+    Scenario::siblings("crashed-node-is-down-until-it-restarts", 3).steps(vec![
+        Step::await_member("n1", "n2", "alive", 5_000),
+        Step::crash("n2"),
+        Step::await_member("n1", "n2", "down", 10_000),
+        Step::await_member("n3", "n2", "down", 5_000),
+        Step::put(1, "k", "v1").via("n1"),
+        Step::wait_idle(),
+        Step::check(Check::LastOk { client: 1 }),
+        Step::restart("n2"),
+        Step::await_member("n1", "n2", "alive", 10_000),
+        Step::await_member("n2", "n1", "alive", 10_000),
+        Step::await_member("n2", "n3", "alive", 10_000),
+        Step::wait_ms(3_000),
+        Step::check(Check::ReplicasEqual { key: "k".into() }),
+    ])
 }

@@ -92,6 +92,8 @@ pub struct Shared {
     pub backends: BTreeMap<String, MemoryBackend>,
     /// Where each value has been seen stored (see [`crate::oracle`]).
     pub dot_index: RefCell<DotIndex>,
+    /// Each node's gossip view as the member watcher last read it: observer -> member -> state.
+    pub members: RefCell<BTreeMap<String, BTreeMap<String, String>>>,
 }
 
 /// A client's connections and what it remembers of each key.
@@ -377,5 +379,38 @@ pub async fn command_client(
         let mut q = queue.borrow_mut();
         q.last_op = Some(id);
         q.busy = false;
+    }
+}
+
+/// How often the member watcher asks every node for its view.
+pub const MEMBER_POLL_MS: u64 = 100;
+
+/// The body of the member watcher host: reads every node's `Admin.ClusterStatus` (what its
+/// gossip knows) every [`MEMBER_POLL_MS`] into [`Shared::members`], forever. A node that does
+/// not answer keeps its last view.
+pub async fn member_watcher(nodes: Vec<String>, shared: Rc<Shared>) -> turmoil::Result {
+    use dynakv_node::proto::ClusterStatusRequest;
+    use dynakv_node::proto::admin_client::AdminClient;
+    let clients: Vec<(String, AdminClient<Channel>)> = nodes
+        .iter()
+        .map(|n| (n.clone(), AdminClient::new(crate::net::client_channel(n))))
+        .collect();
+    loop {
+        for (node, client) in &clients {
+            let mut client = client.clone();
+            let asked = client.cluster_status(ClusterStatusRequest {});
+            if let Ok(Ok(status)) =
+                tokio::time::timeout(Duration::from_millis(MEMBER_POLL_MS), asked).await
+            {
+                let view = status
+                    .into_inner()
+                    .members
+                    .into_iter()
+                    .map(|m| (m.id, m.state))
+                    .collect();
+                shared.members.borrow_mut().insert(node.clone(), view);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(MEMBER_POLL_MS)).await;
     }
 }

@@ -419,6 +419,7 @@ impl Harness {
                 .map(|n| (n.name.clone(), n.backend.clone()))
                 .collect(),
             dot_index: RefCell::new(Default::default()),
+            members: RefCell::new(Default::default()),
         });
 
         let mut clients = Vec::new();
@@ -441,6 +442,13 @@ impl Harness {
             );
             queues.insert(name.clone(), queue);
             clients.push(name);
+        }
+        if scenario.watches_members() {
+            sim.client(
+                "watch",
+                crate::client::member_watcher(names.clone(), shared.clone()),
+            );
+            clients.push("watch".to_string());
         }
         let mut controls = Vec::new();
         if let Some(spec) = &scenario.workload {
@@ -731,6 +739,52 @@ impl Harness {
                     strict: op.strict,
                     ctx: op.ctx,
                 });
+            }
+            Step::AwaitMember {
+                observer,
+                member,
+                state,
+                within_ms,
+            } => {
+                self.node_index(observer)?;
+                self.node_index(member)?;
+                let start = self.now_ms();
+                let mut seen: Vec<(u64, String)> = Vec::new();
+                loop {
+                    let now = self
+                        .shared
+                        .members
+                        .borrow()
+                        .get(observer)
+                        .and_then(|v| v.get(member).cloned());
+                    if let Some(now) = now {
+                        if seen.last().map(|(_, s)| s) != Some(&now) {
+                            seen.push((self.now_ms() - start, now.clone()));
+                        }
+                        if now == *state {
+                            break;
+                        }
+                    }
+                    if self.now_ms() - start > *within_ms {
+                        let seen: Vec<String> =
+                            seen.iter().map(|(t, s)| format!("{s} at +{t}ms")).collect();
+                        self.violations.push(Violation::new(
+                            Invariant::Assertion,
+                            "",
+                            format!(
+                                "{step} failed: {observer} saw {member} as [{}]",
+                                seen.join(", ")
+                            ),
+                            vec![],
+                        ));
+                        break;
+                    }
+                    self.tick()?;
+                }
+                self.log(format!(
+                    "{observer} sees {member} {state} after {} ms",
+                    self.now_ms() - start
+                ));
             }
             Step::Wait(Wait::Ms(ms)) => self.run_for(*ms)?,
             Step::Wait(Wait::Idle) => self.wait_idle()?,

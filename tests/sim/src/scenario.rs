@@ -104,6 +104,15 @@ pub enum Step {
     },
     /// A client operation (see [`Step::put`], [`Step::get`], [`Step::delete`]).
     Op(ClientOp),
+    /// Waits until `observer`'s gossip (its `Admin.ClusterStatus`, polled by a watcher host)
+    /// holds `member` in `state` ("alive", "suspect", "down"); a violation if that takes longer
+    /// than `within_ms`. The states seen meanwhile are reported.
+    AwaitMember {
+        observer: String,
+        member: String,
+        state: String,
+        within_ms: u64,
+    },
     Wait(Wait),
     Assert(Check),
 }
@@ -162,6 +171,15 @@ impl Step {
 
     pub fn wait_idle() -> Step {
         Step::Wait(Wait::Idle)
+    }
+
+    pub fn await_member(observer: &str, member: &str, state: &str, within_ms: u64) -> Step {
+        Step::AwaitMember {
+            observer: observer.to_string(),
+            member: member.to_string(),
+            state: state.to_string(),
+            within_ms,
+        }
     }
 
     pub fn check(check: Check) -> Step {
@@ -255,6 +273,15 @@ impl fmt::Display for Step {
                     op.ctx
                 )
             }
+            Step::AwaitMember {
+                observer,
+                member,
+                state,
+                within_ms,
+            } => write!(
+                f,
+                "AwaitMember({observer} sees {member} {state}, within {within_ms}ms)"
+            ),
             Step::Wait(Wait::Ms(ms)) => write!(f, "Wait({ms}ms)"),
             Step::Wait(Wait::Idle) => write!(f, "Wait(idle)"),
             Step::Assert(c) => write!(f, "Assert({c:?})"),
@@ -317,6 +344,13 @@ impl Scenario {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Whether it waits on gossip's view (then a watcher host polls every node's status).
+    pub fn watches_members(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| matches!(s, Step::AwaitMember { .. }))
     }
 
     /// The command clients its operations use.

@@ -59,6 +59,21 @@ fn hand_written(name: &str) {
 }
 
 #[test]
+fn paused_node_is_suspected_then_down_then_back() {
+    hand_written("paused-node-is-suspected-then-down-then-back");
+}
+
+#[test]
+fn partition_sides_see_each_other_down_until_healed() {
+    hand_written("partition-sides-see-each-other-down-until-healed");
+}
+
+#[test]
+fn crashed_node_is_down_until_it_restarts() {
+    hand_written("crashed-node-is-down-until-it-restarts");
+}
+
+#[test]
 fn quorum_write_then_read() {
     hand_written("quorum-write-then-read");
 }
