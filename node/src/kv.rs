@@ -262,6 +262,11 @@ impl KvService {
                 Ok(Ok((context, receipt))) => {
                     return Ok((context.to_vec(), receipt.unwrap_or_default()));
                 }
+                // Never reached it (no connection): the next replica may coordinate.
+                Ok(Err(s)) if is_transport_error(&s) && crate::net::never_sent(&s) => {
+                    failures.push(format!("{replica} unreachable"));
+                    continue;
+                }
                 Ok(Err(s)) if s.code() == Code::Unavailable && is_transport_error(&s) => {
                     return Err(Status::unavailable(format!(
                         "replica {replica} stopped answering while coordinating the write; it \

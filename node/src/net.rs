@@ -2,29 +2,96 @@
 //! own listen IP, so faults can be injected per node on one machine) or, in the deterministic
 //! simulation, the simulator's TCP.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The start of the message of every status of a call that failed because no connection could be
+/// made (refused, unreachable, timed out): such a call certainly never reached the peer.
+pub const NOT_CONNECTED: &str = "not connected";
+
+/// A connection attempt failed: nothing was sent. Connectors (the real one below and the
+/// simulation's) return this, so a call's status tells "never sent" apart from "sent, and the
+/// connection broke" (see [`never_sent`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{NOT_CONNECTED} to {address}: {source}")]
+pub struct NotConnected {
+    pub address: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Whether a failed call certainly never left this node: the channel could not connect. Any
+/// other transport failure (a connection that broke, a reset stream) may have delivered it.
+pub fn never_sent(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable && status.message().starts_with(NOT_CONNECTED)
+}
+
+/// Dials `uri` over TCP from `local_ip` (when given) within `timeout`.
+async fn dial_tcp(
+    uri: Uri,
+    local_ip: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<TokioIo<tokio::net::TcpStream>, NotConnected> {
+    let address = format!(
+        "{}:{}",
+        uri.host().unwrap_or_default(),
+        uri.port_u16().unwrap_or(80)
+    );
+    let fail = |source| NotConnected {
+        address: address.clone(),
+        source,
+    };
+    let connect = async {
+        let target = tokio::net::lookup_host(address.as_str())
+            .await?
+            .next()
+            .ok_or_else(|| std::io::Error::other("the address resolves to nothing"))?;
+        let socket = match target {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        if let Some(ip) = local_ip.filter(|ip| ip.is_ipv4() == target.is_ipv4()) {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        let stream = socket.connect(target).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    };
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(stream)) => Ok(TokioIo::new(stream)),
+        Ok(Err(e)) => Err(fail(e)),
+        Err(_) => Err(fail(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        ))),
+    }
+}
 
 type MakeChannel = dyn Fn(Endpoint) -> Channel + Send + Sync;
 
 /// Opens lazily-connecting gRPC channels to peer addresses.
 #[derive(Clone)]
 pub struct Connector {
-    local_ip: Option<IpAddr>,
-    connect_timeout: Duration,
+    /// Set on the endpoint for custom transports; the TCP dialer applies its own.
+    connect_timeout: Option<Duration>,
     make: Arc<MakeChannel>,
 }
 
 impl Connector {
-    /// Real TCP; outgoing connections are bound to `local_ip` when given.
+    /// Real TCP; outgoing connections are bound to `local_ip` when given. A failed connection
+    /// attempt is a [`NotConnected`].
     pub fn tcp(local_ip: Option<IpAddr>, connect_timeout: Duration) -> Connector {
         Connector {
-            local_ip,
-            connect_timeout,
-            make: Arc::new(|endpoint: Endpoint| endpoint.connect_lazy()),
+            connect_timeout: None,
+            make: Arc::new(move |endpoint: Endpoint| {
+                endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
+                    dial_tcp(uri, local_ip, connect_timeout)
+                }))
+            }),
         }
     }
 
@@ -35,8 +102,7 @@ impl Connector {
         make: impl Fn(Endpoint) -> Channel + Send + Sync + 'static,
     ) -> Connector {
         Connector {
-            local_ip: None,
-            connect_timeout,
+            connect_timeout: Some(connect_timeout),
             make: Arc::new(make),
         }
     }
@@ -49,10 +115,11 @@ impl Connector {
             // address fails every call, which is the honest outcome.
             Err(_) => Endpoint::from_static("http://0.0.0.0:1"),
         };
+        let endpoint = match self.connect_timeout {
+            Some(t) => endpoint.connect_timeout(t),
+            None => endpoint,
+        };
         let endpoint = endpoint
-            .local_address(self.local_ip)
-            .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(3))
             .keep_alive_while_idle(true)

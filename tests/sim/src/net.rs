@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use dynakv_node::net::Connector;
+use dynakv_node::net::{Connector, NotConnected};
 use dynakv_node::node::WallClock;
 use futures::Stream;
 use hyper_util::rt::TokioIo;
@@ -71,15 +71,18 @@ pub fn incoming(
     })
 }
 
-/// Dials `uri` (`http://host:port`) over the simulated network.
-async fn dial(uri: Uri) -> io::Result<TokioIo<SimStream>> {
-    let host = uri
-        .host()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "uri without a host"))?
-        .to_string();
+/// Dials `uri` (`http://host:port`) over the simulated network. A failed attempt is the node's
+/// [`NotConnected`], as on real TCP.
+async fn dial(uri: Uri) -> Result<TokioIo<SimStream>, NotConnected> {
+    let host = uri.host().unwrap_or_default().to_string();
     let port = uri.port_u16().unwrap_or(80);
-    let stream = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
-    Ok(TokioIo::new(SimStream(stream)))
+    match turmoil::net::TcpStream::connect((host.as_str(), port)).await {
+        Ok(stream) => Ok(TokioIo::new(SimStream(stream))),
+        Err(source) => Err(NotConnected {
+            address: format!("{host}:{port}"),
+            source,
+        }),
+    }
 }
 
 /// A lazily connecting channel over the simulated network, from a configured endpoint.
