@@ -19,7 +19,7 @@
 //! the indirect probes through `k` other nodes and from the refutable suspicion stage. The
 //! detection time is a function of configuration only: about one probe period until some node
 //! probes the dead member, plus the suspicion timeout, plus O(log n) gossip rounds to tell
-//! everyone (docs/gossip-figures.md has measured numbers).
+//! everyone (docs/benchmarks.md, "Gossip at scale", has measured numbers).
 //!
 //! The "heartbeat counter" of heartbeat-gossip designs (Cassandra, Scuttlebutt) is, here, the
 //! probe's ack: liveness evidence is gathered first-hand by probing instead of by gossiping
@@ -2273,23 +2273,23 @@ mod tests {
     }
 
     /// Join and death spread, and false suspicions under loss, at 16, 128 and 1,024 nodes: the
-    /// figures of docs/gossip-figures.md. Seeded; each prints two Markdown table rows.
+    /// figures of docs/benchmarks.md, "Gossip at scale". Seeded; each prints two Markdown table rows.
     ///
     /// `cargo test -p dynakv-core --release gossip_at_scale -- --ignored --nocapture --test-threads 1`
     #[test]
-    #[ignore = "an experiment (minutes in release mode): docs/gossip-figures.md"]
+    #[ignore = "an experiment (minutes in release mode): docs/benchmarks.md, Gossip at scale"]
     fn gossip_at_scale_16() {
         scale_report(16, 32 * 60, 4 * 60, 8);
     }
 
     #[test]
-    #[ignore = "an experiment (minutes in release mode): docs/gossip-figures.md"]
+    #[ignore = "an experiment (minutes in release mode): docs/benchmarks.md, Gossip at scale"]
     fn gossip_at_scale_128() {
         scale_report(128, 4 * 60, 30, 8);
     }
 
     #[test]
-    #[ignore = "an experiment (minutes in release mode): docs/gossip-figures.md"]
+    #[ignore = "an experiment (minutes in release mode): docs/benchmarks.md, Gossip at scale"]
     fn gossip_at_scale_1024() {
         scale_report(1024, 6, 6, 4);
     }
