@@ -141,6 +141,11 @@ impl Hints {
             .collect()
     }
 
+    /// The bound on hints per target (0: hints are disabled).
+    pub fn max_per_target(&self) -> u64 {
+        self.config.max_per_target
+    }
+
     pub fn max_age_ms(&self) -> u64 {
         self.config.max_age_ms
     }

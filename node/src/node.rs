@@ -653,28 +653,34 @@ impl Node {
                         .sloppy
                         .then(|| fallbacks.by_ref().find(|f| *f != self.id))
                         .flatten();
-                    if let Some(f) = fallback {
-                        tracker.asked(f.clone());
-                        calls.push(send(Sent {
-                            node: f,
-                            hint_for: Some(primary),
-                        }));
+                    match fallback {
+                        Some(f) => {
+                            tracker.asked(f.clone());
+                            calls.push(send(Sent {
+                                node: f,
+                                hint_for: Some(primary),
+                            }));
+                        }
+                        // No node left to stand in: the coordinator keeps the hint itself.
+                        None => self.hint_locally(primary, &stored_key, &clock),
                     }
                     tracker.register_failure(&sent.node, why);
                 }
             }
         };
         // The slower replicas still get the write, until the deadline; a primary that fails now
-        // is repaired by a targeted anti-entropy exchange.
+        // gets a local hint and a targeted anti-entropy exchange.
         if !calls.is_empty() {
             match self.background.clone().try_acquire_owned() {
                 Ok(permit) => {
                     let this = self.clone();
+                    let (stored_key, clock) = (stored_key.clone(), clock.clone());
                     tokio::spawn(async move {
                         while let Some((sent, result)) = calls.next().await {
                             if classify(result).is_err() {
                                 let primary = sent.hint_for.unwrap_or(sent.node);
                                 this.trees.queue(&primary, Some(segment));
+                                this.hint_locally(primary, &stored_key, &clock);
                             }
                         }
                         drop(permit);
@@ -698,6 +704,31 @@ impl Node {
             Vote::Lost(e) => Err(self.quorum_error(e)),
             Vote::Pending => Err(CoordinatorError::Quorum(tracker.error())),
         }
+    }
+
+    /// Keeps a hint for `primary` on this node, the coordinator, when no fallback took the
+    /// write for it (every fallback failed, none exists as with n = the cluster size, or the
+    /// request was strict), as Cassandra's coordinators do. It does not count toward W; it only
+    /// brings the write to `primary` as soon as gossip sees it back, instead of at the targeted
+    /// anti-entropy exchange already queued for it. Stored in the background, within the bound on
+    /// background work and the hint queue bounds.
+    fn hint_locally(self: &Arc<Self>, primary: NodeId, stored_key: &[u8], clock: &Clock) {
+        if primary == self.id || self.hints.max_per_target() == 0 {
+            return;
+        }
+        let Ok(permit) = self.background.clone().try_acquire_owned() else {
+            return;
+        };
+        let this = self.clone();
+        let (stored_key, clock) = (stored_key.to_vec(), clock.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) =
+                crate::hints::store_hint(&this, primary.clone(), &stored_key, clock).await
+            {
+                tracing::debug!(%primary, error = %e, "no local hint; anti-entropy will repair");
+            }
+        });
     }
 
     /// Coordinates a read.

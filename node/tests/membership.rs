@@ -247,3 +247,48 @@ fn a_write_forwarded_to_a_replica_that_just_died_goes_to_the_next_replica() {
     let get = c.cli_at(0, &["get", &key, "-r", "2"]).ok();
     assert!(get.texts().contains(&"v1".to_string()), "{get:?}");
 }
+
+#[test]
+fn with_one_of_three_nodes_down_quorum_writes_succeed_and_reach_it_by_coordinator_hints() {
+    // Three nodes, n=3: no fallback exists, so the coordinator keeps the hint for the dead
+    // replica itself. Anti-entropy is off: only hints can bring the writes to n3.
+    let mut c = ClusterSpec::new(3)
+        .config_yaml(&format!("{FAST_GOSSIP}anti_entropy:\n  enabled: false\n"))
+        .start();
+    c.kill(2);
+    wait_for_state(&c, &[0, 1], "n3", "down");
+    for k in 0..20 {
+        c.cli_at(
+            k % 2,
+            &["put", &format!("hinted-{k}"), &format!("v{k}"), "-w", "2"],
+        )
+        .ok();
+    }
+    wait_until(
+        "the coordinators to hold a hint per write for n3",
+        Duration::from_secs(30),
+        || {
+            let stored: f64 = (0..2)
+                .filter_map(|i| metric_value(&c.metrics(i), "dynakv_hints_stored_total", &[]))
+                .sum();
+            (stored >= 20.0).then_some(())
+        },
+    );
+    c.restart(2);
+    wait_until(
+        "the hints to be handed to n3",
+        Duration::from_secs(60),
+        || {
+            let keys = metric_value(&c.metrics(2), "dynakv_keys_stored", &[]).unwrap_or(0.0);
+            (keys >= 20.0).then_some(())
+        },
+    );
+    c.kill(0);
+    c.kill(1);
+    for k in 0..20 {
+        let get = c
+            .cli_at(2, &["get", &format!("hinted-{k}"), "-r", "ONE"])
+            .ok();
+        assert_eq!(get.texts(), [format!("v{k}")], "{get:?}");
+    }
+}
