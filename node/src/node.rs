@@ -110,6 +110,8 @@ pub enum CoordinatorError {
     Deadline(QuorumError),
     #[error("local storage failed: {0}")]
     Storage(#[from] StorageError),
+    #[error("this node is stopping; send the request to another node")]
+    Stopping,
     #[error(
         "the key has {have} siblings and this write would make {would}; the limit is {limit}. \
          Read the key and write with the context the read returned to resolve them"
@@ -129,6 +131,7 @@ impl CoordinatorError {
             CoordinatorError::Quorum(_) => "unavailable",
             CoordinatorError::Deadline(_) => "deadline",
             CoordinatorError::Storage(_) => "storage",
+            CoordinatorError::Stopping => "stopping",
             CoordinatorError::TooManySiblings { .. } => "too_many_siblings",
         }
     }
@@ -201,6 +204,10 @@ pub struct Node {
     pub dot_id: NodeId,
     /// Bounds the background tasks requests leave behind (late replicas, read repair).
     background: Arc<tokio::sync::Semaphore>,
+    /// Writes whose local copy is not durable yet (see [`Node::stop_writes`]).
+    unsynced: std::sync::atomic::AtomicUsize,
+    /// Set by [`Node::stop_writes`]: no new write starts.
+    stopping: std::sync::atomic::AtomicBool,
     view: RwLock<Arc<ClusterView>>,
     clock: Mutex<HybridClock>,
     pub(crate) wall: WallClock,
@@ -227,11 +234,38 @@ pub fn split_data_key(stored: &[u8]) -> Option<(u64, &[u8])> {
     Some((pos, &stored[8..]))
 }
 
-/// Loads the node's dot id from its data directory, or draws and persists one on first start.
+/// [`Table::Meta`] key of the clean-stop marker: `[1]` after a stop in which every write's local
+/// copy became durable ([`Node::stop_writes`]), `[0]` while the node runs.
+const CLEAN_STOP_KEY: &[u8] = b"node.clean_stop";
+
+/// Whether the node's last run ended with a clean stop, and marks this run as running (durably,
+/// before the node serves).
+pub async fn take_clean_stop(store: &Store) -> Result<bool, StorageError> {
+    let clean = store.get(Table::Meta, CLEAN_STOP_KEY)?.as_deref() == Some(&[1][..]);
+    store
+        .put(Table::Meta, CLEAN_STOP_KEY.to_vec(), vec![0])
+        .await?;
+    Ok(clean)
+}
+
+/// Records a clean stop: called once [`Node::stop_writes`] saw every write durable.
+pub async fn record_clean_stop(store: &Store) -> Result<(), StorageError> {
+    store
+        .put(Table::Meta, CLEAN_STOP_KEY.to_vec(), vec![1])
+        .await
+}
+
+/// Loads the node's dot id from its data directory, or draws and persists one on first start
+/// and whenever `fresh` is set. The coordinator sends a new version to the other replicas
+/// while its own copy is being committed, so after a crash the other replicas may hold dots of
+/// this id that its own disk never recorded; a node that did not stop cleanly therefore
+/// coordinates under a new dot id, never reusing a counter another replica may hold for a
+/// different value. (Only unclean stops add an id to version vectors.)
 pub async fn load_dot_id(
     store: &Store,
     node_id: &NodeId,
     wall_ms: u64,
+    fresh: bool,
 ) -> Result<NodeId, StorageError> {
     const KEY: &[u8] = b"node.dot_id";
     let candidate = {
@@ -242,8 +276,10 @@ pub async fn load_dot_id(
     };
     let stored = store
         .update(Table::Meta, KEY.to_vec(), move |current| match current {
-            Some(v) => (None, String::from_utf8(v.to_vec()).ok()),
-            None => (Some(Some(candidate.clone().into_bytes())), Some(candidate)),
+            Some(v) if !fresh || v == candidate.as_bytes() => {
+                (None, String::from_utf8(v.to_vec()).ok())
+            }
+            _ => (Some(Some(candidate.clone().into_bytes())), Some(candidate)),
         })
         .await?;
     stored
@@ -267,6 +303,38 @@ pub async fn next_generation(store: &Store, wall_ms: u64) -> Result<u64, Storage
             (Some(Some(next.to_be_bytes().to_vec())), next)
         })
         .await
+}
+
+/// What the write coordinator waits for next: its own commit, or a replica's reply.
+enum WriteEvent<R> {
+    Local(Result<Result<(), StorageError>, tokio::task::JoinError>),
+    Reply(Option<R>),
+}
+
+/// Counts a write whose local copy is not yet durable while its new version may already be on
+/// other replicas (see [`Node::stop_writes`]). Dropped once the local commit is over.
+struct UnsyncedGuard {
+    node: Arc<Node>,
+}
+
+impl UnsyncedGuard {
+    fn enter(node: &Arc<Node>) -> Result<UnsyncedGuard, CoordinatorError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        node.unsynced.fetch_add(1, SeqCst);
+        let guard = UnsyncedGuard { node: node.clone() };
+        if node.stopping.load(SeqCst) {
+            return Err(CoordinatorError::Stopping);
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for UnsyncedGuard {
+    fn drop(&mut self) {
+        self.node
+            .unsynced
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// A replica call's target and what it stands for: `hint_for` is the primary a fallback covers.
@@ -310,6 +378,8 @@ impl Node {
             configured_ring: view.ring.nodes().to_vec(),
             dot_id,
             background: Arc::new(tokio::sync::Semaphore::new(MAX_BACKGROUND_TASKS)),
+            unsynced: Default::default(),
+            stopping: Default::default(),
             peers,
             metrics,
             view: RwLock::new(Arc::new(view)),
@@ -324,6 +394,22 @@ impl Node {
 
     pub fn n(&self) -> usize {
         self.config.raw.replication.n as usize
+    }
+
+    /// Stops new writes from starting, then waits up to `within` until every started write's
+    /// local copy is durable. Returns whether none is left; only then may the next start keep
+    /// this node's dot id ([`record_clean_stop`]).
+    pub async fn stop_writes(&self, within: std::time::Duration) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.stopping.store(true, SeqCst);
+        let deadline = Instant::now() + within;
+        while self.unsynced.load(SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
     }
 
     /// Whether gossip holds `id` to be down. The coordinator then does not wait for it: its
@@ -536,9 +622,12 @@ impl Node {
         let lww = self.is_lww();
         let limit = self.config.raw.limits.sibling_max;
         let context = req.context;
-        let applied = self
+        // From here until its local copy is durable, this write's dot may be known to other
+        // replicas but not to our own disk; a clean stop waits for that (see `Node::stop_writes`).
+        let unsynced = UnsyncedGuard::enter(self)?;
+        let (applied, durable) = self
             .store
-            .update(Table::Data, stored_key.clone(), move |current| {
+            .update_early(Table::Data, stored_key.clone(), move |current| {
                 let stored = match current.map(Clock::decode).transpose() {
                     Ok(s) => s,
                     Err(e) => {
@@ -574,12 +663,26 @@ impl Node {
             })
             .await?;
         let (clock, encoded, old) = applied?;
-        self.trees.record(
-            primaries.iter().filter(|p| **p != self.id),
-            &stored_key,
-            old.as_deref(),
-            Some(&encoded),
-        );
+        // The local copy becomes durable on its own task, whatever happens to this request; the
+        // Merkle trees learn the write only once it is on disk.
+        let local = {
+            let this = self.clone();
+            let peers: Vec<NodeId> = primaries
+                .iter()
+                .filter(|p| **p != self.id)
+                .cloned()
+                .collect();
+            let (stored_key, encoded) = (stored_key.clone(), encoded.clone());
+            tokio::spawn(async move {
+                let committed = durable.await;
+                if committed.is_ok() {
+                    this.trees
+                        .record(peers.iter(), &stored_key, old.as_deref(), Some(&encoded));
+                }
+                drop(unsynced);
+                committed
+            })
+        };
         let siblings = clock.live_values().count();
         if siblings > self.config.raw.limits.sibling_warn {
             self.metrics.sibling_warnings.inc();
@@ -593,7 +696,6 @@ impl Node {
         let segment = self.trees.segment_of(key_position(&req.key));
         let mut tracker = QuorumTracker::new(QuorumKind::Write, req.w, !req.sloppy);
         tracker.asked(self.id.clone());
-        tracker.register_ack(&self.id, false);
         let mut fallbacks = fallbacks.into_iter();
         let mut hinted: BTreeMap<NodeId, NodeId> = BTreeMap::new();
         let mut calls = FuturesUnordered::new();
@@ -620,6 +722,9 @@ impl Node {
                 (sent, r)
             }
         };
+        // The local commit counts like a replica's durable ack: one more reply to wait for.
+        let mut local = Some(local);
+        let mut local_failed: Option<StorageError> = None;
         for node in primaries.iter().filter(|n| **n != self.id) {
             tracker.asked(node.clone());
             calls.push(send(Sent {
@@ -631,9 +736,38 @@ impl Node {
             if *tracker.vote() != Vote::Pending {
                 break tracker.vote().clone();
             }
-            let (sent, result) = match tokio::time::timeout_at(req.deadline, calls.next()).await {
-                Ok(Some(reply)) => reply,
-                Ok(None) => break tracker.no_more_targets().clone(),
+            let event = tokio::time::timeout_at(req.deadline, async {
+                match local.as_mut() {
+                    Some(handle) if !calls.is_empty() => tokio::select! {
+                        biased;
+                        committed = handle => WriteEvent::Local(committed),
+                        reply = calls.next() => WriteEvent::Reply(reply),
+                    },
+                    Some(handle) => WriteEvent::Local(handle.await),
+                    None => WriteEvent::Reply(calls.next().await),
+                }
+            })
+            .await;
+            let (sent, result) = match event {
+                Ok(WriteEvent::Local(committed)) => {
+                    local = None;
+                    match committed {
+                        Ok(Ok(())) => {
+                            tracker.register_ack(&self.id, false);
+                        }
+                        Ok(Err(e)) => {
+                            local_failed = Some(e);
+                            tracker.register_failure(&self.id, ReplicaFailure::Refused);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "local commit task failed");
+                            tracker.register_failure(&self.id, ReplicaFailure::Refused);
+                        }
+                    }
+                    continue;
+                }
+                Ok(WriteEvent::Reply(Some(reply))) => reply,
+                Ok(WriteEvent::Reply(None)) => break tracker.no_more_targets().clone(),
                 Err(_) => break tracker.deadline_passed().clone(),
             };
             match classify(result) {
@@ -668,6 +802,24 @@ impl Node {
                 }
             }
         };
+        // Lost before our own commit finished (the other replicas failed fast): wait for it, so
+        // the error tells how many copies there are, ours included.
+        if let (Vote::Lost(_), Some(handle)) = (&verdict, local.as_mut())
+            && let Ok(committed) = tokio::time::timeout_at(req.deadline, handle).await
+        {
+            match committed {
+                Ok(Ok(())) => {
+                    tracker.register_ack(&self.id, false);
+                }
+                Ok(Err(e)) => {
+                    local_failed = Some(e);
+                    tracker.register_failure(&self.id, ReplicaFailure::Refused);
+                }
+                Err(_) => {
+                    tracker.register_failure(&self.id, ReplicaFailure::Refused);
+                }
+            }
+        }
         // The slower replicas still get the write, until the deadline; a primary that fails now
         // gets a local hint and a targeted anti-entropy exchange.
         if !calls.is_empty() {
@@ -701,7 +853,11 @@ impl Node {
                 context: encode_context(&clock.join(), self.cluster_tag),
                 receipt,
             }),
-            Vote::Lost(e) => Err(self.quorum_error(e)),
+            // Our own disk failed: say that, not only that the quorum was missed.
+            Vote::Lost(_) | Vote::Pending if local_failed.is_some() => Err(
+                CoordinatorError::Storage(local_failed.unwrap_or(StorageError::Closed)),
+            ),
+            Vote::Lost(_) => Err(self.quorum_error(tracker.error())),
             Vote::Pending => Err(CoordinatorError::Quorum(tracker.error())),
         }
     }
@@ -1088,5 +1244,62 @@ fn classify(result: Result<replica_response::Result, PeerError>) -> Result<(), R
         }
         Ok(_) => Err(ReplicaFailure::Refused),
         Err(e) => Err(e.as_replica_failure()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{MemoryBackend, StoreConfig, StoreMetrics, WriterMode};
+
+    fn open(disk: &MemoryBackend) -> Store {
+        let config = StoreConfig {
+            writer: WriterMode::Task(tokio::runtime::Handle::current()),
+            ..StoreConfig::default()
+        };
+        Store::open(Arc::new(disk.clone()), config, StoreMetrics::new().unwrap()).unwrap()
+    }
+
+    /// A start after a clean stop keeps the dot id; a start after a crash (no clean-stop record)
+    /// draws a new one, so counters the other replicas may hold for writes this disk never
+    /// recorded are never minted again under the same id.
+    #[tokio::test]
+    async fn only_a_clean_stop_keeps_the_dot_id() {
+        let id = NodeId::new("n1").unwrap();
+        let disk = MemoryBackend::new();
+        let store = open(&disk);
+        let clean = take_clean_stop(&store).await.unwrap();
+        assert!(!clean, "a fresh data directory has no clean stop");
+        let first = load_dot_id(&store, &id, 1_000, !clean).await.unwrap();
+        record_clean_stop(&store).await.unwrap();
+        store.close().await;
+        disk.crash();
+
+        let store = open(&disk);
+        let clean = take_clean_stop(&store).await.unwrap();
+        assert!(clean);
+        let kept = load_dot_id(&store, &id, 2_000, !clean).await.unwrap();
+        assert_eq!(kept, first, "a clean stop keeps the id");
+        store.close().await;
+        disk.crash(); // no clean stop recorded this time
+
+        let store = open(&disk);
+        let clean = take_clean_stop(&store).await.unwrap();
+        assert!(!clean, "the run that crashed was marked running");
+        let fresh = load_dot_id(&store, &id, 3_000, !clean).await.unwrap();
+        assert_ne!(fresh, first, "a crash draws a new id");
+        assert!(fresh.as_str().starts_with("n1."), "{fresh}");
+    }
+
+    #[tokio::test]
+    async fn generations_grow_across_starts_whatever_the_clock() {
+        let disk = MemoryBackend::new();
+        let store = open(&disk);
+        let a = next_generation(&store, 5_000).await.unwrap();
+        let b = next_generation(&store, 10).await.unwrap();
+        let c = next_generation(&store, 9_000).await.unwrap();
+        assert_eq!(a, 5_000);
+        assert_eq!(b, 5_001, "a clock that went back does not lower it");
+        assert_eq!(c, 9_000);
     }
 }

@@ -127,7 +127,11 @@ where
         .check_identity(config.node_id.as_str(), &raw.cluster_id)
         .await?;
 
-    let dot_id = crate::node::load_dot_id(&store, &config.node_id, (env.wall)()).await?;
+    let clean = crate::node::take_clean_stop(&store).await?;
+    let dot_id = crate::node::load_dot_id(&store, &config.node_id, (env.wall)(), !clean).await?;
+    if !clean {
+        tracing::info!(%dot_id, "the last run did not stop cleanly: writes coordinated here carry a new dot id");
+    }
     let generation = crate::node::next_generation(&store, (env.wall)()).await?;
     let view = ClusterView::from_members(
         config.members.clone(),
@@ -299,6 +303,13 @@ where
     // Tell a few members this node is going, so the cluster routes around it at once instead
     // of after the suspicion timeout.
     let _ = tokio::time::timeout(Duration::from_millis(500), node.gossip.leave()).await;
+    if node.stop_writes(Duration::from_secs(5)).await {
+        if let Err(e) = crate::node::record_clean_stop(&node.store).await {
+            tracing::warn!(error = %e, "could not record the clean stop");
+        }
+    } else {
+        tracing::warn!("writes still committing at stop: the next start takes a new dot id");
+    }
     let _ = stop_tx.send(true);
     if let Some(t) = metrics_task {
         let _ = t.await;

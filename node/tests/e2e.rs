@@ -1045,9 +1045,9 @@ fn a_fallback_holds_a_hint_for_a_dead_primary_and_hands_it_off_when_it_returns()
 
 #[test]
 fn a_delete_made_while_a_replica_was_down_does_not_come_back_from_it() {
-    // No anti-entropy: the read below is what brings n3 the tombstone.
+    // No anti-entropy and no hints: the read below is what brings n3 the tombstone.
     let mut c = ClusterSpec::new(3)
-        .config_yaml("anti_entropy:\n  enabled: false\n")
+        .config_yaml("anti_entropy:\n  enabled: false\nhints:\n  max_per_target: 0\n")
         .start();
     let value = "x".repeat(2000);
     c.cli(&["put", "gone", &value, "-w", "ALL"]).ok();

@@ -47,7 +47,7 @@ mod tests;
 
 pub use memory::MemoryBackend;
 pub use redb_backend::{RedbBackend, RedbOptions};
-pub use store::{Store, StoreConfig, StoreMetrics, StoreStats, WriterMode};
+pub use store::{Durable, Store, StoreConfig, StoreMetrics, StoreStats, WriterMode};
 
 /// Prefix of the [`Table::Meta`] keys owned by the storage layer itself.
 pub const RESERVED_META_PREFIX: &[u8] = b"storage.";

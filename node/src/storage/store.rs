@@ -176,6 +176,65 @@ where
     }
 }
 
+/// A mutation whose closure result goes back as soon as the closure ran, before the commit; the
+/// commit's outcome follows on `durable` (see [`Store::update_early`]).
+struct EarlyUpdate<F, R> {
+    f: F,
+    early: oneshot::Sender<Outcome<R>>,
+    durable: oneshot::Sender<Result<(), StorageError>>,
+}
+
+impl<F, R> Pending for EarlyUpdate<F, R>
+where
+    F: FnOnce(Option<&[u8]>) -> (Write, R) + Send + 'static,
+    R: Send + 'static,
+{
+    fn apply(self: Box<Self>, current: Option<&[u8]>) -> (Write, Box<dyn Ack>) {
+        let EarlyUpdate { f, early, durable } = *self;
+        match catch_unwind(AssertUnwindSafe(|| f(current))) {
+            Ok((write, result)) => {
+                let _ = early.send(Outcome::Done(result));
+                (write, Box::new(DurableReply { durable }))
+            }
+            Err(panic) => {
+                let _ = early.send(Outcome::Panicked(panic));
+                (None, Box::new(DurableReply { durable }))
+            }
+        }
+    }
+
+    fn fail(self: Box<Self>, error: StorageError) {
+        let _ = self.durable.send(Err(error.clone()));
+        let _ = self.early.send(Outcome::Error(error));
+    }
+}
+
+struct DurableReply {
+    durable: oneshot::Sender<Result<(), StorageError>>,
+}
+
+impl Ack for DurableReply {
+    fn complete(self: Box<Self>, commit: Result<(), StorageError>) {
+        let _ = self.durable.send(commit);
+    }
+}
+
+/// Resolves once the batch holding an [`Store::update_early`] mutation is committed durably.
+pub struct Durable(oneshot::Receiver<Result<(), StorageError>>);
+
+impl std::future::Future for Durable {
+    type Output = Result<(), StorageError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(StorageError::Closed)))
+    }
+}
+
 struct Reply<R> {
     reply: oneshot::Sender<Outcome<R>>,
     result: R,
@@ -305,6 +364,41 @@ impl Store {
     {
         check_not_reserved(table, &key)?;
         self.submit(table, key, f).await
+    }
+
+    /// [`Store::update`], answering as soon as `f` ran on the writer, before its batch is
+    /// committed: the result comes with a [`Durable`] that resolves once the batch is on disk
+    /// (or fails). Until then the mutation may still be lost (a crash, a failed commit), and
+    /// reads do not see it. The coordinator uses this to send a new version to the other replicas
+    /// while its own copy is being made durable.
+    pub async fn update_early<F, R>(
+        &self,
+        table: Table,
+        key: Vec<u8>,
+        f: F,
+    ) -> Result<(R, Durable), StorageError>
+    where
+        F: FnOnce(Option<&[u8]>) -> (Option<Option<Vec<u8>>>, R) + Send + 'static,
+        R: Send + 'static,
+    {
+        check_not_reserved(table, &key)?;
+        if let Some(error) = self.shared.failed_error() {
+            return Err(error);
+        }
+        let sender = self.sender.as_ref().ok_or(StorageError::Closed)?;
+        let (early, answer) = oneshot::channel();
+        let (durable, committed) = oneshot::channel();
+        let op = Box::new(EarlyUpdate { f, early, durable });
+        sender
+            .send(Request { table, key, op })
+            .await
+            .map_err(|_| StorageError::Closed)?;
+        match answer.await {
+            Ok(Outcome::Done(result)) => Ok((result, Durable(committed))),
+            Ok(Outcome::Error(error)) => Err(error),
+            Ok(Outcome::Panicked(panic)) => resume_unwind(panic),
+            Err(_) => Err(StorageError::Closed),
+        }
     }
 
     /// Puts `value` under `key`; resolves once durable.

@@ -1195,3 +1195,61 @@ mod properties {
         }
     }
 }
+
+#[tokio::test]
+async fn an_early_update_answers_before_its_commit_and_is_lost_if_the_commit_never_happens() {
+    let disk = MemoryBackend::new();
+    let store = memory_store(&disk).await;
+    let (seen, durable) = store
+        .update_early(Table::Data, b"k".to_vec(), |current| {
+            (Some(Some(b"v1".to_vec())), current.is_none())
+        })
+        .await
+        .unwrap();
+    assert!(seen, "the closure saw no earlier value");
+    durable.await.unwrap();
+    assert_eq!(
+        store.get(Table::Data, b"k").unwrap().as_deref(),
+        Some(&b"v1"[..]),
+        "durable means committed and readable"
+    );
+    // A refused update (nothing to write) is durable at once and changes nothing.
+    let (_, durable) = store
+        .update_early(Table::Data, b"k".to_vec(), |_| (None, ()))
+        .await
+        .unwrap();
+    durable.await.unwrap();
+    assert_eq!(
+        store.get(Table::Data, b"k").unwrap().as_deref(),
+        Some(&b"v1"[..])
+    );
+    store.close().await;
+    disk.crash();
+    let store = memory_store(&disk).await;
+    assert_eq!(
+        store.get(Table::Data, b"k").unwrap().as_deref(),
+        Some(&b"v1"[..]),
+        "what Durable confirmed survives a crash"
+    );
+}
+
+#[tokio::test]
+async fn an_early_update_of_a_failed_store_reports_the_failure() {
+    let disk = MemoryBackend::new();
+    let store = memory_store(&disk).await;
+    disk.set_fail_commits(true);
+    let (_, durable) = store
+        .update_early(Table::Data, b"k".to_vec(), |_| {
+            (Some(Some(b"v".to_vec())), ())
+        })
+        .await
+        .unwrap();
+    assert!(durable.await.is_err(), "a failed commit is not durable");
+    assert!(
+        store
+            .update_early(Table::Data, b"k".to_vec(), |_| (None, ()))
+            .await
+            .is_err(),
+        "a failed store takes no more updates"
+    );
+}
