@@ -383,6 +383,7 @@ impl Driver {
                     }
                 },
                 Some(packet) = inbound.recv() => {
+                    tracing::trace!(node = %self.node_id, bytes = packet.len(), "gossip packet in");
                     let effects = self.engine.handle_packet(&packet, self.now());
                     self.execute(effects);
                 }
@@ -421,6 +422,7 @@ impl Driver {
 
     fn send(&mut self, to: NodeId, address: Arc<str>, payload: Bytes) {
         let Ok(permit) = self.sends.clone().try_acquire_owned() else {
+            tracing::trace!(node = %self.node_id, peer = %to, "gossip send dropped: too many in flight");
             self.stats.packets_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         };
@@ -437,6 +439,7 @@ impl Driver {
         let timeout = self.send_timeout;
         let max_message = self.max_message;
         let stats = self.stats.clone();
+        tracing::trace!(node = %self.node_id, peer = %to, bytes = request.payload.len(), "gossip send");
         tokio::spawn(async move {
             let _permit = permit;
             let mut client = GossipClient::new(channel)

@@ -958,23 +958,39 @@ impl Membership {
     /// publishes a snapshot if anything a snapshot shows may have changed.
     fn drain(&mut self, cause: Cause, out: &mut Vec<Effect>) {
         let mut may_have_changed = false;
-        while let Some((to, packet)) = self.runtime.to_send() {
-            self.stats.packets_sent += 1;
-            out.push(Effect::SendTo {
-                to: to.id.clone(),
-                address: to.address.clone(),
-                packet,
-            });
-        }
-        while let Some((after, timer)) = self.runtime.to_schedule() {
-            let token = self.schedule(after, TimerKind::Foca(timer));
-            out.push(Effect::ScheduleTimer { after, token });
-        }
-        while let Some(notification) = self.runtime.to_notify() {
-            may_have_changed = true;
-            if let OwnedNotification::Rejoin(_) = notification {
-                self.stats.rejoins += 1;
+        loop {
+            while let Some((to, packet)) = self.runtime.to_send() {
+                self.stats.packets_sent += 1;
+                out.push(Effect::SendTo {
+                    to: to.id.clone(),
+                    address: to.address.clone(),
+                    packet,
+                });
             }
+            while let Some((after, timer)) = self.runtime.to_schedule() {
+                let token = self.schedule(after, TimerKind::Foca(timer));
+                out.push(Effect::ScheduleTimer { after, token });
+            }
+            let mut rejoined = false;
+            while let Some(notification) = self.runtime.to_notify() {
+                may_have_changed = true;
+                if let OwnedNotification::Rejoin(_) = notification {
+                    self.stats.rejoins += 1;
+                    rejoined = true;
+                }
+            }
+            if !rejoined {
+                break;
+            }
+            // foca rejoined under a renewed identity (the cluster had declared this node down).
+            // Like `set_local_metadata`'s change of identity, that leaves it disconnected, every
+            // periodic timer cancelled, until some packet applies an update; when every node
+            // renews at once (both sides of a healed partition) none ever comes and gossip stops
+            // for good (found by the simulation). An empty apply re-evaluates the connection now;
+            // what it sends and schedules is drained by the next pass.
+            let _ = self
+                .foca
+                .apply_many(std::iter::empty(), false, &mut self.runtime);
         }
         let encodes = self.member_encodes.load(Ordering::Relaxed);
         if encodes != self.encodes_seen {
@@ -2061,6 +2077,62 @@ mod tests {
         sim.cut.clear();
         sim.run_until(ms(100), Duration::from_secs(120), Sim::converged)
             .expect("everyone alive again after the partition heals");
+    }
+
+    /// A node the cluster declared down renews its identity and rejoins; foca then sits
+    /// disconnected, its periodic timers cancelled, until a packet applies an update. Were every
+    /// node to renew at once, none would come: the engine must go on probing by itself.
+    #[test]
+    fn a_rejoined_node_goes_on_probing_without_waiting_for_a_packet() {
+        // Two sides of two: after the heal, a node learns it was declared down from a member it
+        // holds down itself, rejoins, and still has its own side as active members (so the
+        // join retry, which only speaks when no member is left, does not help).
+        for seed in 0..20 {
+            let mut sim = Sim::cluster(seed, 4, GossipConfig::lan());
+            for a in 0..2 {
+                for b in 2..4 {
+                    sim.cut.insert((a, b));
+                    sim.cut.insert((b, a));
+                }
+            }
+            sim.run_until(ms(100), Duration::from_secs(60), |s| {
+                (0..2).all(|a| {
+                    (2..4).all(|b| {
+                        s.slots[a].snapshot.state_of(&id(b)) == Some(MemberState::Down)
+                            && s.slots[b].snapshot.state_of(&id(a)) == Some(MemberState::Down)
+                    })
+                })
+            })
+            .expect("both sides declare the other down");
+            sim.cut.clear();
+            sim.run_until(ms(1), Duration::from_secs(60), |s| {
+                s.slots.iter().any(|slot| slot.engine.stats().rejoins > 0)
+            })
+            .expect("someone learns it was declared down and rejoins");
+            // From the moment of the rejoin nothing reaches anyone: a connected engine still
+            // probes (its probes are lost); a stalled one says nothing at all.
+            for a in 0..4 {
+                for b in 0..4 {
+                    if a != b {
+                        sim.cut.insert((a, b));
+                    }
+                }
+            }
+            let rejoined: Vec<usize> = (0..4)
+                .filter(|&i| sim.slots[i].engine.stats().rejoins > 0)
+                .collect();
+            let before: Vec<u64> = rejoined
+                .iter()
+                .map(|&i| sim.slots[i].engine.stats().packets_sent)
+                .collect();
+            sim.run_for(Duration::from_secs(10));
+            for (k, &i) in rejoined.iter().enumerate() {
+                assert!(
+                    sim.slots[i].engine.stats().packets_sent > before[k],
+                    "seed {seed}: node {i} went silent after rejoining"
+                );
+            }
+        }
     }
 
     #[test]

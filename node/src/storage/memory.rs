@@ -23,6 +23,8 @@ struct Disk {
     fail_commits: bool,
     /// The live image holds commits the durable one lacks.
     unsynced: bool,
+    /// See [`Backend::simulated_commit_latency`].
+    commit_latency: std::time::Duration,
     commits: u64,
 }
 
@@ -56,6 +58,12 @@ impl MemoryBackend {
         self.disk().fail_commits = on;
     }
 
+    /// Every commit takes this long in simulated time (a task writer waits before committing),
+    /// so a crash can fall between a batch's apply and its commit, as on a real disk.
+    pub fn set_commit_latency(&self, latency: std::time::Duration) {
+        self.disk().commit_latency = latency;
+    }
+
     /// Simulates a power cut: the live image is replaced by the durable one. Nothing that was not
     /// synced survives. A store running on this backend must be closed or dropped first.
     pub fn crash(&self) {
@@ -84,6 +92,10 @@ fn apply(image: &mut Image, batch: &[WriteOp]) {
 }
 
 impl Backend for MemoryBackend {
+    fn simulated_commit_latency(&self) -> std::time::Duration {
+        self.disk().commit_latency
+    }
+
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self.disk().live[table.index()].get(key).cloned())
     }

@@ -180,6 +180,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
 
     /// Applies the whole batch atomically, in order, and returns only once it is durable.
     fn commit(&self, batch: &[WriteOp]) -> Result<(), StorageError>;
+
+    /// How long a commit takes in simulated time: a store whose writer is a task
+    /// ([`WriterMode::Task`]) waits this long (tokio time) between applying a batch and
+    /// committing it, as a disk's fsync would make it. Zero for real disks, whose commits take
+    /// the time they take.
+    fn simulated_commit_latency(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// Errors of the storage layer. Variant names are stable: [`StorageError::label`] gives them as

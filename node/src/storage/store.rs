@@ -659,6 +659,14 @@ struct Writer {
     save_bytes: bool,
 }
 
+/// A batch applied to the overlay, waiting for its commit.
+struct Batch {
+    ops: Vec<WriteOp>,
+    acks: Vec<Box<dyn Ack>>,
+    stats: StoreStats,
+    mutations: usize,
+}
+
 impl Writer {
     fn run_blocking(mut self, mut receiver: mpsc::Receiver<Request>, done: oneshot::Sender<()>) {
         while let Some(first) = receiver.blocking_recv() {
@@ -669,7 +677,14 @@ impl Writer {
 
     async fn run_async(mut self, mut receiver: mpsc::Receiver<Request>, done: oneshot::Sender<()>) {
         while let Some(first) = receiver.recv().await {
-            self.run_batch(first, &mut || receiver.try_recv().ok());
+            let Some(batch) = self.prepare_batch(first, &mut || receiver.try_recv().ok()) else {
+                continue;
+            };
+            let latency = self.backend.simulated_commit_latency();
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            self.commit_batch(batch);
         }
         let _ = done.send(());
     }
@@ -677,12 +692,24 @@ impl Writer {
     /// Builds one batch from `first` and whatever `next` yields within the limits, commits it and
     /// answers every mutation in it.
     fn run_batch(&mut self, first: Request, next: &mut dyn FnMut() -> Option<Request>) {
+        if let Some(batch) = self.prepare_batch(first, next) {
+            self.commit_batch(batch);
+        }
+    }
+
+    /// Applies `first` and whatever `next` yields within the limits to an overlay of committed
+    /// state. Returns the batch to commit, or `None` when every mutation is already answered.
+    fn prepare_batch(
+        &mut self,
+        first: Request,
+        next: &mut dyn FnMut() -> Option<Request>,
+    ) -> Option<Batch> {
         if let Some(error) = self.shared.failed_error() {
             first.op.fail(error.clone());
             while let Some(request) = next() {
                 request.op.fail(error.clone());
             }
-            return;
+            return None;
         }
         let mut overlay: BTreeMap<(Table, Vec<u8>), Slot> = BTreeMap::new();
         let mut acks: Vec<Box<dyn Ack>> = Vec::new();
@@ -750,7 +777,7 @@ impl Writer {
             for ack in acks {
                 ack.complete(Ok(()));
             }
-            return;
+            return None;
         }
         if stats.bytes != self.stats.bytes || self.save_bytes {
             ops.push(WriteOp::Put {
@@ -759,7 +786,22 @@ impl Writer {
                 value: stats.bytes.to_le_bytes().to_vec(),
             });
         }
+        Some(Batch {
+            ops,
+            acks,
+            stats,
+            mutations,
+        })
+    }
 
+    /// Commits a prepared batch and answers every mutation in it.
+    fn commit_batch(&mut self, batch: Batch) {
+        let Batch {
+            ops,
+            acks,
+            stats,
+            mutations,
+        } = batch;
         let started = Instant::now();
         let committed = self.backend.commit(&ops);
         self.metrics

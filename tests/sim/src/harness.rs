@@ -46,6 +46,9 @@ pub const CLUSTER_ID: &str = "sim";
 /// Simulated time per step.
 pub const TICK_MS: u64 = 1;
 
+/// Simulated time every storage commit takes (a disk's fsync), in milliseconds.
+pub const COMMIT_LATENCY_MS: u64 = 2;
+
 /// Largest message latency when no `Delay` fault is on.
 pub const DEFAULT_MAX_LATENCY_MS: u64 = 20;
 
@@ -367,6 +370,8 @@ impl Harness {
                 ));
             }
             let backend = MemoryBackend::new();
+            // A disk's fsync takes time: a crash can fall between a batch's apply and its commit.
+            backend.set_commit_latency(Duration::from_millis(COMMIT_LATENCY_MS));
             if opts.breakage == Some(Breakage::SkipSync) {
                 backend.set_skip_sync(true);
             }

@@ -361,6 +361,23 @@ fn breakage_sweep() {
 fn replay() {
     let name = std::env::var("DYNAKV_SIM_SCENARIO").unwrap_or_else(|_| "nemesis-mixed".into());
     let seed = env_u64("DYNAKV_SIM_SEED", 1);
+    if let Ok(filter) = std::env::var("DYNAKV_SIM_LOG") {
+        struct SimTime;
+        impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+            fn format_time(
+                &self,
+                w: &mut tracing_subscriber::fmt::format::Writer<'_>,
+            ) -> std::fmt::Result {
+                let ms = turmoil::sim_elapsed().map_or(0, |d| d.as_millis());
+                write!(w, "{ms:>8} ms")
+            }
+        }
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_timer(SimTime)
+            .with_ansi(false)
+            .try_init();
+    }
     let started = Instant::now();
     let outcome = run(&name, seed, env_breakage());
     println!("{}", report(&outcome));
