@@ -791,6 +791,12 @@ impl Harness {
                     self.now_ms() - start
                 ));
             }
+            Step::DiskLatency { node, commit_ms } => {
+                let i = self.node_index(node)?;
+                self.nodes[i]
+                    .backend
+                    .set_commit_latency(Duration::from_millis(*commit_ms));
+            }
             Step::Wait(Wait::Ms(ms)) => self.run_for(*ms)?,
             Step::Wait(Wait::Idle) => self.wait_idle()?,
             Step::Assert(check) => {

@@ -102,6 +102,12 @@ pub enum Step {
     Loss {
         rate: f64,
     },
+    /// From now on every storage commit of the node takes `commit_ms` of simulated time (a slow
+    /// disk; the default is `harness::COMMIT_LATENCY_MS`).
+    DiskLatency {
+        node: String,
+        commit_ms: u64,
+    },
     /// A client operation (see [`Step::put`], [`Step::get`], [`Step::delete`]).
     Op(ClientOp),
     /// Waits until `observer`'s gossip (its `Admin.ClusterStatus`, polled by a watcher host)
@@ -282,6 +288,9 @@ impl fmt::Display for Step {
                 f,
                 "AwaitMember({observer} sees {member} {state}, within {within_ms}ms)"
             ),
+            Step::DiskLatency { node, commit_ms } => {
+                write!(f, "DiskLatency({node}: {commit_ms}ms per commit)")
+            }
             Step::Wait(Wait::Ms(ms)) => write!(f, "Wait({ms}ms)"),
             Step::Wait(Wait::Idle) => write!(f, "Wait(idle)"),
             Step::Assert(c) => write!(f, "Assert({c:?})"),

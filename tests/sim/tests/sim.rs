@@ -74,6 +74,11 @@ fn crashed_node_is_down_until_it_restarts() {
 }
 
 #[test]
+fn coordinator_crash_before_its_own_commit_mints_no_dot_twice() {
+    hand_written("coordinator-crash-before-its-own-commit-mints-no-dot-twice");
+}
+
+#[test]
 fn quorum_write_then_read() {
     hand_written("quorum-write-then-read");
 }
