@@ -413,6 +413,7 @@ fn long_run() {
     let next = std::sync::atomic::AtomicU64::new(0);
     let failures = std::sync::Mutex::new(Vec::new());
     let ops = std::sync::atomic::AtomicU64::new(0);
+    let sim_ms = std::sync::atomic::AtomicU64::new(0);
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
@@ -431,6 +432,7 @@ fn long_run() {
                         outcome.history.ops.len() as u64,
                         std::sync::atomic::Ordering::Relaxed,
                     );
+                    sim_ms.fetch_add(outcome.sim_ms, std::sync::atomic::Ordering::Relaxed);
                     if !outcome.passed() {
                         eprintln!("FAILED: {}", dynakv_sim::report::replay_command(&outcome));
                         failures
@@ -447,9 +449,11 @@ fn long_run() {
     });
     let failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
     eprintln!(
-        "long run: {seeds} seeds from {first}, {} failed, {} operations, {:.0?} on {threads} threads",
+        "long run: {seeds} seeds from {first}, {} failed, {} operations, {:.1} simulated hours, \
+         {:.0?} on {threads} threads",
         failures.len(),
         ops.into_inner(),
+        sim_ms.into_inner() as f64 / 3_600_000.0,
         started.elapsed()
     );
     assert!(
