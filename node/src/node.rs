@@ -305,6 +305,29 @@ pub async fn next_generation(store: &Store, wall_ms: u64) -> Result<u64, Storage
         .await
 }
 
+/// Counts the coordinator's own commit as a reply; returns the storage error if it failed.
+fn register_local_commit(
+    me: &NodeId,
+    tracker: &mut QuorumTracker,
+    committed: Result<Result<(), StorageError>, tokio::task::JoinError>,
+) -> Option<StorageError> {
+    match committed {
+        Ok(Ok(())) => {
+            tracker.register_ack(me, false);
+            None
+        }
+        Ok(Err(e)) => {
+            tracker.register_failure(me, ReplicaFailure::Refused);
+            Some(e)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "local commit task failed");
+            tracker.register_failure(me, ReplicaFailure::Refused);
+            None
+        }
+    }
+}
+
 /// What the write coordinator waits for next: its own commit, or a replica's reply.
 enum WriteEvent<R> {
     Local(Result<Result<(), StorageError>, tokio::task::JoinError>),
@@ -751,19 +774,7 @@ impl Node {
             let (sent, result) = match event {
                 Ok(WriteEvent::Local(committed)) => {
                     local = None;
-                    match committed {
-                        Ok(Ok(())) => {
-                            tracker.register_ack(&self.id, false);
-                        }
-                        Ok(Err(e)) => {
-                            local_failed = Some(e);
-                            tracker.register_failure(&self.id, ReplicaFailure::Refused);
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "local commit task failed");
-                            tracker.register_failure(&self.id, ReplicaFailure::Refused);
-                        }
-                    }
+                    local_failed = register_local_commit(&self.id, &mut tracker, committed);
                     continue;
                 }
                 Ok(WriteEvent::Reply(Some(reply))) => reply,
@@ -807,18 +818,7 @@ impl Node {
         if let (Vote::Lost(_), Some(handle)) = (&verdict, local.as_mut())
             && let Ok(committed) = tokio::time::timeout_at(req.deadline, handle).await
         {
-            match committed {
-                Ok(Ok(())) => {
-                    tracker.register_ack(&self.id, false);
-                }
-                Ok(Err(e)) => {
-                    local_failed = Some(e);
-                    tracker.register_failure(&self.id, ReplicaFailure::Refused);
-                }
-                Err(_) => {
-                    tracker.register_failure(&self.id, ReplicaFailure::Refused);
-                }
-            }
+            local_failed = register_local_commit(&self.id, &mut tracker, committed);
         }
         // The slower replicas still get the write, until the deadline; a primary that fails now
         // gets a local hint and a targeted anti-entropy exchange.

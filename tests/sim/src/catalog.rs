@@ -32,6 +32,7 @@ pub fn hand_written() -> Vec<Scenario> {
         partition_sides_see_each_other_down_until_healed(),
         crashed_node_is_down_until_it_restarts(),
         coordinator_crash_before_its_own_commit_mints_no_dot_twice(),
+        anti_entropy_alone_repairs_a_replica_that_missed_writes(),
     ]
 }
 
@@ -479,4 +480,26 @@ pub fn coordinator_crash_before_its_own_commit_mints_no_dot_twice() -> Scenario 
         Step::wait_idle(),
         values(3, "k", &["v1", "v2"]),
     ])
+}
+
+/// No hints and no reads: n3 misses two writes while it is down, and only anti-entropy (every
+/// 10 s, and at once when gossip sees n3 back) can bring them to it.
+pub fn anti_entropy_alone_repairs_a_replica_that_missed_writes() -> Scenario {
+    Scenario::siblings("anti-entropy-alone-repairs-a-replica-that-missed-writes", 3)
+        .without_hints()
+        .steps(vec![
+            Step::await_member("n1", "n3", "alive", 5_000),
+            Step::crash("n3"),
+            Step::await_member("n1", "n3", "down", 10_000),
+            Step::put(1, "a", "a1").via("n1").level(Level::Count(2)),
+            Step::put(2, "b", "b1").via("n2").level(Level::Count(2)),
+            Step::wait_idle(),
+            Step::check(Check::LastOk { client: 1 }),
+            Step::check(Check::LastOk { client: 2 }),
+            Step::restart("n3"),
+            Step::await_member("n1", "n3", "alive", 10_000),
+            Step::wait_ms(15_000),
+            node_has("n3", "a", &["a1"]),
+            node_has("n3", "b", &["b1"]),
+        ])
 }

@@ -305,6 +305,7 @@ fn node_config(
     members: &[MemberConfig],
     n: u32,
     conflict: ConflictMode,
+    no_hints: bool,
     breakage: Option<Breakage>,
 ) -> ValidConfig {
     let mut config = Config {
@@ -324,6 +325,9 @@ fn node_config(
         },
         ..Config::default()
     };
+    if no_hints {
+        config.hints.max_per_target = 0;
+    }
     match breakage {
         Some(Breakage::NoHintDelivery) => config.hints.delivery_interval_ms = 24 * 3600 * 1000,
         Some(Breakage::NoAntiEntropy) => config.anti_entropy.enabled = false,
@@ -361,7 +365,14 @@ impl Harness {
         let mut nodes = Vec::new();
         let mut view = None;
         for name in &names {
-            let config = node_config(name, &members, n, scenario.conflict, opts.breakage);
+            let config = node_config(
+                name,
+                &members,
+                n,
+                scenario.conflict,
+                scenario.no_hints,
+                opts.breakage,
+            );
             if view.is_none() {
                 view = Some(ClusterView::from_members(
                     config.members.clone(),

@@ -306,6 +306,9 @@ pub struct Scenario {
     pub n: u32,
     pub conflict: ConflictMode,
     pub workload: Option<WorkloadSpec>,
+    /// Nodes store no hints (`hints.max_per_target = 0`): only read repair and anti-entropy
+    /// repair a replica that missed writes.
+    pub no_hints: bool,
     pub steps: Vec<Step>,
 }
 
@@ -326,6 +329,7 @@ impl Scenario {
             n: (nodes as u32).min(3),
             conflict,
             workload: None,
+            no_hints: false,
             steps: (1..=nodes)
                 .map(|i| Step::AddNode(format!("n{i}")))
                 .collect(),
@@ -335,6 +339,12 @@ impl Scenario {
     /// Appends steps.
     pub fn steps(mut self, steps: Vec<Step>) -> Scenario {
         self.steps.extend(steps);
+        self
+    }
+
+    /// See [`Scenario::no_hints`].
+    pub fn without_hints(mut self) -> Scenario {
+        self.no_hints = true;
         self
     }
 

@@ -79,6 +79,11 @@ fn coordinator_crash_before_its_own_commit_mints_no_dot_twice() {
 }
 
 #[test]
+fn anti_entropy_alone_repairs_a_replica_that_missed_writes() {
+    hand_written("anti-entropy-alone-repairs-a-replica-that-missed-writes");
+}
+
+#[test]
 fn quorum_write_then_read() {
     hand_written("quorum-write-then-read");
 }
@@ -274,6 +279,22 @@ fn checker_catches_undelivered_hints() {
         outcomes.iter().any(|o| !o.passed()),
         "undelivered hints went unnoticed:\n{}",
         outcomes.iter().map(report).collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// Without anti-entropy (and with neither hints nor reads), a replica that missed writes stays
+/// behind.
+#[test]
+fn checker_catches_disabled_anti_entropy() {
+    let outcome = run(
+        "anti-entropy-alone-repairs-a-replica-that-missed-writes",
+        1,
+        Some(Breakage::NoAntiEntropy),
+    );
+    assert!(
+        !outcome.passed(),
+        "disabled anti-entropy went unnoticed:\n{}",
+        report(&outcome)
     );
 }
 
