@@ -34,8 +34,9 @@ pub struct Config {
     pub weight: u32,
     /// Failure zone (rack, availability zone). Replicas of a key prefer distinct zones.
     pub zone: Option<String>,
-    /// Static cluster membership: every node of the cluster, this one included. Every node must be
-    /// given the same list; it determines the ring.
+    /// The cluster's nodes, this one included: gossip's seeds and the configured ring (a member
+    /// gossip has not heard of keeps its configured place). Every node must be given the same
+    /// list.
     pub members: Vec<MemberConfig>,
     pub replication: ReplicationConfig,
     pub limits: LimitsConfig,
