@@ -200,12 +200,17 @@ pub struct LimitsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// Writes committed together in one fsync'd transaction, at most.
+    /// Writes committed together (one write-ahead log record, one fsync), at most.
     pub max_batch_ops: usize,
     /// Bytes committed together, at most.
     pub max_batch_bytes: usize,
     /// Writes queued for the committer before callers wait.
     pub queue_len: usize,
+    /// Writes in the write-ahead log that trigger a checkpoint (a durable commit of the database
+    /// file, then the log starts over).
+    pub checkpoint_ops: usize,
+    /// Bytes of write-ahead log records that trigger a checkpoint.
+    pub checkpoint_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -282,6 +287,8 @@ impl Default for StorageConfig {
             max_batch_ops: 1024,
             max_batch_bytes: 16 * 1024 * 1024,
             queue_len: 8192,
+            checkpoint_ops: 8192,
+            checkpoint_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -386,6 +393,8 @@ impl Config {
             ("storage.max_batch_ops", self.storage.max_batch_ops),
             ("storage.max_batch_bytes", self.storage.max_batch_bytes),
             ("storage.queue_len", self.storage.queue_len),
+            ("storage.checkpoint_ops", self.storage.checkpoint_ops),
+            ("storage.checkpoint_bytes", self.storage.checkpoint_bytes),
         ] {
             if v == 0 {
                 return err(format!("{name} must be at least 1"));

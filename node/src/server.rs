@@ -25,7 +25,7 @@ use crate::proto::kv_server::KvServer;
 use crate::proto::replica_server::ReplicaServer;
 use crate::replica::ReplicaService;
 use crate::storage::{
-    Backend, MemoryBackend, RedbBackend, StorageError, Store, StoreConfig, WriterMode,
+    Backend, MemoryBackend, RedbBackend, RedbOptions, StorageError, Store, StoreConfig, WriterMode,
 };
 
 /// How long a stopping node lets in-flight requests finish before it closes connections.
@@ -107,7 +107,12 @@ where
                 path: raw.data_dir.clone(),
                 source,
             })?;
-            let backend = RedbBackend::open(raw.data_dir.join("dynakv.redb"))?;
+            let options = RedbOptions {
+                checkpoint_log_ops: raw.storage.checkpoint_ops as u64,
+                checkpoint_log_bytes: raw.storage.checkpoint_bytes as u64,
+                ..RedbOptions::default()
+            };
+            let backend = RedbBackend::open_with(raw.data_dir.join("dynakv.redb"), &options)?;
             (Arc::new(backend), WriterMode::Thread)
         }
         StorageChoice::Memory(m, mode) => (Arc::new(m), mode),

@@ -1,10 +1,15 @@
-//! Crash consistency of redb under the group-commit [`Store`], in the style of redb's
-//! `tests/crash_consistency.rs`: redb runs on a storage device that keeps a live and a durable
-//! image. From the N-th sync on, the device stops making anything durable (the power is cut there,
-//! though the process runs on); the writes issued after the last durable sync are kept in order,
-//! and a crash image is the durable image plus any prefix of them (a disk that persists writes in
-//! the order they were issued may have got that far). Every write acknowledged before the cut must
-//! be in every crash image, and every crash image must open.
+//! Crash consistency of redb and its write-ahead log under the group-commit [`Store`], in the style
+//! of redb's `tests/crash_consistency.rs`: the database and its log each run on a storage device
+//! that keeps a live and a durable image, on one disk. From the N-th sync on (counted over both
+//! devices), nothing becomes durable any more (the power is cut there, though the process runs on);
+//! the writes issued after each device's last durable sync are kept in issue order. A crash image
+//! is the durable images plus the writes issued before some point (a disk that persists writes in
+//! the order they were issued may have got that far), or, for the writes issued before the cut,
+//! any of them on one device and none on the other (until a sync returns, the two files are
+//! written back in any order). Writes issued after the cut cannot reach the disk out of order
+//! across the two files: they were issued only because a sync that the cut undid had returned.
+//! Every write acknowledged before the cut must be in every crash image, and every crash image must
+//! open.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -13,8 +18,8 @@ use redb::StorageBackend;
 use redb::backends::InMemoryBackend;
 
 use super::{
-    Backend, RedbBackend, RedbOptions, ScanLimit, Store, StoreConfig, StoreMetrics, Table,
-    WriterMode,
+    Backend, LogDevice, RedbBackend, RedbOptions, ScanLimit, Store, StoreConfig, StoreMetrics,
+    Table, WriterMode,
 };
 
 enum Unsynced {
@@ -26,16 +31,26 @@ enum Unsynced {
 struct DeviceState {
     live: Vec<u8>,
     durable: Vec<u8>,
-    /// Writes since the last durable sync, in issue order.
-    unsynced: Vec<Unsynced>,
+    /// Writes since the last durable sync, in issue order, each with its place in the disk's
+    /// issue order.
+    unsynced: Vec<(u64, Unsynced)>,
+}
+
+#[derive(Default)]
+struct Power {
     syncs: u64,
     /// From this sync on, nothing becomes durable.
     cut_at: Option<u64>,
+    /// Writes issued to either device so far.
+    writes: u64,
+    /// `writes` when the first sync at or after the cut was called.
+    writes_at_cut: Option<u64>,
 }
 
 #[derive(Clone, Default)]
 struct Device {
     state: Arc<Mutex<DeviceState>>,
+    power: Arc<Mutex<Power>>,
 }
 
 impl fmt::Debug for Device {
@@ -62,49 +77,47 @@ fn apply(image: &mut Vec<u8>, write: &Unsynced) {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Device {
-    fn cut_at(sync: u64) -> Self {
+    /// A device holding `image`, durably.
+    fn with_image(image: &[u8]) -> Self {
         let device = Device::default();
-        device.state().cut_at = Some(sync);
+        {
+            let mut state = lock(&device.state);
+            state.live = image.to_vec();
+            state.durable = image.to_vec();
+        }
         device
     }
 
-    fn state(&self) -> MutexGuard<'_, DeviceState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn syncs(&self) -> u64 {
-        self.state().syncs
-    }
-
-    /// Whether the power has been cut: nothing synced from now on is durable.
-    fn is_cut(&self) -> bool {
-        let state = self.state();
-        state.cut_at.is_some_and(|cut| state.syncs >= cut)
-    }
-
-    fn unsynced_writes(&self) -> usize {
-        self.state().unsynced.len()
-    }
-
-    /// The disk after the crash: the durable image plus the first `prefix` unsynced writes.
-    fn crash_image(&self, prefix: usize) -> Vec<u8> {
-        let state = self.state();
+    /// The device after the crash: the durable image plus the unsynced writes issued (to either
+    /// device) before the `before`-th.
+    fn crash_image(&self, before: u64) -> Vec<u8> {
+        let state = lock(&self.state);
         let mut image = state.durable.clone();
-        for write in state.unsynced.iter().take(prefix) {
+        for (_, write) in state.unsynced.iter().take_while(|(seq, _)| *seq < before) {
             apply(&mut image, write);
         }
         image
     }
-}
 
-impl StorageBackend for Device {
-    fn len(&self) -> std::io::Result<u64> {
-        Ok(self.state().live.len() as u64)
+    fn unsynced_seqs(&self) -> Vec<u64> {
+        lock(&self.state)
+            .unsynced
+            .iter()
+            .map(|(seq, _)| *seq)
+            .collect()
+    }
+
+    fn len(&self) -> u64 {
+        lock(&self.state).live.len() as u64
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        let state = self.state();
+        let state = lock(&self.state);
         let range = offset_range(offset, out.len())?;
         let data = state
             .live
@@ -114,30 +127,161 @@ impl StorageBackend for Device {
         Ok(())
     }
 
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        let mut state = self.state();
-        let write = Unsynced::SetLen(len);
+    fn issue(&self, write: Unsynced) {
+        let seq = {
+            let mut power = lock(&self.power);
+            power.writes += 1;
+            power.writes - 1
+        };
+        let mut state = lock(&self.state);
         apply(&mut state.live, &write);
-        state.unsynced.push(write);
+        state.unsynced.push((seq, write));
+    }
+
+    fn sync(&self) {
+        let mut power = lock(&self.power);
+        power.syncs += 1;
+        if power.cut_at.is_some_and(|cut| power.syncs >= cut) && power.writes_at_cut.is_none() {
+            power.writes_at_cut = Some(power.writes);
+        }
+        if power.cut_at.is_none_or(|cut| power.syncs < cut) {
+            let mut state = lock(&self.state);
+            state.durable = state.live.clone();
+            state.unsynced.clear();
+        }
+    }
+}
+
+impl StorageBackend for Device {
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(Device::len(self))
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        Device::read(self, offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.issue(Unsynced::SetLen(len));
         Ok(())
     }
 
     fn sync_data(&self) -> std::io::Result<()> {
-        let mut state = self.state();
-        state.syncs += 1;
-        if state.cut_at.is_none_or(|cut| state.syncs < cut) {
-            state.durable = state.live.clone();
-            state.unsynced.clear();
-        }
+        self.sync();
         Ok(())
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let mut state = self.state();
-        let write = Unsynced::Write(offset, data.to_vec());
-        apply(&mut state.live, &write);
-        state.unsynced.push(write);
+        self.issue(Unsynced::Write(offset, data.to_vec()));
         Ok(())
+    }
+}
+
+impl LogDevice for Device {
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(Device::len(self))
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        Device::read(self, offset, out)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.issue(Unsynced::Write(offset, data.to_vec()));
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.issue(Unsynced::SetLen(len));
+        Ok(())
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.sync();
+        Ok(())
+    }
+}
+
+/// The database's device and its log's, on one power supply.
+#[derive(Clone, Default)]
+struct Disk {
+    db: Device,
+    log: Device,
+}
+
+impl Disk {
+    fn cut_at(sync: u64) -> Self {
+        let power = Arc::new(Mutex::new(Power {
+            cut_at: Some(sync),
+            ..Power::default()
+        }));
+        Disk {
+            db: Device {
+                power: Arc::clone(&power),
+                ..Device::default()
+            },
+            log: Device {
+                power,
+                ..Device::default()
+            },
+        }
+    }
+
+    fn new() -> Self {
+        Disk::cut_at(u64::MAX)
+    }
+
+    fn syncs(&self) -> u64 {
+        lock(&self.db.power).syncs
+    }
+
+    /// Whether the power has been cut: nothing synced from now on is durable.
+    fn is_cut(&self) -> bool {
+        let power = lock(&self.db.power);
+        power.cut_at.is_some_and(|cut| power.syncs >= cut)
+    }
+
+    /// The crash images to check, as `(database, log, what)`: the disk got as far as some point
+    /// of the issue order of both, or the writes issued before the cut reached one of them only.
+    fn crash_images(&self) -> Vec<(Vec<u8>, Vec<u8>, String)> {
+        let mut seqs = self.db.unsynced_seqs();
+        seqs.extend(self.log.unsynced_seqs());
+        seqs.sort_unstable();
+        let n = seqs.len();
+        let at_cut = lock(&self.db.power).writes_at_cut.unwrap_or(u64::MAX);
+        let mut images = Vec::new();
+        for prefix in [0, n / 3, n / 2, n] {
+            let before = seqs.get(prefix).copied().unwrap_or(u64::MAX);
+            images.push((
+                self.db.crash_image(before),
+                self.log.crash_image(before),
+                format!("the first {prefix} of {n} unsynced writes on disk"),
+            ));
+        }
+        images.push((
+            self.db.crash_image(at_cut),
+            self.log.crash_image(0),
+            "the database's writes issued before the cut on disk, not the log's".to_owned(),
+        ));
+        images.push((
+            self.db.crash_image(0),
+            self.log.crash_image(at_cut),
+            "the log's writes issued before the cut on disk, not the database's".to_owned(),
+        ));
+        images
+    }
+
+    fn open(&self, options: &RedbOptions) -> Result<RedbBackend, super::StorageError> {
+        RedbBackend::open_on(self.db.clone(), self.log.clone(), options)
+    }
+}
+
+/// Options that make the workload checkpoint every few batches, so that cuts land in
+/// checkpoints too.
+fn options(checkpoint_log_ops: u64) -> RedbOptions {
+    RedbOptions {
+        checkpoint_log_ops,
+        ..RedbOptions::default()
     }
 }
 
@@ -164,8 +308,8 @@ fn put_key(task: usize, i: usize) -> Vec<u8> {
 
 /// Six writers: puts of values up to 6 KB (so the file grows), increments of two shared counters,
 /// and deletes of their own earlier puts. Returns the writes acknowledged before the cut.
-async fn workload(device: &Device, max_batch_ops: usize) -> Vec<Acked> {
-    let backend = RedbBackend::open_on(device.clone(), &RedbOptions::default()).expect("open");
+async fn workload(disk: &Disk, max_batch_ops: usize, options: &RedbOptions) -> Vec<Acked> {
+    let backend = disk.open(options).expect("open");
     let config = StoreConfig {
         max_batch_ops,
         writer: WriterMode::Thread,
@@ -176,7 +320,7 @@ async fn workload(device: &Device, max_batch_ops: usize) -> Vec<Acked> {
     let acked = Arc::new(Mutex::new(Vec::new()));
     let tasks: Vec<_> = (0..6)
         .map(|task| {
-            let (store, acked, device) = (Arc::clone(&store), Arc::clone(&acked), device.clone());
+            let (store, acked, disk) = (Arc::clone(&store), Arc::clone(&acked), disk.clone());
             tokio::spawn(async move {
                 for i in 0..30 {
                     let write = match i % 3 {
@@ -215,7 +359,7 @@ async fn workload(device: &Device, max_batch_ops: usize) -> Vec<Acked> {
                     let write = write.expect("the device never fails a write");
                     // Checked after the ack: if the power was not cut yet, the sync behind this
                     // ack was durable.
-                    if !device.is_cut() {
+                    if !disk.is_cut() {
                         acked.lock().expect("lock").push(write);
                     }
                 }
@@ -229,13 +373,22 @@ async fn workload(device: &Device, max_batch_ops: usize) -> Vec<Acked> {
     acked.lock().expect("lock").clone()
 }
 
-/// Opens a crash image and checks that it holds every acknowledged write and consistent counters.
-async fn verify(image: &[u8], acked: &[Acked], what: &str) {
+fn memory_device(image: &[u8]) -> InMemoryBackend {
     let storage = InMemoryBackend::new();
     storage.set_len(image.len() as u64).expect("set_len");
     storage.write(0, image).expect("write");
-    let backend = RedbBackend::open_on(storage, &RedbOptions::default())
-        .unwrap_or_else(|e| panic!("{what}: the crash image does not open: {e}"));
+    storage
+}
+
+/// Opens a crash image (database and log) and checks that it holds every acknowledged write and
+/// consistent counters.
+async fn verify(image: &[u8], log: &[u8], acked: &[Acked], what: &str) {
+    let backend = RedbBackend::open_on(
+        memory_device(image),
+        Device::with_image(log),
+        &RedbOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{what}: the crash image does not open: {e}"));
     for write in acked {
         match write {
             Acked::Put(key, value, false) => {
@@ -301,12 +454,9 @@ async fn verify(image: &[u8], acked: &[Acked], what: &str) {
     );
     store.close().await;
 
-    // And redb itself finds the recovered file sound.
-    let storage = InMemoryBackend::new();
-    storage.set_len(image.len() as u64).expect("set_len");
-    storage.write(0, image).expect("write");
+    // And redb itself finds the crashed file sound.
     let mut db = redb::Database::builder()
-        .create_with_backend(storage)
+        .create_with_backend(memory_device(image))
         .expect("open for the integrity check");
     assert!(
         db.check_integrity().expect("integrity check"),
@@ -316,36 +466,42 @@ async fn verify(image: &[u8], acked: &[Acked], what: &str) {
 
 /// Syncs that opening a fresh database takes (not counting those of closing it).
 fn syncs_to_create() -> u64 {
-    let probe = Device::default();
-    let backend = RedbBackend::open_on(probe.clone(), &RedbOptions::default()).expect("open");
+    let probe = Disk::new();
+    let backend = probe.open(&RedbOptions::default()).expect("open");
     let syncs = probe.syncs();
     drop(backend);
     syncs
 }
 
-async fn power_cut_at_every_sync(max_batch_ops: usize) {
+async fn power_cut_at_every_sync(max_batch_ops: usize, checkpoint_log_ops: u64) {
+    let options = options(checkpoint_log_ops);
     // A probe run without a cut tells how many syncs creating the database and the workload take.
     let init_syncs = syncs_to_create();
-    let probe = Device::default();
-    let acked = workload(&probe, max_batch_ops).await;
+    let probe = Disk::new();
+    let acked = workload(&probe, max_batch_ops, &options).await;
     let total_syncs = probe.syncs();
-    verify(&probe.crash_image(usize::MAX), &acked, "no cut").await;
+    verify(
+        &probe.db.crash_image(u64::MAX),
+        &probe.log.crash_image(u64::MAX),
+        &acked,
+        "no cut",
+    )
+    .await;
 
-    // Cut at every sync after the database exists (at most ~40 runs), then crash with 0, some or
-    // all of the writes issued after the cut on disk.
+    // Cut at every sync after the database exists (at most ~40 runs), then crash with none, some
+    // or all of the writes issued after the cut on each device.
     let step = ((total_syncs - init_syncs) / 40).max(1);
     let mut required = 0;
     for cut in (init_syncs + 1..=total_syncs).step_by(step as usize) {
-        let device = Device::cut_at(cut);
-        let acked = workload(&device, max_batch_ops).await;
+        let disk = Disk::cut_at(cut);
+        let acked = workload(&disk, max_batch_ops, &options).await;
         required += acked.len();
-        let unsynced = device.unsynced_writes();
-        for prefix in [0, unsynced / 3, unsynced / 2, unsynced] {
+        for (db, log, image) in disk.crash_images() {
             let what = format!(
-                "batches of {max_batch_ops}, cut at sync {cut} of {total_syncs}, \
-                 {prefix}/{unsynced} later writes on disk"
+                "batches of {max_batch_ops}, checkpoint every {checkpoint_log_ops} writes, \
+                 cut at sync {cut} of {total_syncs}, {image}"
             );
-            verify(&device.crash_image(prefix), &acked, &what).await;
+            verify(&db, &log, &acked, &what).await;
         }
     }
     assert!(required > 0, "some cut came after some acknowledged writes");
@@ -353,12 +509,18 @@ async fn power_cut_at_every_sync(max_batch_ops: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_a_power_cut_at_any_sync_with_group_commit() {
-    power_cut_at_every_sync(8).await;
+    power_cut_at_every_sync(8, 16).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_a_power_cut_at_any_sync_one_write_per_commit() {
-    power_cut_at_every_sync(1).await;
+    power_cut_at_every_sync(1, 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_a_power_cut_without_checkpoints() {
+    // Everything stays in the log until the close.
+    power_cut_at_every_sync(8, u64::MAX).await;
 }
 
 // Why RedbBackend::open creates a database under a temporary name: a file whose creation was cut
@@ -368,18 +530,22 @@ fn a_database_cut_short_while_being_created_is_refused_cleanly() {
     let init_syncs = syncs_to_create();
     let mut refused = 0;
     for cut in 1..=init_syncs {
-        let device = Device::cut_at(cut);
-        drop(RedbBackend::open_on(device.clone(), &RedbOptions::default()).expect("open"));
-        let unsynced = device.unsynced_writes();
-        for prefix in 0..=unsynced {
-            let image = device.crash_image(prefix);
-            let storage = InMemoryBackend::new();
-            storage.set_len(image.len() as u64).expect("set_len");
-            storage.write(0, &image).expect("write");
-            match RedbBackend::open_on(storage, &RedbOptions::default()) {
+        let disk = Disk::cut_at(cut);
+        drop(disk.open(&RedbOptions::default()).expect("open"));
+        let mut seqs = disk.db.unsynced_seqs();
+        seqs.extend(disk.log.unsynced_seqs());
+        seqs.sort_unstable();
+        seqs.push(u64::MAX);
+        for before in seqs {
+            let opened = RedbBackend::open_on(
+                memory_device(&disk.db.crash_image(before)),
+                Device::with_image(&disk.log.crash_image(before)),
+                &RedbOptions::default(),
+            );
+            match opened {
                 Ok(_) => {}
                 Err(e) if e.label() == "corrupt" => refused += 1,
-                Err(e) => panic!("cut at sync {cut}, {prefix}/{unsynced} later writes: {e}"),
+                Err(e) => panic!("cut at sync {cut}, unsynced writes before the {before}-th: {e}"),
             }
         }
     }

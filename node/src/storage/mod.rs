@@ -5,20 +5,24 @@
 //!
 //! - this file: [`Table`], [`WriteOp`], [`ScanLimit`]/[`ScanPage`], the [`Backend`] trait and
 //!   [`StorageError`].
-//! - `redb_backend.rs`: [`RedbBackend`], the real one: one redb file, every commit fsynced
-//!   (`Durability::Immediate`).
+//! - `redb_backend.rs`: [`RedbBackend`], the real one: one redb file and its write-ahead log; a
+//!   commit is one log record synced with `fdatasync`, then a non-durable redb commit; periodic
+//!   checkpoints (a durable redb commit) empty the log; opening replays what they did not cover.
+//! - `wal.rs`: the log's record format, reading it back (up to the first torn, damaged or
+//!   out-of-sequence record) and appending to it, over a [`LogDevice`].
 //! - `memory.rs`: [`MemoryBackend`], for tests and the deterministic simulation: a live and a durable
 //!   image, `crash()` to lose what was not synced, and fault toggles.
 //! - `store.rs`: [`Store`], group commit: one writer applies queued read-modify-write updates in
 //!   order, commits them as one transaction and only then acknowledges them; fail-stop on commit
 //!   errors; key and byte counters; identity fencing of the data directory.
-//! - `tests.rs`: the conformance suite run against both backends; `crash_tests.rs`: redb over a
-//!   storage device that forgets unsynced writes.
+//! - `tests.rs`: the conformance suite run against both backends; `crash_tests.rs`: redb and its log
+//!   over storage devices that forget unsynced writes.
 //!
 //! # Guarantees
 //!
 //! - A mutation's future resolves `Ok` only after the batch holding it was committed durably
-//!   (fsync for redb; the durable image for [`MemoryBackend`] unless its `skip_sync` fault is on).
+//!   (its log record synced for redb; the durable image for [`MemoryBackend`] unless its
+//!   `skip_sync` fault is on).
 //! - A batch is atomic: after a crash either all of its writes are there or none.
 //! - Updates of one key are serialized by the single writer: an update's closure sees the committed
 //!   value plus every earlier update of the same batch.
@@ -39,6 +43,7 @@ use std::sync::Arc;
 mod memory;
 mod redb_backend;
 mod store;
+mod wal;
 
 #[cfg(test)]
 mod crash_tests;
@@ -46,8 +51,9 @@ mod crash_tests;
 mod tests;
 
 pub use memory::MemoryBackend;
-pub use redb_backend::{RedbBackend, RedbOptions};
+pub use redb_backend::{RedbBackend, RedbOptions, log_path};
 pub use store::{Durable, Store, StoreConfig, StoreMetrics, StoreStats, WriterMode};
+pub use wal::{LogDevice, LogFile};
 
 /// Prefix of the [`Table::Meta`] keys owned by the storage layer itself.
 pub const RESERVED_META_PREFIX: &[u8] = b"storage.";

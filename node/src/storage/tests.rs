@@ -10,8 +10,8 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::{
-    Backend, MemoryBackend, RedbBackend, ScanLimit, ScanPage, StorageError, Store, StoreConfig,
-    StoreMetrics, StoreStats, Table, WriteOp, WriterMode,
+    Backend, MemoryBackend, RedbBackend, RedbOptions, ScanLimit, ScanPage, StorageError, Store,
+    StoreConfig, StoreMetrics, StoreStats, Table, WriteOp, WriterMode,
 };
 
 fn b(s: &str) -> Vec<u8> {
@@ -1086,6 +1086,175 @@ fn a_truncated_database_fails_to_open_without_panicking() {
     if let Ok(backend) = RedbBackend::open(&path) {
         let _ = backend.len(Table::Data);
     }
+}
+
+// ---- RedbBackend: the write-ahead log ----
+
+fn put_op(key: &str, value: &str) -> WriteOp {
+    WriteOp::Put {
+        table: Table::Data,
+        key: b(key),
+        value: b(value),
+    }
+}
+
+fn no_checkpoints() -> RedbOptions {
+    RedbOptions {
+        checkpoint_log_bytes: u64::MAX,
+        checkpoint_log_ops: u64::MAX,
+        ..RedbOptions::default()
+    }
+}
+
+/// Copies the database and its log as they are on disk now, while the backend is open: what a
+/// crash at this moment would leave (the page cache survives a process crash).
+fn copy_as_crashed(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::copy(from, to).unwrap();
+    std::fs::copy(super::log_path(from), super::log_path(to)).unwrap();
+}
+
+#[test]
+fn writes_only_in_the_log_are_replayed_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, crashed) = (
+        dir.path().join("node.redb"),
+        dir.path().join("crashed.redb"),
+    );
+    let backend = RedbBackend::open_with(&path, &no_checkpoints()).unwrap();
+    for i in 0..50 {
+        backend
+            .commit(&[put_op(&format!("k{i}"), &format!("v{i}"))])
+            .unwrap();
+    }
+    backend
+        .commit(&[WriteOp::Delete {
+            table: Table::Data,
+            key: b("k7"),
+        }])
+        .unwrap();
+    assert!(std::fs::metadata(super::log_path(&path)).unwrap().len() > 16);
+    copy_as_crashed(&path, &crashed);
+    drop(backend);
+
+    let recovered = RedbBackend::open(&crashed).unwrap();
+    assert_eq!(recovered.len(Table::Data).unwrap(), 49);
+    assert_eq!(recovered.get(Table::Data, b"k49").unwrap(), Some(b("v49")));
+    assert_eq!(recovered.get(Table::Data, b"k7").unwrap(), None);
+    // Recovery checkpointed and emptied the log; later writes go on from there.
+    assert_eq!(
+        std::fs::metadata(super::log_path(&crashed)).unwrap().len(),
+        16
+    );
+    recovered.commit(&[put_op("after", "crash")]).unwrap();
+    copy_as_crashed(&crashed, &path);
+    drop(recovered);
+    let again = RedbBackend::open(&path).unwrap();
+    assert_eq!(again.len(Table::Data).unwrap(), 50);
+    assert_eq!(again.get(Table::Data, b"after").unwrap(), Some(b("crash")));
+}
+
+#[test]
+fn a_clean_close_leaves_an_empty_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    let backend = RedbBackend::open_with(&path, &no_checkpoints()).unwrap();
+    backend.commit(&[put_op("k", "v")]).unwrap();
+    drop(backend);
+    assert_eq!(std::fs::metadata(super::log_path(&path)).unwrap().len(), 16);
+    let backend = RedbBackend::open(&path).unwrap();
+    assert_eq!(backend.get(Table::Data, b"k").unwrap(), Some(b("v")));
+}
+
+#[test]
+fn checkpoints_keep_the_log_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    let options = RedbOptions {
+        checkpoint_log_ops: 10,
+        ..RedbOptions::default()
+    };
+    let backend = RedbBackend::open_with(&path, &options).unwrap();
+    let mut longest = 0;
+    for i in 0..100 {
+        backend
+            .commit(&[put_op(&format!("k{i}"), &"x".repeat(100))])
+            .unwrap();
+        longest = longest.max(std::fs::metadata(super::log_path(&path)).unwrap().len());
+    }
+    // Ten records of about 130 bytes at most before each checkpoint empties it.
+    assert!(longest < 16 + 10 * 200, "log grew to {longest} bytes");
+    let crashed = dir.path().join("crashed.redb");
+    copy_as_crashed(&path, &crashed);
+    drop(backend);
+    let recovered = RedbBackend::open(&crashed).unwrap();
+    assert_eq!(recovered.len(Table::Data).unwrap(), 100);
+}
+
+#[test]
+fn a_database_without_its_log_is_refused_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    drop(RedbBackend::open(&path).unwrap());
+    std::fs::remove_file(super::log_path(&path)).unwrap();
+    let error = RedbBackend::open(&path).unwrap_err();
+    assert_eq!(error.label(), "corrupt", "{error}");
+    assert!(error.to_string().contains("write-ahead log"), "{error}");
+}
+
+#[test]
+fn a_log_of_another_database_is_refused_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (dir.path().join("a.redb"), dir.path().join("b.redb"));
+    drop(RedbBackend::open(&first).unwrap());
+    drop(RedbBackend::open(&second).unwrap());
+    std::fs::copy(super::log_path(&first), super::log_path(&second)).unwrap();
+    let error = RedbBackend::open(&second).unwrap_err();
+    assert_eq!(error.label(), "corrupt", "{error}");
+    assert!(error.to_string().contains("another database"), "{error}");
+}
+
+#[test]
+fn a_log_that_lost_records_the_database_needs_is_refused_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, crashed) = (
+        dir.path().join("node.redb"),
+        dir.path().join("crashed.redb"),
+    );
+    let backend = RedbBackend::open_with(&path, &no_checkpoints()).unwrap();
+    backend.commit(&[put_op("a", "1")]).unwrap();
+    let one_record = std::fs::metadata(super::log_path(&path)).unwrap().len();
+    backend.commit(&[put_op("b", "2")]).unwrap();
+    copy_as_crashed(&path, &crashed);
+    drop(backend);
+    // Drop the first record: the log now resumes after a gap.
+    let log = std::fs::read(super::log_path(&crashed)).unwrap();
+    let mut cut = log[..16].to_vec();
+    cut.extend_from_slice(&log[one_record as usize..]);
+    std::fs::write(super::log_path(&crashed), cut).unwrap();
+    let error = RedbBackend::open(&crashed).unwrap_err();
+    assert_eq!(error.label(), "corrupt", "{error}");
+}
+
+#[test]
+fn a_new_database_replaces_a_stale_log_of_the_same_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    let backend = RedbBackend::open_with(&path, &no_checkpoints()).unwrap();
+    backend.commit(&[put_op("old", "1")]).unwrap();
+    copy_as_crashed(&path, &dir.path().join("kept.redb"));
+    drop(backend);
+    // The database is wiped but its log left behind, full of records.
+    std::fs::remove_file(&path).unwrap();
+    std::fs::copy(
+        super::log_path(&dir.path().join("kept.redb")),
+        super::log_path(&path),
+    )
+    .unwrap();
+    let fresh = RedbBackend::open(&path).unwrap();
+    assert_eq!(fresh.len(Table::Data).unwrap(), 0);
+    drop(fresh);
+    let reopened = RedbBackend::open(&path).unwrap();
+    assert_eq!(reopened.len(Table::Data).unwrap(), 0);
 }
 
 // ---- properties ----
