@@ -570,16 +570,23 @@ impl Backend for RedbBackend {
             state.failed = Some(error.to_string());
             return Err(error);
         }
-        if state.log.record_bytes() >= self.checkpoint_log_bytes
-            || state.log.ops() >= self.checkpoint_log_ops
-        {
-            // The batch is acknowledged either way; a failed checkpoint stops the next commit.
-            if let Err(error) = checkpoint(&self.db, &self.name, &mut state) {
-                tracing::error!(database = %self.name, %error, "write-ahead log checkpoint failed");
-                state.failed = Some(error.to_string());
-            }
-        }
         Ok(())
+    }
+
+    fn maintain(&self) {
+        let mut state = self.log_state();
+        if state.failed.is_some()
+            || (state.log.record_bytes() < self.checkpoint_log_bytes
+                && state.log.ops() < self.checkpoint_log_ops)
+        {
+            return;
+        }
+        // Every batch in the log is acknowledged already; a failed checkpoint stops the next
+        // commit.
+        if let Err(error) = checkpoint(&self.db, &self.name, &mut state) {
+            tracing::error!(database = %self.name, %error, "write-ahead log checkpoint failed");
+            state.failed = Some(error.to_string());
+        }
     }
 }
 

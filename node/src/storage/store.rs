@@ -820,6 +820,7 @@ impl Writer {
                 for ack in acks {
                     ack.complete(Ok(()));
                 }
+                self.backend.maintain();
             }
             Err(error) => {
                 tracing::error!(
