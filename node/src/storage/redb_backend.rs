@@ -67,7 +67,8 @@ impl Default for RedbOptions {
 /// one record and syncs the log (`fdatasync`), and only then commits the transaction, with
 /// [`Durability::None`]: one sequential append and sync per batch instead of writing every B-tree
 /// page the batch touched. Once the log holds [`RedbOptions::checkpoint_log_bytes`] or
-/// [`RedbOptions::checkpoint_log_ops`], a checkpoint commits durably (writing the lsn of the last
+/// [`RedbOptions::checkpoint_log_ops`], the next [`Backend::maintain`] (which the store's writer
+/// calls after it has answered the batch) checkpoints: it commits durably (writing the lsn of the last
 /// record into [`Table::Meta`] in the same transaction) and empties the log. Opening replays the
 /// records newer than that lsn, so after a crash the database holds every acknowledged batch.
 /// Reads use redb read transactions (MVCC snapshots), never wait for a commit, and see only
