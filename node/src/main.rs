@@ -5,6 +5,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use dynakv_node::cli::{Cli, ClusterCommand, Command, bench, commands, dev};
 
+// A node spends a tenth of its CPU in glibc malloc/free under load (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Ring(args) = cli.command {
