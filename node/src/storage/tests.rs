@@ -1195,6 +1195,33 @@ fn checkpoints_keep_the_log_short() {
     assert_eq!(recovered.len(Table::Data).unwrap(), 100);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stores_writer_checkpoints_after_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    let options = RedbOptions {
+        checkpoint_log_ops: 10,
+        ..RedbOptions::default()
+    };
+    let backend = Arc::new(RedbBackend::open_with(&path, &options).unwrap());
+    let config = StoreConfig {
+        writer: WriterMode::Thread,
+        ..StoreConfig::default()
+    };
+    let store = Store::open(backend, config, metrics()).unwrap();
+    let mut longest = 0;
+    for i in 0..100 {
+        store
+            .put(Table::Data, b(&format!("k{i}")), b(&"x".repeat(100)))
+            .await
+            .unwrap();
+        longest = longest.max(std::fs::metadata(super::log_path(&path)).unwrap().len());
+    }
+    // Without Backend::maintain from the writer the log would hold all 100 records (13 KB+).
+    assert!(longest < 16 + 12 * 200, "log grew to {longest} bytes");
+    store.close().await;
+}
+
 #[test]
 fn a_database_without_its_log_is_refused_as_corrupt() {
     let dir = tempfile::tempdir().unwrap();
