@@ -187,8 +187,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// Applies the whole batch atomically, in order, and returns only once it is durable.
     fn commit(&self, batch: &[WriteOp]) -> Result<(), StorageError>;
 
-    /// Background upkeep the writer runs after it has answered a committed batch (redb's
-    /// checkpoint of its write-ahead log), so the batch that made it due is not held back by it.
+    /// Upkeep the writer runs after it has answered a committed batch (redb's checkpoint of its
+    /// write-ahead log), so the batch that made it due is not held back by it.
     /// A failure here must make the next [`Backend::commit`] fail.
     fn maintain(&self) {}
 

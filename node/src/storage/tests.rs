@@ -103,6 +103,8 @@ impl Harness {
 #[derive(Debug, Default)]
 struct Controls {
     held: Mutex<bool>,
+    /// `Backend::maintain` waits while this is set, until [`Controls::release_maintenance`].
+    maintenance_held: Mutex<bool>,
     released: Condvar,
     fail: AtomicBool,
     commits_entered: AtomicUsize,
@@ -116,6 +118,11 @@ impl Controls {
 
     fn release(&self) {
         *self.held.lock().expect("lock") = false;
+        self.released.notify_all();
+    }
+
+    fn release_maintenance(&self) {
+        *self.maintenance_held.lock().expect("lock") = false;
         self.released.notify_all();
     }
 }
@@ -163,6 +170,11 @@ impl Backend for Controlled {
     }
 
     fn maintain(&self) {
+        let mut held = self.controls.maintenance_held.lock().expect("lock");
+        while *held {
+            held = self.controls.released.wait(held).expect("lock");
+        }
+        drop(held);
         self.inner.maintain();
     }
 }
@@ -1196,7 +1208,7 @@ fn checkpoints_keep_the_log_short() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_stores_writer_checkpoints_after_answering() {
+async fn the_stores_writer_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.redb");
     let options = RedbOptions {
@@ -1219,6 +1231,34 @@ async fn the_stores_writer_checkpoints_after_answering() {
     }
     // Without Backend::maintain from the writer the log would hold all 100 records (13 KB+).
     assert!(longest < 16 + 12 * 200, "log grew to {longest} bytes");
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_answered_before_the_checkpoint_it_makes_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = RedbOptions {
+        checkpoint_log_ops: 1,
+        ..RedbOptions::default()
+    };
+    let controls = Arc::new(Controls::default());
+    *controls.maintenance_held.lock().unwrap() = true;
+    let backend = Arc::new(Controlled {
+        inner: Arc::new(RedbBackend::open_with(dir.path().join("node.redb"), &options).unwrap()),
+        controls: Arc::clone(&controls),
+    });
+    let config = StoreConfig {
+        writer: WriterMode::Thread,
+        ..StoreConfig::default()
+    };
+    let store = Store::open(backend, config, metrics()).unwrap();
+    // The checkpoint this put makes due is held: the put is answered all the same.
+    let put = store.put(Table::Data, b("k"), b("v"));
+    let answered = tokio::time::timeout(Duration::from_secs(30), put).await;
+    controls.release_maintenance();
+    answered
+        .expect("the put waited for the checkpoint")
+        .unwrap();
     store.close().await;
 }
 
