@@ -646,6 +646,7 @@ mod tests {
             zone: None,
             lifecycle: Lifecycle::Normal,
             tokens: (0..u64::from(weight) / 10).collect(),
+            change: Default::default(),
         }
     }
 

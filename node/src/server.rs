@@ -164,6 +164,7 @@ where
                     .node_index(config.node_id.as_str())
                     .map(|i| view.ring.nodes()[i].tokens.clone())
                     .unwrap_or_default(),
+                change: Default::default(),
             },
             // Seeded from what makes this run unique, so runs differ and replays repeat.
             rng_seed: {

@@ -11,6 +11,7 @@
 //! - [`merkle`]: Merkle trees over fixed segments of the hash space, and the step-wise remote diff.
 //! - [`quorum`]: per-request reply bookkeeping and the typed quorum failure.
 //! - [`membership`]: gossip membership and failure detection (SWIM via foca), node metadata.
+//! - [`transition`]: ring transitions (membership change one change at a time, losing nothing).
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
 pub mod context;
@@ -22,5 +23,6 @@ pub mod merkle;
 pub mod node_id;
 pub mod quorum;
 pub mod ring;
+pub mod transition;
 
 pub use node_id::NodeId;

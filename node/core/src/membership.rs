@@ -109,7 +109,7 @@ pub const MAX_ZONE_LEN: usize = 253;
 pub const MAX_TOKENS: usize = u16::MAX as usize;
 
 /// First byte of every packet: the version of the wire format below.
-const WIRE_VERSION: u8 = 1;
+const WIRE_VERSION: u8 = 2;
 
 // ---------------------------------------------------------------------------------------------
 // Public data types
@@ -196,7 +196,7 @@ impl fmt::Display for Lifecycle {
 /// What a node gossips about itself besides its address: everything the ring is built from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeMetadata {
-    /// Ring weight, 0..=[`MAX_WEIGHT`] (100 is normal, 0 owns nothing).
+    /// Ring weight, 0..=[`MAX_WEIGHT`] (100 is normal, 0 owns nothing): the committed one.
     pub weight: u32,
     /// Failure zone; replicas prefer distinct zones.
     pub zone: Option<String>,
@@ -204,18 +204,160 @@ pub struct NodeMetadata {
     /// The node's ring tokens, token `i` at index `i` (see [`crate::ring::NodeSpec`]). Chosen by
     /// the node itself ([`MembershipSnapshot::tokens_for`]) and kept across restarts.
     pub tokens: Vec<u64>,
+    /// The node's part in membership change ([`crate::transition`]).
+    pub change: ChangeState,
 }
+
+/// What a node gossips about membership change: its target, the ring change it proposes, how
+/// far it has come with the change under way, and the members it knows were removed. The
+/// rules that read these are in [`crate::transition`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangeState {
+    /// The weight an admin asked this node to have; `None`: its committed weight.
+    pub target_weight: Option<u32>,
+    /// A ring change this node proposes: about itself (weight, leave), or the removal of a
+    /// member that is gone.
+    pub proposal: Option<Proposal>,
+    /// This node's progress on the change it sees under way.
+    pub ack: Option<Ack>,
+    /// Members this node knows were removed (grow-only; every node adds what it sees).
+    pub removed: Vec<NodeId>,
+}
+
+/// What a proposed change does to its subject.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ChangeKind {
+    /// The subject forgotten (gone for good); its ranges re-replicated from the survivors.
+    Remove,
+    /// The subject to weight 0, then lifecycle [`Lifecycle::Left`].
+    Leave,
+    /// The subject to a new weight (its tokens cut or extended).
+    Weight,
+}
+
+impl ChangeKind {
+    /// Stable label (status output, metrics).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Remove => "remove",
+            ChangeKind::Leave => "leave",
+            ChangeKind::Weight => "weight",
+        }
+    }
+
+    fn to_wire(self) -> u8 {
+        match self {
+            ChangeKind::Remove => 0,
+            ChangeKind::Leave => 1,
+            ChangeKind::Weight => 2,
+        }
+    }
+
+    fn from_wire(byte: u8) -> Option<ChangeKind> {
+        match byte {
+            0 => Some(ChangeKind::Remove),
+            1 => Some(ChangeKind::Leave),
+            2 => Some(ChangeKind::Weight),
+            _ => None,
+        }
+    }
+}
+
+/// One ring change: the subject's next weight and tokens, against the committed ring `base`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proposal {
+    pub kind: ChangeKind,
+    pub subject: NodeId,
+    /// The subject's weight after the change (0 for leave and remove).
+    pub weight: u32,
+    /// The subject's tokens after the change (empty for leave and remove).
+    pub tokens: Vec<u64>,
+    /// [`Ring::version`] of the committed ring the change was made against.
+    pub base: u64,
+}
+
+impl Proposal {
+    /// The change's identity: a digest of the proposal and its proposer. Acks name it.
+    pub fn id(&self, proposer: &NodeId) -> u64 {
+        let mut digest = Xxh3Default::new();
+        digest.update(b"dynakv-change-v1");
+        for id in [proposer, &self.subject] {
+            digest.update(&(id.as_str().len() as u64).to_le_bytes());
+            digest.update(id.as_str().as_bytes());
+        }
+        digest.update(&[self.kind.to_wire()]);
+        digest.update(&self.weight.to_le_bytes());
+        digest.update(&self.base.to_le_bytes());
+        digest.update(&(self.tokens.len() as u64).to_le_bytes());
+        for token in &self.tokens {
+            digest.update(&token.to_le_bytes());
+        }
+        digest.digest()
+    }
+}
+
+/// How far a node has come with one change (levels only rise for a given change).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AckLevel {
+    /// Every write this node coordinates goes to the new ring too, and the writes it started
+    /// before it knew of the change have finished.
+    Writing,
+    /// This node holds every range the change gives it (or it gains none).
+    Synced,
+    /// This node reads from the new ring, and the reads it started on the old one have finished.
+    Reading,
+}
+
+impl AckLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckLevel::Writing => "writing",
+            AckLevel::Synced => "synced",
+            AckLevel::Reading => "reading",
+        }
+    }
+
+    fn to_wire(self) -> u8 {
+        match self {
+            AckLevel::Writing => 1,
+            AckLevel::Synced => 2,
+            AckLevel::Reading => 3,
+        }
+    }
+
+    fn from_wire(byte: u8) -> Option<AckLevel> {
+        match byte {
+            1 => Some(AckLevel::Writing),
+            2 => Some(AckLevel::Synced),
+            3 => Some(AckLevel::Reading),
+            _ => None,
+        }
+    }
+}
+
+/// A node's progress on the change named by `change` ([`Proposal::id`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ack {
+    pub change: u64,
+    pub level: AckLevel,
+}
+
+/// Most removed members one node lists.
+pub const MAX_REMOVED: usize = 255;
 
 impl NodeMetadata {
     /// Digest of what the ring is built from (id, weight, zone, tokens); 0 for a node that left.
     fn ring_digest(&self, id: &NodeId) -> u64 {
-        if self.lifecycle == Lifecycle::Left {
+        if self.lifecycle == Lifecycle::Left
+            && self.change.proposal.is_none()
+            && self.change.removed.is_empty()
+        {
             return 0;
         }
         let mut digest = Xxh3Default::new();
-        let id = id.as_str().as_bytes();
-        digest.update(&(id.len() as u64).to_le_bytes());
-        digest.update(id);
+        let name = id.as_str().as_bytes();
+        digest.update(&(name.len() as u64).to_le_bytes());
+        digest.update(name);
         digest.update(&self.weight.to_le_bytes());
         match &self.zone {
             None => digest.update(&[0]),
@@ -228,6 +370,14 @@ impl NodeMetadata {
         digest.update(&(self.tokens.len() as u64).to_le_bytes());
         for token in &self.tokens {
             digest.update(&token.to_le_bytes());
+        }
+        // What changes the rings a node builds: proposals (write rings) and removals.
+        if let Some(p) = &self.change.proposal {
+            digest.update(&p.id(id).to_le_bytes());
+        }
+        for removed in &self.change.removed {
+            digest.update(&(removed.as_str().len() as u64).to_le_bytes());
+            digest.update(removed.as_str().as_bytes());
         }
         digest.digest()
     }
@@ -1161,6 +1311,7 @@ fn empty_metadata() -> NodeMetadata {
         zone: None,
         lifecycle: Lifecycle::Joining,
         tokens: Vec::new(),
+        change: ChangeState::default(),
     }
 }
 
@@ -1186,6 +1337,24 @@ fn check_identity(identity: &GossipId, config: &GossipConfig) -> Result<(), Memb
         return Err(MembershipError::InvalidMetadata(format!(
             "{} tokens; at most {MAX_TOKENS}",
             meta.tokens.len()
+        )));
+    }
+    if meta.change.target_weight.is_some_and(|w| w > MAX_WEIGHT) {
+        return Err(MembershipError::InvalidMetadata(format!(
+            "target weight above {MAX_WEIGHT}"
+        )));
+    }
+    if let Some(p) = &meta.change.proposal
+        && (p.weight > MAX_WEIGHT || p.tokens.len() > MAX_TOKENS)
+    {
+        return Err(MembershipError::InvalidMetadata(
+            "proposal weight or token count out of range".into(),
+        ));
+    }
+    if meta.change.removed.len() > MAX_REMOVED {
+        return Err(MembershipError::InvalidMetadata(format!(
+            "{} removed members listed; at most {MAX_REMOVED}",
+            meta.change.removed.len()
         )));
     }
     let bytes = identity_len(identity);
@@ -1270,7 +1439,12 @@ impl Identity for GossipId {
 // member   = full-identity incarnation:u16 state:u8
 // identity = id_len:u8 id address_len:u16 address generation:u64 version:u64 kind:u8
 //            [kind = 1: weight:u16 lifecycle:u8 has_zone:u8 [zone_len:u8 zone]
-//                       token_count:u16 token:u64*]
+//                       token_count:u16 token:u64* change]
+// change   = target:u16 (0xffff: none)
+//            has_proposal:u8 [kind:u8 subject_len:u8 subject weight:u16 base:u64
+//                             token_count:u16 token:u64*]
+//            has_ack:u8 [change:u64 level:u8]
+//            removed_count:u8 (id_len:u8 id)*
 //
 // Integers are big-endian (`bytes` defaults). Every length is checked before it is read.
 
@@ -1291,12 +1465,26 @@ fn identity_len(identity: &GossipId) -> usize {
     match &identity.meta {
         None => base,
         Some(meta) => {
+            let change = &meta.change;
             base + 2
                 + 1
                 + 1
                 + meta.zone.as_ref().map_or(0, |z| 1 + z.len())
                 + 2
                 + 8 * meta.tokens.len()
+                + 2
+                + 1
+                + change.proposal.as_ref().map_or(0, |p| {
+                    1 + 1 + p.subject.as_str().len() + 2 + 8 + 2 + 8 * p.tokens.len()
+                })
+                + 1
+                + change.ack.map_or(0, |_| 9)
+                + 1
+                + change
+                    .removed
+                    .iter()
+                    .map(|id| 1 + id.as_str().len())
+                    .sum::<usize>()
         }
     }
 }
@@ -1325,17 +1513,133 @@ fn put_identity(out: &mut Vec<u8>, identity: &GossipId, full: bool) -> Result<()
                     out.put_slice(zone.as_bytes());
                 }
             }
-            out.put_u16(
-                u16::try_from(meta.tokens.len()).map_err(|_| WireError("too many tokens"))?,
-            );
-            for token in &meta.tokens {
-                out.put_u64(*token);
-            }
+            put_tokens(out, &meta.tokens)?;
+            put_change(out, &meta.change)?;
         }
         (None, true) => return Err(WireError("a full identity without metadata")),
         (_, false) => out.put_u8(KIND_LEAN),
     }
     Ok(())
+}
+
+/// Target weight "none" on the wire.
+const NO_TARGET: u16 = u16::MAX;
+
+fn put_id(out: &mut Vec<u8>, id: &NodeId) -> Result<(), WireError> {
+    let bytes = id.as_str().as_bytes();
+    out.put_u8(u8::try_from(bytes.len()).map_err(|_| WireError("id too long"))?);
+    out.put_slice(bytes);
+    Ok(())
+}
+
+fn get_id(buf: &mut impl Buf) -> Result<NodeId, WireError> {
+    let len = usize::from(get_u8(buf)?);
+    NodeId::new(get_string(buf, len)?).map_err(|_| WireError("bad node id"))
+}
+
+fn put_weight(out: &mut Vec<u8>, weight: u32) -> Result<(), WireError> {
+    let w = u16::try_from(weight).map_err(|_| WireError("weight too large"))?;
+    if w == NO_TARGET {
+        return Err(WireError("weight too large"));
+    }
+    out.put_u16(w);
+    Ok(())
+}
+
+fn get_weight(buf: &mut impl Buf) -> Result<u32, WireError> {
+    let weight = u32::from(get_u16(buf)?);
+    if weight > MAX_WEIGHT {
+        return Err(WireError("weight above the maximum"));
+    }
+    Ok(weight)
+}
+
+fn put_tokens(out: &mut Vec<u8>, tokens: &[u64]) -> Result<(), WireError> {
+    out.put_u16(u16::try_from(tokens.len()).map_err(|_| WireError("too many tokens"))?);
+    for token in tokens {
+        out.put_u64(*token);
+    }
+    Ok(())
+}
+
+fn get_tokens(buf: &mut impl Buf) -> Result<Vec<u64>, WireError> {
+    let count = usize::from(get_u16(buf)?);
+    need(buf, 8 * count)?;
+    Ok((0..count).map(|_| buf.get_u64()).collect())
+}
+
+fn put_change(out: &mut Vec<u8>, change: &ChangeState) -> Result<(), WireError> {
+    match change.target_weight {
+        None => out.put_u16(NO_TARGET),
+        Some(w) => put_weight(out, w)?,
+    }
+    match &change.proposal {
+        None => out.put_u8(0),
+        Some(p) => {
+            out.put_u8(1);
+            out.put_u8(p.kind.to_wire());
+            put_id(out, &p.subject)?;
+            put_weight(out, p.weight)?;
+            out.put_u64(p.base);
+            put_tokens(out, &p.tokens)?;
+        }
+    }
+    match change.ack {
+        None => out.put_u8(0),
+        Some(ack) => {
+            out.put_u8(1);
+            out.put_u64(ack.change);
+            out.put_u8(ack.level.to_wire());
+        }
+    }
+    out.put_u8(u8::try_from(change.removed.len()).map_err(|_| WireError("too many removed"))?);
+    for id in &change.removed {
+        put_id(out, id)?;
+    }
+    Ok(())
+}
+
+fn get_change(buf: &mut impl Buf) -> Result<ChangeState, WireError> {
+    let target_weight = match get_u16(buf)? {
+        NO_TARGET => None,
+        w if u32::from(w) > MAX_WEIGHT => return Err(WireError("target above the maximum")),
+        w => Some(u32::from(w)),
+    };
+    let proposal = match get_u8(buf)? {
+        0 => None,
+        1 => {
+            let kind = ChangeKind::from_wire(get_u8(buf)?).ok_or(WireError("bad change kind"))?;
+            let subject = get_id(buf)?;
+            let weight = get_weight(buf)?;
+            let base = get_u64(buf)?;
+            let tokens = get_tokens(buf)?;
+            Some(Proposal {
+                kind,
+                subject,
+                weight,
+                tokens,
+                base,
+            })
+        }
+        _ => return Err(WireError("bad proposal flag")),
+    };
+    let ack = match get_u8(buf)? {
+        0 => None,
+        1 => {
+            let change = get_u64(buf)?;
+            let level = AckLevel::from_wire(get_u8(buf)?).ok_or(WireError("bad ack level"))?;
+            Some(Ack { change, level })
+        }
+        _ => return Err(WireError("bad ack flag")),
+    };
+    let count = usize::from(get_u8(buf)?);
+    let removed = (0..count).map(|_| get_id(buf)).collect::<Result<_, _>>()?;
+    Ok(ChangeState {
+        target_weight,
+        proposal,
+        ack,
+        removed,
+    })
 }
 
 fn need(buf: &impl Buf, n: usize) -> Result<(), WireError> {
@@ -1398,14 +1702,14 @@ fn get_identity(buf: &mut impl Buf, require_full: bool) -> Result<GossipId, Wire
                 }
                 _ => return Err(WireError("bad zone flag")),
             };
-            let count = usize::from(get_u16(buf)?);
-            need(buf, 8 * count)?;
-            let tokens = (0..count).map(|_| buf.get_u64()).collect();
+            let tokens = get_tokens(buf)?;
+            let change = get_change(buf)?;
             Some(Arc::new(NodeMetadata {
                 weight,
                 zone,
                 lifecycle,
                 tokens,
+                change,
             }))
         }
         _ => return Err(WireError("bad identity kind")),
@@ -1631,6 +1935,7 @@ mod tests {
             tokens: (0..vnode_count(64, weight))
                 .map(|_| rng.next_u64())
                 .collect(),
+            change: ChangeState::default(),
         }
     }
 
@@ -2320,6 +2625,7 @@ mod tests {
                 zone: spec.zone.clone(),
                 lifecycle: Lifecycle::Normal,
                 tokens: spec.tokens.clone(),
+                change: ChangeState::default(),
             }),
         };
         let snapshot = MembershipSnapshot {
@@ -2554,6 +2860,7 @@ mod tests {
                 zone: spec.zone.clone(),
                 lifecycle: Lifecycle::Normal,
                 tokens: spec.tokens.clone(),
+                change: ChangeState::default(),
             }),
         };
         let snapshot = MembershipSnapshot {
@@ -2582,6 +2889,7 @@ mod tests {
                 zone: None,
                 lifecycle: Lifecycle::Normal,
                 tokens,
+                change: ChangeState::default(),
             }),
         };
         let snapshot = MembershipSnapshot {

@@ -142,6 +142,11 @@ impl fmt::Display for QuorumError {
 impl std::error::Error for QuorumError {}
 
 /// One request's replies. The coordinator registers each target it asks, then each reply.
+///
+/// With [`QuorumTracker::with_sets`] the request must win in each of several replica sets at
+/// once (one per live ring version while the ring changes, as Garage's
+/// `QuorumSetResultTracker` does per layout version): a reply counts in every set that holds the
+/// primary it answers for (itself, or the primary a fallback stands for).
 #[derive(Debug, Clone)]
 pub struct QuorumTracker {
     kind: QuorumKind,
@@ -151,6 +156,10 @@ pub struct QuorumTracker {
     acked: Vec<(NodeId, bool)>,
     failed: Vec<(NodeId, ReplicaFailure)>,
     verdict: Vote,
+    /// Replica sets that must each reach `needed`; empty: every ack counts (one set).
+    sets: Vec<Vec<NodeId>>,
+    /// Target -> the primary it answers for (fallbacks only; a primary answers for itself).
+    stands_for: Vec<(NodeId, NodeId)>,
 }
 
 impl QuorumTracker {
@@ -165,10 +174,26 @@ impl QuorumTracker {
             acked: Vec::new(),
             failed: Vec::new(),
             verdict: Vote::Pending,
+            sets: Vec::new(),
+            stands_for: Vec::new(),
         };
         if needed == 0 {
             t.verdict = Vote::Won;
         }
+        t
+    }
+
+    /// A tracker that wins only once `needed` primaries of *each* of `sets` acknowledged
+    /// (directly or through a fallback standing for them). One set behaves like [`Self::new`]
+    /// with those primaries as the only targets.
+    pub fn with_sets(
+        kind: QuorumKind,
+        needed: usize,
+        strict: bool,
+        sets: Vec<Vec<NodeId>>,
+    ) -> Self {
+        let mut t = QuorumTracker::new(kind, needed, strict);
+        t.sets = sets;
         t
     }
 
@@ -179,6 +204,78 @@ impl QuorumTracker {
         }
     }
 
+    /// A request was sent to fallback `node`, standing for `primary`.
+    pub fn asked_for(&mut self, node: NodeId, primary: NodeId) {
+        if !self.knows(&node) {
+            self.stands_for.push((node.clone(), primary));
+            self.asked.push(node);
+        }
+    }
+
+    /// The primary `node` answers for.
+    fn primary_of<'a>(&'a self, node: &'a NodeId) -> &'a NodeId {
+        self.stands_for
+            .iter()
+            .find(|(n, _)| n == node)
+            .map_or(node, |(_, p)| p)
+    }
+
+    /// Acks and still-possible acks of each set (distinct primaries each).
+    fn set_counts(&self) -> Vec<(usize, usize)> {
+        let primaries = |nodes: Vec<&NodeId>, set: &[NodeId]| -> Vec<NodeId> {
+            let mut out: Vec<NodeId> = nodes
+                .into_iter()
+                .map(|n| self.primary_of(n).clone())
+                .filter(|p| set.contains(p))
+                .collect();
+            out.sort();
+            out.dedup();
+            out
+        };
+        self.sets
+            .iter()
+            .map(|set| {
+                let acked = primaries(self.acked.iter().map(|(n, _)| n).collect(), set);
+                let pending = primaries(self.asked.iter().collect(), set);
+                let possible = pending.iter().filter(|p| !acked.contains(p)).count();
+                (acked.len(), possible)
+            })
+            .collect()
+    }
+
+    fn won(&self) -> bool {
+        if self.sets.is_empty() {
+            self.acked.len() >= self.needed
+        } else {
+            self.set_counts()
+                .iter()
+                .all(|(acked, _)| *acked >= self.needed)
+        }
+    }
+
+    fn cannot_win(&self) -> bool {
+        if self.sets.is_empty() {
+            self.acked.len() + self.asked.len() < self.needed
+        } else {
+            self.set_counts()
+                .iter()
+                .any(|(acked, possible)| acked + possible < self.needed)
+        }
+    }
+
+    /// Acks that count: all of them, or, with several sets, those of the set with fewest.
+    fn counted(&self) -> usize {
+        if self.sets.is_empty() {
+            self.acked.len()
+        } else {
+            self.set_counts()
+                .iter()
+                .map(|(acked, _)| *acked)
+                .min()
+                .unwrap_or(0)
+        }
+    }
+
     /// `node` acknowledged (a write durable, or a read answer). `fallback` marks a sloppy-quorum stand-in.
     pub fn register_ack(&mut self, node: &NodeId, fallback: bool) -> &Vote {
         if self.answered(node) {
@@ -186,7 +283,7 @@ impl QuorumTracker {
         }
         self.asked.retain(|n| n != node);
         self.acked.push((node.clone(), fallback));
-        if self.verdict == Vote::Pending && self.acked.len() >= self.needed {
+        if self.verdict == Vote::Pending && self.won() {
             self.verdict = Vote::Won;
         }
         &self.verdict
@@ -220,7 +317,7 @@ impl QuorumTracker {
     }
 
     fn check_lost(&mut self) {
-        if self.verdict == Vote::Pending && self.acked.len() + self.asked.len() < self.needed {
+        if self.verdict == Vote::Pending && self.cannot_win() {
             self.verdict = Vote::Lost(self.error());
         }
     }
@@ -230,7 +327,7 @@ impl QuorumTracker {
         QuorumError {
             kind: self.kind,
             needed: self.needed,
-            got: self.acked.len(),
+            got: self.counted(),
             failed: self.failed.clone(),
             strict: self.strict,
         }
@@ -380,6 +477,83 @@ mod tests {
         assert_eq!(
             t.error().to_string(),
             "needed W=3, got 0 acks: not enough replicas in the ring"
+        );
+    }
+
+    fn sets(sets: &[&[&str]]) -> Vec<Vec<NodeId>> {
+        sets.iter()
+            .map(|s| s.iter().map(|n| id(n)).collect())
+            .collect()
+    }
+
+    #[test]
+    fn with_two_rings_a_write_wins_only_with_a_quorum_in_each() {
+        // Old ring n1 n2 n3, new ring n1 n2 n4 (n4 takes n3's place).
+        let mut t = QuorumTracker::with_sets(
+            QuorumKind::Write,
+            2,
+            false,
+            sets(&[&["n1", "n2", "n3"], &["n1", "n2", "n4"]]),
+        );
+        for n in ["n1", "n2", "n3", "n4"] {
+            t.asked(id(n));
+        }
+        assert_eq!(t.register_ack(&id("n1"), false), &Vote::Pending);
+        assert_eq!(
+            t.register_ack(&id("n3"), false),
+            &Vote::Pending,
+            "old ring only"
+        );
+        assert_eq!(t.register_ack(&id("n4"), false), &Vote::Won);
+    }
+
+    #[test]
+    fn with_two_rings_losing_one_ring_loses_the_write() {
+        let mut t = QuorumTracker::with_sets(
+            QuorumKind::Write,
+            2,
+            true,
+            sets(&[&["n1", "n2", "n3"], &["n1", "n4", "n5"]]),
+        );
+        for n in ["n1", "n2", "n3", "n4", "n5"] {
+            t.asked(id(n));
+        }
+        t.register_ack(&id("n1"), false);
+        t.register_ack(&id("n2"), false);
+        assert_eq!(
+            t.register_failure(&id("n4"), ReplicaFailure::Timeout),
+            &Vote::Pending
+        );
+        let Vote::Lost(e) = t
+            .register_failure(&id("n5"), ReplicaFailure::Unreachable)
+            .clone()
+        else {
+            panic!("the new ring cannot reach W=2");
+        };
+        assert_eq!(e.got, 1, "the worse ring's count");
+        assert_eq!(
+            e.to_string(),
+            "needed W=2, got 1 ack (strict: primaries only): n5 unreachable; n4 timed out"
+        );
+    }
+
+    #[test]
+    fn a_fallback_counts_in_every_ring_of_the_primary_it_stands_for() {
+        let mut t = QuorumTracker::with_sets(
+            QuorumKind::Write,
+            2,
+            false,
+            sets(&[&["n1", "n2", "n3"], &["n1", "n3", "n4"]]),
+        );
+        for n in ["n1", "n3", "n4"] {
+            t.asked(id(n));
+        }
+        t.asked_for(id("n9"), id("n3"));
+        t.register_ack(&id("n1"), false);
+        assert_eq!(
+            t.register_ack(&id("n9"), true),
+            &Vote::Won,
+            "n9 answers for n3 in both"
         );
     }
 }

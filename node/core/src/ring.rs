@@ -254,6 +254,14 @@ impl Ring {
         replicas
     }
 
+    /// Whether node `id` is among the `n` replicas of the key at `key_pos`.
+    pub fn is_replica(&self, key_pos: u64, n: usize, id: &str) -> bool {
+        let Some(node) = self.node_index(id) else {
+            return false;
+        };
+        self.preference_list(key_pos, n).contains(&node)
+    }
+
     /// Every node with tokens, each once: the preference list first, then the others in the
     /// order the clockwise walk meets them (the fallbacks of a sloppy quorum).
     pub fn walk(&self, key_pos: u64, n: usize) -> impl Iterator<Item = usize> + '_ {
@@ -427,6 +435,68 @@ pub fn moved_ranges(old: &Ring, new: &Ring, n: usize) -> Vec<RangeMove> {
         }
     }
     moves
+}
+
+/// A key range `(start, end]` that node `to` replicates in a new ring and not in the old one
+/// (wrapping as [`RangeMove`]'s), with the old ring's replicas of it, in preference order: the
+/// nodes that can hand it over.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Handoff {
+    pub start: u64,
+    pub end: u64,
+    pub sources: Vec<NodeId>,
+}
+
+impl Handoff {
+    /// Whether the key position `pos` lies in the range.
+    pub fn contains(&self, pos: u64) -> bool {
+        range_contains(self.start, self.end, pos)
+    }
+}
+
+/// Whether `pos` lies in `(start, end]`, wrapping past `u64::MAX` when `start >= end`
+/// (`start == end` is the whole ring).
+pub fn range_contains(start: u64, end: u64, pos: u64) -> bool {
+    if start < end {
+        start < pos && pos <= end
+    } else {
+        pos > start || pos <= end
+    }
+}
+
+/// The ranges node `to` gains from `old` to `new` (replica in `new`, not in `old`), in clockwise
+/// order from the range that wraps past zero, adjacent ranges with the same sources merged.
+pub fn handoffs(old: &Ring, new: &Ring, n: usize, to: &NodeId) -> Vec<Handoff> {
+    let mut out: Vec<Handoff> = Vec::new();
+    for_each_segment(old, new, n, |segment| {
+        if !contains_id(&segment.new, new, to) || contains_id(&segment.old, old, to) {
+            return;
+        }
+        let sources: Vec<NodeId> = segment
+            .old
+            .iter()
+            .map(|&node| old.nodes[node].id.clone())
+            .collect();
+        match out.last_mut() {
+            Some(last) if last.end == segment.start && last.sources == sources => {
+                last.end = segment.end;
+            }
+            _ => out.push(Handoff {
+                start: segment.start,
+                end: segment.end,
+                sources,
+            }),
+        }
+    });
+    if out.len() > 1 {
+        let (first, last) = (&out[0], &out[out.len() - 1]);
+        if last.end == first.start && last.sources == first.sources {
+            let start = last.start;
+            out.pop();
+            out[0].start = start;
+        }
+    }
+    out
 }
 
 /// Fraction of the new ring's key-replicas that sit on a node that did not hold them in the old

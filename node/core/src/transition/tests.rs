@@ -1,0 +1,530 @@
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::membership::{ChangeState, MemberInfo};
+use crate::ring::{Member, vnode_count};
+
+const N: usize = 3;
+const VNODES: u32 = 16;
+
+fn id(s: &str) -> NodeId {
+    NodeId::new(s).unwrap()
+}
+
+fn meta(weight: u32, tokens: Vec<u64>) -> NodeMetadata {
+    NodeMetadata {
+        weight,
+        zone: None,
+        lifecycle: if weight > 0 {
+            Lifecycle::Normal
+        } else {
+            Lifecycle::Joining
+        },
+        tokens,
+        change: ChangeState::default(),
+    }
+}
+
+/// A cluster as a model of gossip: every node's own metadata (the truth), and what each node
+/// has heard of every other.
+#[derive(Clone, Debug)]
+struct Cluster {
+    truth: BTreeMap<NodeId, NodeMetadata>,
+    heard: BTreeMap<NodeId, BTreeMap<NodeId, NodeMetadata>>,
+    down: BTreeSet<NodeId>,
+    /// Changes whose handoff each node completed.
+    synced: BTreeMap<NodeId, u64>,
+    remove_requests: BTreeMap<NodeId, Vec<NodeId>>,
+}
+
+impl Cluster {
+    /// `weights[i]` for node `n{i+1}`: the ones above 0 start balanced in the ring.
+    fn new(weights: &[u32]) -> Cluster {
+        let members: Vec<Member> = weights
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| **w > 0)
+            .map(|(i, w)| Member {
+                id: id(&format!("n{}", i + 1)),
+                weight: *w,
+                zone: None,
+            })
+            .collect();
+        let ring = Ring::balanced(&members, VNODES, N);
+        let truth: BTreeMap<NodeId, NodeMetadata> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let node = id(&format!("n{}", i + 1));
+                let tokens = ring
+                    .node_index(node.as_str())
+                    .map(|x| ring.nodes()[x].tokens.clone())
+                    .unwrap_or_default();
+                (node, meta(*w, tokens))
+            })
+            .collect();
+        let heard = truth.keys().map(|me| (me.clone(), truth.clone())).collect();
+        Cluster {
+            truth,
+            heard,
+            down: BTreeSet::new(),
+            synced: BTreeMap::new(),
+            remove_requests: BTreeMap::new(),
+        }
+    }
+
+    fn snapshot(&self, me: &NodeId) -> MembershipSnapshot {
+        let heard = &self.heard[me];
+        let members = heard
+            .iter()
+            .map(|(node, m)| {
+                let m = if node == me { &self.truth[me] } else { m };
+                MemberInfo {
+                    id: node.clone(),
+                    address: Arc::from("a:1"),
+                    generation: 1,
+                    version: 1,
+                    state: if self.down.contains(node) && node != me {
+                        MemberState::Down
+                    } else {
+                        MemberState::Alive
+                    },
+                    metadata: Arc::new(m.clone()),
+                }
+            })
+            .collect();
+        MembershipSnapshot {
+            local: me.clone(),
+            members,
+            ring_digest: 0,
+            seq: 0,
+        }
+    }
+
+    fn state(&self, me: &NodeId) -> RingState {
+        RingState::new(&self.snapshot(me), &[]).unwrap()
+    }
+
+    /// `me` takes one step: what its shell would do on its current view. Its writes and reads
+    /// drain at once; its handoff completes in the same step it becomes due.
+    fn step(&mut self, me: &NodeId) {
+        let state = self.state(me);
+        let mut progress = LocalProgress {
+            remove_requested: self.remove_requests.get(me).cloned().unwrap_or_default(),
+            ..LocalProgress::default()
+        };
+        if let Some(change) = state.current() {
+            progress.writes_drained = Some(change.id);
+            if state.phase() >= Some(Phase::Streaming) {
+                self.synced.insert(me.clone(), change.id);
+            }
+            if self.synced.get(me) == Some(&change.id) {
+                progress.synced = Some(change.id);
+            }
+            if state.read_ring().version() == change.ring.version() {
+                progress.reads_drained = Some(change.id);
+            }
+        }
+        if let Some(next) = state.next_metadata(&self.truth[me], &progress, VNODES, N) {
+            self.truth.insert(me.clone(), next);
+        }
+    }
+
+    /// `to` hears `from`'s current metadata.
+    fn hear(&mut self, to: &NodeId, from: &NodeId) {
+        let m = self.truth[from].clone();
+        if let Some(view) = self.heard.get_mut(to) {
+            view.insert(from.clone(), m);
+        }
+    }
+
+    fn live(&self) -> Vec<NodeId> {
+        self.truth
+            .keys()
+            .filter(|n| !self.down.contains(*n))
+            .cloned()
+            .collect()
+    }
+
+    /// Every live node steps and hears every other live node, `rounds` times.
+    fn settle(&mut self, rounds: usize) {
+        for _ in 0..rounds {
+            let live = self.live();
+            for a in &live {
+                self.step(a);
+            }
+            for a in &live {
+                for b in &live {
+                    self.hear(a, b);
+                }
+            }
+        }
+    }
+
+    fn set_target(&mut self, node: &str, weight: u32) {
+        let node = id(node);
+        let m = with_target_weight(&self.truth[&node], weight);
+        self.truth.insert(node, m);
+    }
+
+    /// The safety property: whatever ring a live node reads from, every node writes to it.
+    fn check_reads_see_writes(&self) -> Result<(), String> {
+        let states: Vec<(NodeId, RingState)> = self
+            .truth
+            .keys()
+            .map(|n| (n.clone(), self.state(n)))
+            .collect();
+        for (r, rs) in &states {
+            let read = rs.read_ring().version();
+            for (w, ws) in &states {
+                let writes: Vec<u64> = ws.write_rings().iter().map(|x| x.version()).collect();
+                if !writes.contains(&read) {
+                    return Err(format!(
+                        "{r} reads ring {read:016x}, which {w} does not write to ({writes:016x?})"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A node reading from a proposal's ring implies every new owner of it holds its ranges.
+    fn check_reads_only_synced_rings(&self) -> Result<(), String> {
+        for r in self.truth.keys() {
+            let state = self.state(r);
+            let Some(change) = state.current() else {
+                continue;
+            };
+            if state.read_ring().version() != change.ring.version() {
+                continue;
+            }
+            for p in state.participants() {
+                let gains = handoffs(state.committed(), &change.ring, N, p);
+                if !gains.is_empty() && self.synced.get(p) != Some(&change.id) {
+                    return Err(format!(
+                        "{r} reads the ring of change {:016x}, but {p} has not synced it",
+                        change.id
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn weights(&self) -> BTreeMap<String, u32> {
+        self.truth
+            .iter()
+            .map(|(n, m)| (n.to_string(), m.weight))
+            .collect()
+    }
+}
+
+#[test]
+fn a_join_runs_through_every_phase_and_commits() {
+    let mut c = Cluster::new(&[100, 100, 100, 0]);
+    c.set_target("n4", 100);
+    let n4 = id("n4");
+    c.step(&n4);
+    let proposal = c.truth[&n4].change.proposal.clone().expect("n4 proposes");
+    assert_eq!(proposal.kind, ChangeKind::Weight);
+    assert_eq!(proposal.tokens.len() as u32, vnode_count(VNODES, 100));
+    for a in c.live() {
+        for b in c.live() {
+            c.hear(&a, &b);
+        }
+    }
+    let state = c.state(&n4);
+    assert_eq!(state.phase(), Some(Phase::Announced));
+    assert!(!state.gains(N).is_empty(), "the joiner gains ranges");
+    assert_eq!(state.write_rings().len(), 2);
+    assert_eq!(state.read_ring().version(), state.committed().version());
+    let mut phases = vec![];
+    for _ in 0..10 {
+        c.settle(1);
+        c.check_reads_see_writes().unwrap();
+        if let Some(p) = c.state(&id("n1")).phase() {
+            phases.push(p);
+        }
+    }
+    phases.dedup();
+    assert_eq!(
+        phases,
+        vec![Phase::Streaming, Phase::Switching, Phase::Retiring],
+        "phases seen after each round"
+    );
+    assert_eq!(c.truth[&n4].weight, 100);
+    assert_eq!(c.truth[&n4].lifecycle, Lifecycle::Normal);
+    assert!(c.truth[&n4].change.proposal.is_none());
+    let state = c.state(&id("n2"));
+    assert!(state.current().is_none());
+    assert_eq!(state.write_rings().len(), 1);
+    assert_eq!(state.committed().nodes().len(), 4);
+}
+
+#[test]
+fn a_weight_change_moves_only_the_subjects_tokens() {
+    let mut c = Cluster::new(&[100, 100, 100, 100]);
+    let before = c.state(&id("n1")).committed().clone();
+    c.set_target("n2", 50);
+    c.settle(12);
+    let after = c.state(&id("n1")).committed().clone();
+    for node in before.nodes() {
+        let now = &after.nodes()[after.node_index(node.id.as_str()).unwrap()];
+        if node.id.as_str() == "n2" {
+            assert_eq!(now.weight, 50);
+            assert_eq!(now.tokens[..], node.tokens[..now.tokens.len()]);
+        } else {
+            assert_eq!(now.tokens, node.tokens, "{} kept its tokens", node.id);
+        }
+    }
+    // And back up: the kept tokens stay, new ones are appended.
+    c.set_target("n2", 100);
+    c.settle(12);
+    let again = c.state(&id("n3")).committed().clone();
+    let n2 = &again.nodes()[again.node_index("n2").unwrap()];
+    assert_eq!(n2.weight, 100);
+    assert_eq!(n2.tokens.len() as u32, vnode_count(VNODES, 100));
+    let kept = &after.nodes()[after.node_index("n2").unwrap()].tokens;
+    assert_eq!(&n2.tokens[..kept.len()], &kept[..]);
+}
+
+#[test]
+fn a_node_reads_the_new_ring_only_once_every_participant_synced() {
+    let mut c = Cluster::new(&[100, 100, 100, 0]);
+    c.set_target("n4", 100);
+    c.step(&id("n4"));
+    for a in c.live() {
+        for b in c.live() {
+            c.hear(&a, &b);
+        }
+    }
+    // Everyone acks writing; n1 hears everyone, but n4 (the new owner) has not synced yet.
+    for n in c.live() {
+        c.step(&n);
+    }
+    for b in c.live() {
+        c.hear(&id("n1"), &b);
+    }
+    let state = c.state(&id("n1"));
+    assert_eq!(state.phase(), Some(Phase::Streaming));
+    assert_eq!(state.read_ring().version(), state.committed().version());
+    assert_eq!(
+        state.waiting_for(),
+        vec![id("n1"), id("n2"), id("n3"), id("n4")]
+    );
+}
+
+#[test]
+fn a_down_participant_holds_the_change_until_it_returns() {
+    let mut c = Cluster::new(&[100, 100, 100, 100, 0]);
+    c.down.insert(id("n3"));
+    c.set_target("n5", 100);
+    c.settle(12);
+    assert_eq!(c.truth[&id("n5")].weight, 0, "no commit without n3's ack");
+    let state = c.state(&id("n1"));
+    assert_eq!(state.phase(), Some(Phase::Announced));
+    assert_eq!(state.waiting_for(), vec![id("n3")]);
+    c.down.clear();
+    c.settle(12);
+    assert_eq!(c.truth[&id("n5")].weight, 100);
+}
+
+#[test]
+fn concurrent_proposals_run_one_at_a_time_and_both_land() {
+    let mut c = Cluster::new(&[100, 100, 100, 0, 0]);
+    c.set_target("n4", 100);
+    c.set_target("n5", 100);
+    // Both see a free ring and propose before hearing of each other (n5 does not wait for
+    // n4, which it has not heard wants a change).
+    c.heard.get_mut(&id("n5")).unwrap().remove(&id("n4"));
+    c.step(&id("n4"));
+    c.step(&id("n5"));
+    assert!(c.truth[&id("n4")].change.proposal.is_some());
+    assert!(c.truth[&id("n5")].change.proposal.is_some());
+    c.heard
+        .get_mut(&id("n5"))
+        .unwrap()
+        .insert(id("n4"), c.truth[&id("n4")].clone());
+    for a in c.live() {
+        for b in c.live() {
+            c.hear(&a, &b);
+        }
+    }
+    let winners: BTreeSet<u64> = c
+        .live()
+        .iter()
+        .map(|n| c.state(n).current().unwrap().id)
+        .collect();
+    assert_eq!(winners.len(), 1, "every node takes the same winner");
+    for _ in 0..40 {
+        c.settle(1);
+        c.check_reads_see_writes().unwrap();
+    }
+    assert_eq!(c.truth[&id("n4")].weight, 100);
+    assert_eq!(c.truth[&id("n5")].weight, 100);
+}
+
+#[test]
+fn a_drain_ends_in_left_and_out_of_the_ring() {
+    let mut c = Cluster::new(&[100, 100, 100, 100]);
+    let m = leaving(&c.truth[&id("n4")]);
+    c.truth.insert(id("n4"), m);
+    c.settle(12);
+    let n4 = &c.truth[&id("n4")];
+    assert_eq!(n4.lifecycle, Lifecycle::Left);
+    assert!(n4.tokens.is_empty());
+    let state = c.state(&id("n1"));
+    assert!(state.committed().node_index("n4").is_none());
+    assert!(!state.participants().contains(&id("n4")));
+}
+
+#[test]
+fn a_leaving_node_with_hints_waits_before_it_commits() {
+    let mut c = Cluster::new(&[100, 100, 100, 100]);
+    let m = leaving(&c.truth[&id("n4")]);
+    c.truth.insert(id("n4"), m);
+    for _ in 0..12 {
+        for n in c.live() {
+            let state = c.state(&n);
+            let mut progress = LocalProgress {
+                holds_hints: n.as_str() == "n4",
+                ..Default::default()
+            };
+            if let Some(ch) = state.current() {
+                progress.writes_drained = Some(ch.id);
+                progress.synced = Some(ch.id);
+                progress.reads_drained = Some(ch.id);
+            }
+            if let Some(next) = state.next_metadata(&c.truth[&n], &progress, VNODES, N) {
+                c.truth.insert(n.clone(), next);
+            }
+        }
+        for a in c.live() {
+            for b in c.live() {
+                c.hear(&a, &b);
+            }
+        }
+    }
+    assert_eq!(c.truth[&id("n4")].lifecycle, Lifecycle::Leaving);
+    assert_eq!(c.state(&id("n1")).phase(), Some(Phase::Retiring));
+    c.settle(3);
+    assert_eq!(c.truth[&id("n4")].lifecycle, Lifecycle::Left);
+}
+
+#[test]
+fn a_changed_mind_during_a_drain_brings_the_node_back() {
+    let mut c = Cluster::new(&[100, 100, 100, 100]);
+    let m = leaving(&c.truth[&id("n4")]);
+    c.truth.insert(id("n4"), m);
+    c.settle(2);
+    c.set_target("n4", 100);
+    c.settle(30);
+    let n4 = &c.truth[&id("n4")];
+    assert_eq!(n4.lifecycle, Lifecycle::Normal);
+    assert_eq!(n4.weight, 100);
+}
+
+#[test]
+fn removal_forgets_the_subject_and_waits_for_nobody_else() {
+    let mut c = Cluster::new(&[100, 100, 100, 100]);
+    c.down.insert(id("n2"));
+    let state = c.state(&id("n1"));
+    state.check_remove(&id("n2"), N).unwrap();
+    c.remove_requests.insert(id("n1"), vec![id("n2")]);
+    c.settle(12);
+    let state = c.state(&id("n3"));
+    assert!(state.removed().contains(&id("n2")));
+    assert!(state.committed().node_index("n2").is_none());
+    assert!(!state.participants().contains(&id("n2")));
+    assert!(state.current().is_none());
+}
+
+#[test]
+fn admin_requests_that_cannot_be_honoured_are_refused() {
+    let mut c = Cluster::new(&[100, 100, 100, 0]);
+    let s = c.state(&id("n1"));
+    assert_eq!(
+        s.check_weight(&id("n1"), 1001, N),
+        Err(ChangeRefused::WeightOutOfRange { weight: 1001 })
+    );
+    assert!(
+        s.check_weight(&id("n1"), 1001, N)
+            .unwrap_err()
+            .is_invalid_argument()
+    );
+    assert_eq!(
+        s.check_weight(&id("n9"), 10, N),
+        Err(ChangeRefused::UnknownNode(id("n9")))
+    );
+    assert!(matches!(
+        s.check_weight(&id("n2"), 0, N),
+        Err(ChangeRefused::BelowReplicationFactor { left: 2, n: 3, .. })
+    ));
+    s.check_weight(&id("n4"), 100, N).unwrap();
+    s.check_weight(&id("n2"), 50, N).unwrap();
+    assert!(matches!(
+        s.check_remove(&id("n2"), N),
+        Err(ChangeRefused::RemoveAlive { .. })
+    ));
+    // With n4 on its way to 100, n2 may drain.
+    c.set_target("n4", 100);
+    let s = c.state(&id("n4"));
+    s.check_weight(&id("n2"), 0, N).unwrap();
+}
+
+/// Start weights, admin targets (node, weight), and a schedule of (step or hear, a, b).
+type Case = (Vec<u32>, Vec<(usize, u32)>, Vec<(u8, usize, usize)>);
+
+fn cluster_strategy() -> impl Strategy<Value = Case> {
+    (
+        prop::collection::vec(prop_oneof![Just(0u32), Just(50), Just(100)], 4..6),
+        prop::collection::vec(
+            (0usize..6, prop_oneof![Just(0u32), Just(25), Just(100)]),
+            1..4,
+        ),
+        prop::collection::vec((0u8..4, 0usize..6, 0usize..6), 0..400),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Under any interleaving of steps and gossip (and any admin targets set at once), every
+    /// ring any node reads from is written to by every node, no node reads a ring whose new
+    /// owners have not synced, and once gossip settles the ring reaches every target.
+    #[test]
+    fn transitions_keep_reads_on_written_rings_and_reach_the_targets(
+        (weights, targets, schedule) in cluster_strategy()
+    ) {
+        let mut c = Cluster::new(&weights);
+        let nodes: Vec<NodeId> = c.truth.keys().cloned().collect();
+        let mut wanted: BTreeMap<NodeId, u32> = BTreeMap::new();
+        for (i, w) in &targets {
+            let node = nodes[i % nodes.len()].clone();
+            let state = c.state(&node);
+            if state.check_weight(&node, *w, N).is_ok() {
+                c.set_target(node.as_str(), *w);
+                wanted.insert(node, *w);
+            }
+        }
+        for (op, a, b) in schedule {
+            let (a, b) = (&nodes[a % nodes.len()], &nodes[b % nodes.len()]);
+            match op {
+                0 | 1 => c.step(a),
+                _ => c.hear(a, b),
+            }
+            c.check_reads_see_writes().map_err(TestCaseError::fail)?;
+            c.check_reads_only_synced_rings().map_err(TestCaseError::fail)?;
+        }
+        c.settle(16 * (wanted.len() + 1) + 16);
+        c.check_reads_see_writes().map_err(TestCaseError::fail)?;
+        for (node, w) in &wanted {
+            prop_assert_eq!(c.truth[node].weight, *w, "weights {:?}", c.weights());
+        }
+        let state = c.state(&nodes[0]);
+        prop_assert!(state.current().is_none());
+        prop_assert_eq!(state.write_rings().len(), 1);
+    }
+}
