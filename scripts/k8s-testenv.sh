@@ -217,14 +217,29 @@ EOF
   printf '%s\n' "${got[@]}"
 }
 
-# The processes of a DIR that are still alive (a pid is ours only if its command line names DIR).
+# The processes of a DIR that are still alive (a pid is ours only if its command line names DIR,
+# which guards against a reused pid).
 live_pids() {
   local dir=$1 name pid
   [[ -f "$dir/pids" ]] || return 0
   while read -r name pid; do
     [[ -n "${pid:-}" && -r "/proc/$pid/cmdline" ]] || continue
+    # The watchdog execs `stop` in its own process: never count ourselves.
+    [[ $pid != "$$" ]] || continue
     if tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$dir"; then echo "$name $pid"; fi
   done <"$dir/pids"
+}
+
+# TERM a process, wait up to 10 s for it to exit, then KILL it.
+stop_pid() {
+  local pid=$1
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 100); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  log "pid $pid did not stop within 10 s of SIGTERM: SIGKILL"
+  kill -KILL "$pid" 2>/dev/null || true
 }
 
 cmd_stop() {
@@ -232,20 +247,13 @@ cmd_stop() {
   dir=$(cd "${1:?usage: stop DIR}" 2>/dev/null && pwd) || return 0
   local -a live
   mapfile -t live < <(live_pids "$dir")
-  local entry
-  # The watchdog first, so it does not run a second stop; then in reverse order of start.
+  local entry i
+  # The watchdog first, so it does not run a second stop; then one by one in reverse order of
+  # start (controller manager, apiserver, etcd): an apiserver whose etcd is gone hangs on TERM.
   for entry in "${live[@]}"; do
-    if [[ $entry == watchdog* ]]; then kill -TERM "${entry#* }" 2>/dev/null || true; fi
+    if [[ $entry == watchdog* ]]; then stop_pid "${entry#* }"; fi
   done
-  local i
-  for ((i = ${#live[@]} - 1; i >= 0; i--)); do kill -TERM "${live[i]#* }" 2>/dev/null || true; done
-  for _ in $(seq 100); do
-    [[ -z "$(live_pids "$dir")" ]] && break
-    sleep 0.1
-  done
-  while read -r _ pid; do
-    kill -KILL "$pid" 2>/dev/null || true
-  done < <(live_pids "$dir")
+  for ((i = ${#live[@]} - 1; i >= 0; i--)); do stop_pid "${live[i]#* }"; done
   rm -f "$dir/pids"
   ((${#live[@]} == 0)) || log "stopped ${#live[@]} processes of $dir"
 }
@@ -258,13 +266,14 @@ spawn() {
   echo "$name $!" >>"$dir/pids"
 }
 
-# Wait until `curl ARGS` prints something that contains WANT, or NAME's process died.
+# Wait until `curl ARGS` succeeds (HTTP < 400: a failing /readyz lists checks that say "ok")
+# with output that contains WANT, or NAME's process died.
 wait_for() {
   local dir=$1 name=$2 want=$3 what=$4
   shift 4
   local deadline=$((SECONDS + START_TIMEOUT)) out
   while ((SECONDS < deadline)); do
-    out=$(curl -s --max-time 5 "$@" 2>/dev/null || true)
+    out=$(curl -sf --max-time 5 "$@" 2>/dev/null || true)
     [[ "$out" == *"$want"* ]] && return 0
     if ! live_pids "$dir" | grep -q "^$name "; then
       log "$name exited; last lines of $dir/logs/$name.log:"
@@ -389,6 +398,7 @@ EOF
   spawn "$dir" kube-controller-manager "$BIN/kube-controller-manager" \
     --kubeconfig "$dir/kubeconfig" \
     --authentication-kubeconfig "$dir/kubeconfig" --authorization-kubeconfig "$dir/kubeconfig" \
+    --authentication-skip-lookup \
     --bind-address 127.0.0.1 --secure-port "$kcm_port" --cert-dir "$dir/kcm-certs" \
     --leader-elect=false \
     --controllers "$CONTROLLERS" \
