@@ -1,0 +1,266 @@
+//! The seam between the operator and the nodes' Admin gRPC service.
+//!
+//! [`NodeAdmin`] is what the controller calls: the cluster's status as one node sees it, and
+//! membership changes (`SetWeight`, `Leave`, `Remove`) sent through a node (any node forwards
+//! to the member concerned). [`GrpcAdmin`] is the real implementation; where it dials is
+//! [`Addressing`]: on Kubernetes the pod's DNS name through the headless Service, in tests a map
+//! of pod names to local addresses (real `dynakv` processes). The controller's flow tests use a
+//! scripted implementation instead (`fixtures.rs`).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::decisions::AdminAction;
+use crate::proto::admin_client::AdminClient;
+use crate::proto::{
+    ChangeResponse, ClusterStatusRequest, ClusterStatusResponse, LeaveRequest, RemoveRequest,
+    SetWeightRequest,
+};
+use crate::resources::{GRPC_PORT, pod_host};
+
+/// Which cluster a request is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterRef {
+    pub name: String,
+    pub namespace: String,
+}
+
+/// A failed Admin request.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The address of the pod is not a valid endpoint. Nothing was sent.
+    #[error("bad Admin address {address}: {source}")]
+    Address {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The node refused the request (INVALID_ARGUMENT or FAILED_PRECONDITION); by the Admin
+    /// contract nothing changed. The message is the node's, meant for people.
+    #[error("{pod} refused {action}: {message}")]
+    Refused {
+        pod: String,
+        action: String,
+        message: String,
+    },
+    /// The node could not be reached or failed otherwise; the change may or may not have been
+    /// recorded (every Admin request is idempotent, so it is simply sent again).
+    #[error("{pod}: {status}")]
+    Unavailable {
+        pod: String,
+        #[source]
+        status: tonic::Status,
+    },
+}
+
+impl AdminError {
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, AdminError::Refused { .. })
+    }
+
+    fn from_status(pod: &str, action: String, status: tonic::Status) -> Self {
+        match status.code() {
+            tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => AdminError::Refused {
+                pod: pod.to_string(),
+                action,
+                message: status.message().to_string(),
+            },
+            _ => AdminError::Unavailable {
+                pod: pod.to_string(),
+                status,
+            },
+        }
+    }
+}
+
+/// The Admin requests the controller makes, through the node running in pod `pod`.
+pub trait NodeAdmin: Send + Sync {
+    fn cluster_status<'a>(
+        &'a self,
+        cluster: &'a ClusterRef,
+        pod: &'a str,
+    ) -> BoxFuture<'a, Result<ClusterStatusResponse, AdminError>>;
+
+    fn change<'a>(
+        &'a self,
+        cluster: &'a ClusterRef,
+        pod: &'a str,
+        action: &'a AdminAction,
+    ) -> BoxFuture<'a, Result<ChangeResponse, AdminError>>;
+}
+
+/// Where a pod's Admin service listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Addressing {
+    /// `<pod>.<name>-peers.<namespace>.svc:7070` (in the cluster).
+    ClusterDns,
+    /// Pod name -> host:port (tests, or an operator run outside the cluster with port-forwards).
+    Static(BTreeMap<String, String>),
+}
+
+impl Addressing {
+    pub fn address(&self, cluster: &ClusterRef, pod: &str) -> Option<String> {
+        match self {
+            Addressing::ClusterDns => Some(format!(
+                "{}:{GRPC_PORT}",
+                pod_host(&cluster.name, &cluster.namespace, pod)
+            )),
+            Addressing::Static(map) => map.get(pod).cloned(),
+        }
+    }
+}
+
+/// The Admin client over gRPC, one lazily connected channel per address.
+pub struct GrpcAdmin {
+    addressing: Addressing,
+    timeout: Duration,
+    channels: Mutex<BTreeMap<String, Channel>>,
+}
+
+impl GrpcAdmin {
+    pub fn new(addressing: Addressing, timeout: Duration) -> Self {
+        GrpcAdmin {
+            addressing,
+            timeout,
+            channels: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn client(&self, cluster: &ClusterRef, pod: &str) -> Result<AdminClient<Channel>, AdminError> {
+        let Some(address) = self.addressing.address(cluster, pod) else {
+            return Err(AdminError::Unavailable {
+                pod: pod.to_string(),
+                status: tonic::Status::unavailable("no address known for this pod"),
+            });
+        };
+        let mut channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(ch) = channels.get(&address) {
+            return Ok(AdminClient::new(ch.clone()));
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|source| AdminError::Address {
+                address: address.clone(),
+                source,
+            })?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(self.timeout);
+        let ch = endpoint.connect_lazy();
+        // Bounded: one entry per pod address ever seen; a long-lived operator over many
+        // clusters starts over rather than grow without limit.
+        if channels.len() > 4096 {
+            channels.clear();
+        }
+        channels.insert(address, ch.clone());
+        Ok(AdminClient::new(ch))
+    }
+}
+
+impl NodeAdmin for GrpcAdmin {
+    fn cluster_status<'a>(
+        &'a self,
+        cluster: &'a ClusterRef,
+        pod: &'a str,
+    ) -> BoxFuture<'a, Result<ClusterStatusResponse, AdminError>> {
+        Box::pin(async move {
+            let mut client = self.client(cluster, pod)?;
+            client
+                .cluster_status(ClusterStatusRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| AdminError::from_status(pod, "ClusterStatus".into(), s))
+        })
+    }
+
+    fn change<'a>(
+        &'a self,
+        cluster: &'a ClusterRef,
+        pod: &'a str,
+        action: &'a AdminAction,
+    ) -> BoxFuture<'a, Result<ChangeResponse, AdminError>> {
+        Box::pin(async move {
+            let mut client = self.client(cluster, pod)?;
+            let result = match action {
+                AdminAction::SetWeight { node, weight } => {
+                    client
+                        .set_weight(SetWeightRequest {
+                            node: node.clone(),
+                            weight: *weight,
+                        })
+                        .await
+                }
+                AdminAction::Leave { node } => {
+                    client.leave(LeaveRequest { node: node.clone() }).await
+                }
+                AdminAction::Remove { node } => {
+                    client.remove(RemoveRequest { node: node.clone() }).await
+                }
+            };
+            result
+                .map(|r| r.into_inner())
+                .map_err(|s| AdminError::from_status(pod, action.to_string(), s))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_dns_names_the_pod_through_the_headless_service() {
+        let c = ClusterRef {
+            name: "kv".into(),
+            namespace: "prod".into(),
+        };
+        assert_eq!(
+            Addressing::ClusterDns.address(&c, "kv-2").as_deref(),
+            Some("kv-2.kv-peers.prod.svc:7070")
+        );
+        let stat = Addressing::Static(BTreeMap::from([(
+            "kv-0".to_string(),
+            "127.0.0.1:7100".to_string(),
+        )]));
+        assert_eq!(stat.address(&c, "kv-0").as_deref(), Some("127.0.0.1:7100"));
+        assert_eq!(stat.address(&c, "kv-1"), None);
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_outages() {
+        let e = AdminError::from_status(
+            "kv-0",
+            "Leave(kv-1)".into(),
+            tonic::Status::failed_precondition("only 2 members of weight > 0 would remain"),
+        );
+        assert!(e.is_refusal());
+        assert!(e.to_string().contains("only 2 members"), "{e}");
+        let e = AdminError::from_status("kv-0", "x".into(), tonic::Status::unavailable("down"));
+        assert!(!e.is_refusal());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_node_is_unavailable_not_refused() {
+        let admin = GrpcAdmin::new(
+            Addressing::Static(BTreeMap::from([(
+                "kv-0".to_string(),
+                // Port 1 on loopback: nothing listens there.
+                "127.0.0.1:1".to_string(),
+            )])),
+            Duration::from_millis(500),
+        );
+        let c = ClusterRef {
+            name: "kv".into(),
+            namespace: "default".into(),
+        };
+        let err = admin.cluster_status(&c, "kv-0").await.unwrap_err();
+        assert!(matches!(err, AdminError::Unavailable { .. }), "{err:?}");
+        let err = admin.cluster_status(&c, "kv-9").await.unwrap_err();
+        assert!(matches!(err, AdminError::Unavailable { .. }), "{err:?}");
+    }
+}

@@ -1,0 +1,1 @@
+//! Reconcile flows against a mock API server.
