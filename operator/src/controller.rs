@@ -321,12 +321,19 @@ async fn apply_objects(
     Ok(warnings)
 }
 
-async fn publish(ctx: &Context, kvc: &KVCluster, type_: EventType, reason: &str, note: String) {
+async fn publish(
+    ctx: &Context,
+    kvc: &KVCluster,
+    type_: EventType,
+    reason: &str,
+    action: String,
+    note: String,
+) {
     let event = Event {
         type_,
         reason: reason.to_string(),
         note: Some(note),
-        action: "Reconcile".into(),
+        action,
         secondary: None,
     };
     // An Event that cannot be written is not worth failing the reconcile for.
@@ -463,6 +470,7 @@ async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> 
             &kvc,
             EventType::Normal,
             plan.reason.code.as_str(),
+            plan.action_label(),
             plan.reason.message.clone(),
         )
         .await;
@@ -476,6 +484,7 @@ async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> 
             &kvc,
             EventType::Warning,
             "BelowReplicationFactor",
+            "Refuse".into(),
             r.clone(),
         )
         .await;
@@ -486,12 +495,21 @@ async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> 
             &kvc,
             EventType::Warning,
             "InvalidSpec",
+            "Refuse".into(),
             plan.reason.message.clone(),
         )
         .await;
     }
     if let Some(r) = &admin_refusal {
-        publish(&ctx, &kvc, EventType::Warning, "ChangeRefused", r.clone()).await;
+        publish(
+            &ctx,
+            &kvc,
+            EventType::Warning,
+            "ChangeRefused",
+            plan.action_label(),
+            r.clone(),
+        )
+        .await;
     }
 
     // 5. Status.
@@ -546,7 +564,15 @@ async fn cleanup(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error
             "deleting {name}: its nodes stop; their volumes are kept (storage.retention.whenDeleted: Retain)"
         )
     };
-    publish(&ctx, &kvc, EventType::Normal, "Deleting", note).await;
+    publish(
+        &ctx,
+        &kvc,
+        EventType::Normal,
+        "Deleting",
+        "Delete".into(),
+        note,
+    )
+    .await;
     Ok(Action::await_change())
 }
 

@@ -258,6 +258,23 @@ pub struct Plan {
     pub in_progress: bool,
 }
 
+impl Plan {
+    /// What the step does, for the Event's `action` (Events of one reason and action are
+    /// folded into a series, so each distinct step gets its own).
+    pub fn action_label(&self) -> String {
+        if let Some(a) = self.admin.first() {
+            return a.to_string();
+        }
+        if let Some(p) = &self.restart_pod {
+            return format!("Replace({p})");
+        }
+        match self.sts_replicas {
+            Some(r) => format!("StatefulSet({r})"),
+            None => self.reason.code.as_str().to_string(),
+        }
+    }
+}
+
 impl Observed {
     fn member(&self, i: u32) -> Option<&Member> {
         self.cluster

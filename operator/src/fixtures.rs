@@ -333,7 +333,9 @@ pub enum Respond {
 fn status_body(code: u16) -> Value {
     json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": format!("mock error {code}"), "reason": "Mock", "code": code
+        "message": format!("mock error {code}"),
+        "reason": if code == 404 { "NotFound" } else { "InternalError" },
+        "code": code
     })
 }
 
