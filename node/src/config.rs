@@ -30,14 +30,22 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Directory of the node's database (created if missing).
     pub data_dir: PathBuf,
-    /// Ring weight of this node: 100 is normal, 0 owns nothing. At most 1000.
-    pub weight: u32,
+    /// Ring weight of this node at its first start: 100 is normal, 0 owns nothing (at most
+    /// 1000). Unset: 100 for a member of `members` (or a lone node), 0 for a node that joins
+    /// through `seeds`. A node that joins starts at weight 0 and moves to this weight through
+    /// a ring change. Later starts keep the weight the cluster last gave the node (`dynakv
+    /// cluster weight`); this setting no longer applies.
+    pub weight: Option<u32>,
     /// Failure zone (rack, availability zone). Replicas of a key prefer distinct zones.
     pub zone: Option<String>,
-    /// The cluster's nodes, this one included: gossip's seeds and the configured ring (a member
-    /// gossip has not heard of keeps its configured place). Every node must be given the same
-    /// list.
+    /// The cluster's nodes at its creation, this one included: gossip's seeds and the first
+    /// ring (a member gossip has not heard of keeps its configured place until the cluster
+    /// commits another ring). Every node must be given the same list. Leave it empty for a
+    /// node that joins a running cluster through `seeds`.
     pub members: Vec<MemberConfig>,
+    /// Addresses (host:port; DNS names are re-resolved at every attempt) of nodes of a running
+    /// cluster to join through. A node in no `members` list joins at weight 0 (see `weight`).
+    pub seeds: Vec<String>,
     pub replication: ReplicationConfig,
     pub limits: LimitsConfig,
     pub storage: StorageConfig,
@@ -45,6 +53,7 @@ pub struct Config {
     pub hints: crate::hints::HintsConfig,
     pub gossip: crate::gossip::GossipOptions,
     pub tombstone_gc: crate::gc::TombstoneGcConfig,
+    pub handoff: crate::handoff::HandoffConfig,
     pub log: LogConfig,
 }
 
@@ -235,9 +244,10 @@ impl Default for Config {
             advertise: None,
             metrics_listen: None,
             data_dir: PathBuf::from("./dynakv-data"),
-            weight: 100,
+            weight: None,
             zone: None,
             members: Vec::new(),
+            seeds: Vec::new(),
             replication: ReplicationConfig::default(),
             limits: LimitsConfig::default(),
             storage: StorageConfig::default(),
@@ -245,6 +255,7 @@ impl Default for Config {
             hints: Default::default(),
             gossip: Default::default(),
             tombstone_gc: Default::default(),
+            handoff: Default::default(),
             log: LogConfig::default(),
         }
     }
@@ -312,7 +323,12 @@ pub struct ConfigError(pub String);
 pub struct ValidConfig {
     pub raw: Config,
     pub node_id: NodeId,
+    /// The configured ring's members (empty for a node that joins through seeds).
     pub members: Vec<ValidMember>,
+    /// This node's weight at its first start (see [`Config::weight`]).
+    pub weight: u32,
+    /// The node has no place in the configured ring: it joins through `seeds` at weight 0.
+    pub joins: bool,
     pub advertise: String,
     pub read_quorum: u32,
     pub write_quorum: u32,
@@ -365,8 +381,21 @@ impl Config {
                 r.vnodes_per_node
             ));
         }
-        if self.weight > MAX_WEIGHT {
-            return err(format!("weight = {}: at most {MAX_WEIGHT}", self.weight));
+        if let Some(w) = self.weight
+            && w > MAX_WEIGHT
+        {
+            return err(format!("weight = {w}: at most {MAX_WEIGHT}"));
+        }
+        for seed in &self.seeds {
+            if seed
+                .rsplit_once(':')
+                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+            {
+                return err(format!("seeds: {seed:?} is not host:port"));
+            }
+        }
+        if let Err(e) = self.handoff.validate() {
+            return err(e);
         }
         let l = &self.limits;
         if l.max_key_bytes == 0 || l.max_key_bytes > 64 * 1024 {
@@ -459,26 +488,37 @@ impl Config {
                 zone: m.zone.clone(),
             });
         }
+        // A node listed nowhere but given seeds joins a running cluster; otherwise it is a
+        // member of the configured ring (a lone node is its own ring).
+        let joins = !self.seeds.is_empty() && members.iter().all(|m| m.id != node_id);
+        let weight = self.weight.unwrap_or(if joins { 0 } else { 100 });
         match members.iter().find(|m| m.id == node_id) {
-            Some(me) if me.weight != self.weight || me.zone != self.zone => {
+            Some(me) if self.weight.is_some_and(|w| w != me.weight) || me.zone != self.zone => {
                 return err(format!(
                     "members: the entry for this node ({node_id}) says weight {} zone {:?}, \
                      but weight/zone are {} {:?}",
-                    me.weight, me.zone, self.weight, self.zone
+                    me.weight, me.zone, weight, self.zone
                 ));
             }
             Some(_) => {}
+            None if joins => {}
             None => members.push(ValidMember {
                 id: node_id.clone(),
                 address: advertise.clone(),
                 metrics: self.metrics_listen.map(|a| a.to_string()),
-                weight: self.weight,
+                weight,
                 zone: self.zone.clone(),
             }),
         }
+        let weight = members
+            .iter()
+            .find(|m| m.id == node_id)
+            .map_or(weight, |m| m.weight);
         members.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(ValidConfig {
             node_id,
+            weight,
+            joins,
             members,
             advertise,
             read_quorum,

@@ -52,6 +52,11 @@ impl Default for TombstoneGcConfig {
 /// Tombstones old enough to be purged, with the stored bytes, where this node is a primary.
 fn candidates(node: &Node, now_ms: u64, limit: usize) -> Vec<(Vec<u8>, Vec<u8>, Vec<NodeId>)> {
     let view = node.view();
+    // While the ring changes, a key's replicas are those of several rings, and a new owner may
+    // not hold the tombstone yet: purge nothing until the ring settles.
+    if !view.rings.changes().is_empty() {
+        return Vec::new();
+    }
     let grace = node.config.raw.tombstone_gc.grace_ms;
     let mut out = Vec::new();
     let mut after: Option<Vec<u8>> = None;

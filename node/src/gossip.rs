@@ -126,6 +126,10 @@ pub struct GossipSettings {
     /// Nodes to announce this one to; this node among them is skipped. Every node of a
     /// static cluster can be a seed.
     pub seeds: Vec<(NodeId, String)>,
+    /// Seeds known by address only (host:port; DNS names are resolved at every attempt, so a
+    /// Kubernetes pod name that moves to another IP is followed). Their node ids are asked
+    /// (`Gossip.Members`) while this node knows no live member, then they join `seeds`.
+    pub seed_addresses: Vec<String>,
     /// What this node gossips about itself at start.
     pub metadata: NodeMetadata,
     /// Seeds every random choice of the engine (which member to probe, whom to gossip to).
@@ -258,6 +262,8 @@ impl Gossip {
             cluster_id: settings.cluster_id.clone(),
             node_id: settings.node_id.clone(),
             seeds: settings.seeds.clone(),
+            seed_addresses: settings.seed_addresses.clone(),
+            join_retry: settings.config.join_retry,
             snapshot_tx,
             stats: stats.clone(),
         };
@@ -342,6 +348,8 @@ struct Driver {
     cluster_id: String,
     node_id: NodeId,
     seeds: Vec<(NodeId, String)>,
+    seed_addresses: Vec<String>,
+    join_retry: Duration,
     snapshot_tx: watch::Sender<Arc<MembershipSnapshot>>,
     stats: Arc<SharedStats>,
 }
@@ -359,10 +367,33 @@ impl Driver {
         let seeds = self.seeds.clone();
         let effects = self.engine.join(&seeds, self.now());
         self.execute(effects);
+        let (found_tx, mut found) = mpsc::channel::<(NodeId, String)>(64);
+        let mut lookup = tokio::time::interval(self.join_retry);
         loop {
             let next_timer = self.timers.first().map(|(at, _)| *at);
             tokio::select! {
                 biased;
+                Some((id, address)) = found.recv() => {
+                    if id != self.node_id && !self.seeds.iter().any(|(i, a)| *i == id && *a == address) {
+                        tracing::info!(node = %self.node_id, seed = %id, %address, "seed found");
+                        self.seeds.retain(|(i, _)| *i != id);
+                        self.seeds.push((id, address));
+                        let seeds = self.seeds.clone();
+                        let effects = self.engine.join(&seeds, self.now());
+                        self.execute(effects);
+                    }
+                }
+                _ = lookup.tick(), if !self.seed_addresses.is_empty() => {
+                    let alone = self
+                        .engine
+                        .snapshot()
+                        .members
+                        .iter()
+                        .all(|m| m.id == self.node_id || m.state != MemberState::Alive);
+                    if alone {
+                        self.look_up_seeds(&found_tx);
+                    }
+                }
                 command = commands.recv() => match command {
                     None => break,
                     Some(Command::SetMetadata(metadata, reply)) => {
@@ -401,6 +432,29 @@ impl Driver {
             }
         }
         tracing::debug!(node = %self.node_id, "gossip stopped");
+    }
+
+    /// Asks every address-only seed for its node id, in the background.
+    fn look_up_seeds(&mut self, found: &mpsc::Sender<(NodeId, String)>) {
+        for address in self.seed_addresses.clone() {
+            let channel = self.connector.channel(&address);
+            let found = found.clone();
+            let timeout = self.join_retry;
+            tokio::spawn(async move {
+                let mut client = GossipClient::new(channel);
+                let reply =
+                    tokio::time::timeout(timeout, client.members(GossipMembersRequest {})).await;
+                match reply {
+                    Ok(Ok(r)) => match NodeId::new(&r.get_ref().node_id) {
+                        Ok(id) => {
+                            let _ = found.send((id, address)).await;
+                        }
+                        Err(e) => tracing::debug!(%address, error = %e, "seed sent a bad node id"),
+                    },
+                    _ => tracing::debug!(%address, "seed did not answer"),
+                }
+            });
+        }
     }
 
     fn execute(&mut self, effects: Vec<Effect>) {
@@ -669,6 +723,7 @@ mod tests {
                 advertise: address,
                 generation: 1,
                 seeds,
+                seed_addresses: Vec::new(),
                 metadata: meta(100),
                 rng_seed: i as u64,
                 config: fast(),

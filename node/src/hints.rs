@@ -280,29 +280,68 @@ async fn deliver_one(node: &Node, target: &NodeId, k: Vec<u8>, v: Vec<u8>) -> Re
         }
         return Ok(());
     }
-    let Some((_, client_key)) = split_data_key(stored_key) else {
+    let Some((pos, client_key)) = split_data_key(stored_key) else {
         return Ok(());
     };
-    let op = replica_request::Op::Store(StoreRequest {
-        key: Bytes::copy_from_slice(client_key),
-        clock: Bytes::copy_from_slice(clock),
-        hint_for: String::new(),
-    });
-    match node
-        .peers
-        .call(target, op, Instant::now() + Duration::from_secs(5))
-        .await
-    {
-        Ok(replica_response::Result::Store(_)) => {
-            node.metrics.hints_delivered.inc();
-            delete_if_unchanged(node, k, v)
+    // The ring may have moved since the hint was stored: a target that no longer replicates
+    // the key in any live ring (it drained, or was removed) is not where the write belongs any
+    // more; the key's replicas in the ring reads use are.
+    let recipients = recipients(node, target, pos);
+    for recipient in &recipients {
+        if *recipient == node.id {
+            let clock = Clock::decode(clock).map_err(|e| e.to_string())?;
+            node.merge_local(client_key.to_vec(), clock)
                 .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            continue;
         }
-        Ok(_) => Err("target refused the hint".into()),
-        Err(e) => Err(e.to_string()),
+        let op = replica_request::Op::Store(StoreRequest {
+            key: Bytes::copy_from_slice(client_key),
+            clock: Bytes::copy_from_slice(clock),
+            hint_for: String::new(),
+        });
+        match node
+            .peers
+            .call(recipient, op, Instant::now() + Duration::from_secs(5))
+            .await
+        {
+            Ok(replica_response::Result::Store(_)) => {}
+            Ok(_) => return Err(format!("{recipient} refused the hint")),
+            Err(e) => return Err(e.to_string()),
+        }
     }
+    node.metrics.hints_delivered.inc();
+    delete_if_unchanged(node, k, v)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Who a hint for `target` about the key at `pos` goes to: the target while it replicates the
+/// key in a live ring, the key's replicas in the read ring otherwise.
+fn recipients(node: &Node, target: &NodeId, pos: u64) -> Vec<NodeId> {
+    let view = node.view();
+    let n = node.n();
+    let still = view
+        .rings
+        .write_rings()
+        .iter()
+        .any(|ring| ring.is_replica(pos, n, target.as_str()));
+    if still {
+        return vec![target.clone()];
+    }
+    view.read_walk(pos, n).0
+}
+
+/// Whether hints for `target` wait for it to come back: it is down and still a ring member (a
+/// member that left or was removed never comes back; its hints go to the keys' replicas now).
+fn waits_for(node: &Node, target: &NodeId) -> bool {
+    let view = node.view();
+    node.is_down(target)
+        && view.rings.write_rings().iter().any(|ring| {
+            ring.node_index(target.as_str())
+                .is_some_and(|i| ring.nodes()[i].weight > 0)
+        })
 }
 
 /// Delivers every hint held for `target`, a page at a time with up to
@@ -369,7 +408,7 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
                 .with_label_values(&[target.as_str()])
                 .set(d.count as i64);
             // Gossip says it is away: its hints wait until gossip sees it back.
-            if d.count == 0 || node.is_down(target) {
+            if d.count == 0 || waits_for(&node, target) {
                 continue;
             }
             if let Err(e) = deliver_to(&node, target).await {

@@ -7,6 +7,8 @@
 //!   handoff storage and delivery; [`gc`]: repair-gated tombstone GC.
 //! - [`peer`]: batched long-lived replica streams to every peer; [`net`]: the network seam.
 //! - [`gossip`]: membership and failure detection (drives `dynakv_core::membership`).
+//! - [`rebalance`]: membership change (drives `dynakv_core::transition`); [`handoff`]: the
+//!   range streamer a ring change runs on the nodes that gain ranges.
 //! - [`storage`]: the `Backend` seam (redb, memory) and group commit.
 //! - [`config`]: the validated configuration; [`metrics`]: Prometheus metrics and `/metrics`.
 //! - [`cli`]: the `dynakv` subcommands; [`proto`]: generated gRPC code.
@@ -18,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod gc;
 pub mod gossip;
+pub mod handoff;
 pub mod hints;
 pub mod kv;
 pub mod metrics;
@@ -25,6 +28,7 @@ pub mod net;
 pub mod node;
 pub mod peer;
 pub mod proto;
+pub mod rebalance;
 pub mod replica;
 pub mod server;
 pub mod storage;

@@ -67,6 +67,23 @@ pub struct Metrics {
     /// Members this node suspected, and declared down.
     pub gossip_suspicions: IntCounter,
     pub gossip_downs: IntCounter,
+    /// Rings writes go to (1 when settled, 2 or more while the ring changes).
+    pub ring_versions_live: IntGauge,
+    /// Keys and bytes streamed by ring-change handoffs, by direction (sent, received).
+    pub handoff_keys: IntCounterVec,
+    pub handoff_bytes: IntCounterVec,
+    /// Ranges this node is to receive in the change under way, by state (pending, done).
+    pub handoff_ranges: IntGaugeVec,
+    /// Per-range transfer failures (each is retried, resuming where it stopped), by reason.
+    pub handoff_failures: IntCounterVec,
+    /// Keys found different (and fetched) by the Merkle catch-up after a range's stream.
+    pub handoff_caught_up: IntCounter,
+    /// Time from a change's start (as this node saw it) to its handoff being complete here.
+    pub handoff_seconds: Histogram,
+    /// Ring changes this node committed (its own, or removals it proposed), by kind.
+    pub ring_changes: IntCounterVec,
+    /// Keys dropped after a committed change left this node holding them in no live ring.
+    pub handoff_dropped_keys: IntCounter,
     /// The gossip counters already exported (they are read from gossip at scrape time).
     gossip_exported: Arc<std::sync::Mutex<crate::gossip::GossipStats>>,
 }
@@ -219,7 +236,79 @@ impl Metrics {
             "dynakv_gossip_downs_total",
             "Members this node's gossip declared down",
         );
+        let ring_versions_live = IntGauge::new(
+            "dynakv_ring_versions_live",
+            "Rings writes go to: 1 when the ring is settled, more while it changes",
+        )
+        .expect("static metric definition");
+        let handoff_keys = IntCounterVec::new(
+            Opts::new(
+                "dynakv_handoff_keys_total",
+                "Keys streamed by ring-change handoffs, by direction (sent, received)",
+            ),
+            &["direction"],
+        )
+        .expect("static metric definition");
+        let handoff_bytes = IntCounterVec::new(
+            Opts::new(
+                "dynakv_handoff_bytes_total",
+                "Bytes of versions streamed by ring-change handoffs, by direction",
+            ),
+            &["direction"],
+        )
+        .expect("static metric definition");
+        let handoff_ranges = IntGaugeVec::new(
+            Opts::new(
+                "dynakv_handoff_ranges",
+                "Ranges this node receives in the ring change under way, by state (pending, done)",
+            ),
+            &["state"],
+        )
+        .expect("static metric definition");
+        let handoff_failures = IntCounterVec::new(
+            Opts::new(
+                "dynakv_handoff_failures_total",
+                "Range transfers that failed and were retried, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition");
+        let handoff_caught_up = counter(
+            "dynakv_handoff_caught_up_keys_total",
+            "Keys the Merkle catch-up after a range's stream found different and fetched",
+        );
+        let handoff_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "dynakv_handoff_duration_seconds",
+                "Time from a ring change's start to this node holding every range it gains",
+            )
+            .buckets(vec![
+                0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
+            ]),
+        )
+        .expect("static metric definition");
+        let ring_changes = IntCounterVec::new(
+            Opts::new(
+                "dynakv_ring_changes_committed_total",
+                "Ring changes this node committed, by kind (weight, leave, remove)",
+            ),
+            &["kind"],
+        )
+        .expect("static metric definition");
+        let handoff_dropped_keys = counter(
+            "dynakv_handoff_dropped_keys_total",
+            "Keys dropped once a committed change left this node holding them in no live ring",
+        );
         let m = Metrics {
+            ring_versions_live,
+            handoff_keys,
+            handoff_bytes,
+            handoff_ranges,
+            handoff_failures,
+            handoff_caught_up,
+            handoff_seconds,
+            ring_changes,
+            handoff_dropped_keys,
             gossip_members,
             gossip_packets,
             gossip_suspicions,
@@ -273,6 +362,15 @@ impl Metrics {
             Box::new(m.gossip_packets.clone()),
             Box::new(m.gossip_suspicions.clone()),
             Box::new(m.gossip_downs.clone()),
+            Box::new(m.ring_versions_live.clone()),
+            Box::new(m.handoff_keys.clone()),
+            Box::new(m.handoff_bytes.clone()),
+            Box::new(m.handoff_ranges.clone()),
+            Box::new(m.handoff_failures.clone()),
+            Box::new(m.handoff_caught_up.clone()),
+            Box::new(m.handoff_seconds.clone()),
+            Box::new(m.ring_changes.clone()),
+            Box::new(m.handoff_dropped_keys.clone()),
         ];
         for c in collectors {
             m.registry

@@ -19,6 +19,7 @@ use dynakv_core::hlc::{HybridClock, Timestamp};
 use dynakv_core::membership::{MemberState, MembershipSnapshot};
 use dynakv_core::quorum::{QuorumError, QuorumKind, QuorumTracker, ReplicaFailure, Vote};
 use dynakv_core::ring::{Member, NodeSpec, Ring};
+use dynakv_core::transition::RingState;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use std::collections::BTreeMap;
@@ -37,15 +38,38 @@ use crate::storage::{StorageError, Store, Table};
 /// simulated time).
 pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
-/// The membership and the ring computed from it. Replaced as a whole when membership changes.
+/// The membership and the rings computed from it. Replaced as a whole when membership changes.
 #[derive(Debug)]
 pub struct ClusterView {
-    pub ring: Ring,
+    /// The committed ring (what Merkle trees, anti-entropy and tombstone GC follow).
+    pub ring: Arc<Ring>,
     pub members: Vec<ValidMember>,
+    /// The committed ring, the rings of proposed changes, and the change under way: which rings
+    /// a write goes to and which one a read uses ([`RingState::write_rings`],
+    /// [`RingState::read_ring`]).
+    pub rings: RingState,
+    /// Grows with every view this node installs; requests remember the view they started on,
+    /// so a ring change can wait for the requests of older views ([`Node::drained_before`]).
+    pub seq: u64,
+}
+
+/// The replicas one key's write goes to while the ring may be changing.
+pub struct WriteTargets {
+    /// Each live ring's replicas of the key (the committed ring's first): W acks in each.
+    pub sets: Vec<Vec<NodeId>>,
+    /// Every replica of every set, each once, the committed ring's first.
+    pub targets: Vec<NodeId>,
+    /// The committed ring's walk past every target: stand-ins for a replica that fails.
+    pub fallbacks: Vec<NodeId>,
 }
 
 impl ClusterView {
-    pub fn from_members(members: Vec<ValidMember>, vnodes_per_node: u32, n: usize) -> Self {
+    pub fn from_members(
+        me: &NodeId,
+        members: Vec<ValidMember>,
+        vnodes_per_node: u32,
+        n: usize,
+    ) -> Self {
         let ring_members: Vec<Member> = members
             .iter()
             .map(|m| Member {
@@ -54,8 +78,89 @@ impl ClusterView {
                 zone: m.zone.clone(),
             })
             .collect();
-        let ring = Ring::balanced(&ring_members, vnodes_per_node, n);
-        ClusterView { ring, members }
+        let ring = Arc::new(Ring::balanced(&ring_members, vnodes_per_node, n));
+        ClusterView {
+            rings: RingState::settled(me.clone(), ring.clone()),
+            ring,
+            members,
+            seq: 0,
+        }
+    }
+
+    /// The view of a recorded ring (the last committed ring a node knew), with the configured
+    /// members' addresses where known (gossip supplies the others).
+    pub fn from_specs(
+        me: &NodeId,
+        specs: Vec<NodeSpec>,
+        configured: &[ValidMember],
+    ) -> Result<Self, dynakv_core::ring::RingError> {
+        let ring = Arc::new(Ring::new(specs)?);
+        let members = ring
+            .nodes()
+            .iter()
+            .map(|spec| {
+                let config = configured.iter().find(|m| m.id == spec.id);
+                ValidMember {
+                    id: spec.id.clone(),
+                    address: config.map(|c| c.address.clone()).unwrap_or_default(),
+                    metrics: config.and_then(|c| c.metrics.clone()),
+                    weight: spec.weight,
+                    zone: spec.zone.clone(),
+                }
+            })
+            .collect();
+        Ok(ClusterView {
+            rings: RingState::settled(me.clone(), ring.clone()),
+            ring,
+            members,
+            seq: 0,
+        })
+    }
+
+    /// The replicas of `key` in every live ring (see [`WriteTargets`]).
+    pub fn write_targets(&self, key_pos: u64, n: usize) -> WriteTargets {
+        let rings = self.rings.write_rings();
+        let ids = |ring: &Ring, nodes: Vec<usize>| -> Vec<NodeId> {
+            nodes
+                .into_iter()
+                .map(|i| ring.nodes()[i].id.clone())
+                .collect()
+        };
+        let sets: Vec<Vec<NodeId>> = rings
+            .iter()
+            .map(|ring| ids(ring, ring.preference_list(key_pos, n)))
+            .collect();
+        let mut targets: Vec<NodeId> = Vec::new();
+        for node in sets.iter().flatten() {
+            if !targets.contains(node) {
+                targets.push(node.clone());
+            }
+        }
+        let fallbacks = self
+            .ring
+            .walk(key_pos, n)
+            .map(|i| self.ring.nodes()[i].id.clone())
+            .filter(|id| !targets.contains(id))
+            .collect();
+        WriteTargets {
+            sets,
+            targets,
+            fallbacks,
+        }
+    }
+
+    /// The key's replicas in the ring reads use, then the fallbacks of that ring's walk.
+    pub fn read_walk(&self, key_pos: u64, n: usize) -> (Vec<NodeId>, Vec<NodeId>) {
+        let ring = self.rings.read_ring();
+        let all: Vec<NodeId> = ring
+            .walk(key_pos, n)
+            .map(|i| ring.nodes()[i].id.clone())
+            .collect();
+        let split = n.min(all.len());
+        let fallbacks = all[split..].to_vec();
+        let mut primaries = all;
+        primaries.truncate(split);
+        (primaries, fallbacks)
     }
 
     pub fn member(&self, id: &NodeId) -> Option<&ValidMember> {
@@ -71,7 +176,8 @@ impl ClusterView {
         defaults: &[NodeSpec],
         configured: &[ValidMember],
     ) -> Result<Self, dynakv_core::ring::RingError> {
-        let ring = snapshot.ring_with_defaults(defaults)?;
+        let rings = RingState::new(snapshot, defaults)?;
+        let ring = rings.committed().clone();
         let members = ring
             .nodes()
             .iter()
@@ -91,7 +197,12 @@ impl ClusterView {
                 }
             })
             .collect();
-        Ok(ClusterView { ring, members })
+        Ok(ClusterView {
+            ring,
+            members,
+            rings,
+            seq: 0,
+        })
     }
 }
 
@@ -209,6 +320,8 @@ pub struct Node {
     /// Set by [`Node::stop_writes`]: no new write starts.
     stopping: std::sync::atomic::AtomicBool,
     view: RwLock<Arc<ClusterView>>,
+    /// Coordinated requests in flight, by the view seq they started on.
+    inflight: Mutex<BTreeMap<u64, usize>>,
     clock: Mutex<HybridClock>,
     pub(crate) wall: WallClock,
     cluster_tag: u32,
@@ -360,6 +473,59 @@ impl Drop for UnsyncedGuard {
     }
 }
 
+impl crate::handoff::HandoffHost for Node {
+    fn node_id(&self) -> &NodeId {
+        &self.id
+    }
+
+    fn cluster_id(&self) -> &str {
+        &self.config.raw.cluster_id
+    }
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn channel(&self, node: &NodeId) -> Option<tonic::transport::Channel> {
+        self.peers.channel(node)
+    }
+
+    fn is_down(&self, node: &NodeId) -> bool {
+        Node::is_down(self, node)
+    }
+
+    async fn merge(&self, stored_key: Vec<u8>, clock: Clock) -> Result<bool, StorageError> {
+        let Some((_, key)) = split_data_key(&stored_key) else {
+            return Err(StorageError::Corrupt {
+                detail: "a stored key shorter than its position".into(),
+            });
+        };
+        self.merge_local(key.to_vec(), clock).await
+    }
+}
+
+/// Counts one coordinated request against the view it started on.
+struct InflightGuard {
+    node: Arc<Node>,
+    seq: u64,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        let mut inflight = self.node.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = inflight.get_mut(&self.seq) {
+            *count -= 1;
+            if *count == 0 {
+                inflight.remove(&self.seq);
+            }
+        }
+    }
+}
+
 /// A replica call's target and what it stands for: `hint_for` is the primary a fallback covers.
 struct Sent {
     node: NodeId,
@@ -406,6 +572,7 @@ impl Node {
             peers,
             metrics,
             view: RwLock::new(Arc::new(view)),
+            inflight: Mutex::new(BTreeMap::new()),
             clock: Mutex::new(HybridClock::new()),
             wall,
         })
@@ -413,6 +580,32 @@ impl Node {
 
     pub fn view(&self) -> Arc<ClusterView> {
         self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The current view, registered as in use by one coordinated request until the guard drops.
+    fn enter_view(self: &Arc<Self>) -> (Arc<ClusterView>, InflightGuard) {
+        let view = self.view();
+        *self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(view.seq)
+            .or_insert(0) += 1;
+        let guard = InflightGuard {
+            node: self.clone(),
+            seq: view.seq,
+        };
+        (view, guard)
+    }
+
+    /// Whether every request that started on a view older than `seq` has finished.
+    pub fn drained_before(&self, seq: u64) -> bool {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .range(..seq)
+            .next()
+            .is_none()
     }
 
     pub fn n(&self) -> usize {
@@ -486,9 +679,9 @@ impl Node {
             }
         };
         if view.ring.version() == current.ring.version() {
-            if view.members != current.members {
-                self.set_view(view);
-            }
+            // Proposals, acks and liveness change the rings reads and writes use, not the
+            // committed ring: install the new view, keep the trees.
+            self.set_view(view);
             return false;
         }
         tracing::info!(
@@ -501,8 +694,12 @@ impl Node {
         true
     }
 
-    fn set_view(&self, view: ClusterView) {
+    fn set_view(&self, mut view: ClusterView) {
+        view.seq = self.view().seq + 1;
         self.metrics.set_ring_version(view.ring.version());
+        self.metrics
+            .ring_versions_live
+            .set(view.rings.write_rings().len() as i64);
         self.peers.set_members(
             &view
                 .members
@@ -551,24 +748,11 @@ impl Node {
         }
     }
 
-    /// The key's walk: its N primaries first, then the fallbacks in ring order.
-    fn walk(&self, view: &ClusterView, key: &[u8]) -> (Vec<NodeId>, Vec<NodeId>) {
-        let n = self.n();
-        let all: Vec<NodeId> = view
-            .ring
-            .walk(key_position(key), n)
-            .map(|i| view.ring.nodes()[i].id.clone())
-            .collect();
-        let split = n.min(all.len());
-        let fallbacks = all[split..].to_vec();
-        let mut primaries = all;
-        primaries.truncate(split);
-        (primaries, fallbacks)
-    }
-
-    /// Whether this node is a replica of `key`; otherwise the replicas, to forward to.
+    /// Whether this node is a replica of `key` in the ring reads use (only those coordinate
+    /// writes: they hold the key's history, so the dots they mint are new); otherwise those
+    /// replicas, to forward to.
     pub fn replicas_if_not_local(&self, key: &[u8]) -> Option<Vec<NodeId>> {
-        let (primaries, _) = self.walk(&self.view(), key);
+        let (primaries, _) = self.view().read_walk(key_position(key), self.n());
         if primaries.contains(&self.id) {
             None
         } else {
@@ -596,6 +780,32 @@ impl Node {
     /// Whether `peer` and this node are both replicas of the stored key.
     pub fn shares_with(&self, view: &ClusterView, stored_key: &[u8], peer: &NodeId) -> bool {
         self.co_replicas(view, stored_key).contains(peer)
+    }
+
+    /// The keys and bytes this node likely holds in ring range `(start, end]`: its totals scaled
+    /// by the range's share of the key space it replicates (for handoff progress estimates).
+    pub fn estimate_range(&self, start: u64, end: u64) -> (u64, u64) {
+        let stats = self.store.stats();
+        let view = self.view();
+        let n = self.n();
+        let share = view
+            .ring
+            .node_index(self.id.as_str())
+            .and_then(|i| view.ring.ownership(n).into_iter().find(|o| o.node == i))
+            .map_or(0.0, |o| o.replica * n.min(view.ring.len()).max(1) as f64);
+        let len = match end.wrapping_sub(start) {
+            0 => 1.0,
+            l => l as f64 / 18_446_744_073_709_551_616.0,
+        };
+        let fraction = if share > 0.0 {
+            (len / share).min(1.0)
+        } else {
+            1.0
+        };
+        (
+            (stats.keys as f64 * fraction) as u64,
+            (stats.bytes as f64 * fraction) as u64,
+        )
     }
 
     /// Rebuilds the Merkle trees from storage (at start, and after a ring change).
@@ -633,8 +843,20 @@ impl Node {
         self: &Arc<Self>,
         req: WriteRequest,
     ) -> Result<WriteOutcome, CoordinatorError> {
-        let view = self.view();
-        let (primaries, fallbacks) = self.walk(&view, &req.key);
+        let (view, _inflight) = self.enter_view();
+        let n = self.n();
+        let pos = key_position(&req.key);
+        let (read_primaries, _) = view.read_walk(pos, n);
+        if !read_primaries.contains(&self.id) {
+            return Err(CoordinatorError::NotReplica(read_primaries));
+        }
+        let WriteTargets {
+            sets,
+            targets,
+            fallbacks,
+        } = view.write_targets(pos, n);
+        // The Merkle trees follow the committed ring.
+        let primaries: Vec<NodeId> = sets.first().cloned().unwrap_or_default();
         let stored_key = data_key(&req.key);
         let ts = self.now();
         let sibling = match req.value {
@@ -717,7 +939,7 @@ impl Node {
         }
 
         let segment = self.trees.segment_of(key_position(&req.key));
-        let mut tracker = QuorumTracker::new(QuorumKind::Write, req.w, !req.sloppy);
+        let mut tracker = QuorumTracker::with_sets(QuorumKind::Write, req.w, !req.sloppy, sets);
         tracker.asked(self.id.clone());
         let mut fallbacks = fallbacks.into_iter();
         let mut hinted: BTreeMap<NodeId, NodeId> = BTreeMap::new();
@@ -748,7 +970,7 @@ impl Node {
         // The local commit counts like a replica's durable ack: one more reply to wait for.
         let mut local = Some(local);
         let mut local_failed: Option<StorageError> = None;
-        for node in primaries.iter().filter(|n| **n != self.id) {
+        for node in targets.iter().filter(|n| **n != self.id) {
             tracker.asked(node.clone());
             calls.push(send(Sent {
                 node: node.clone(),
@@ -800,7 +1022,7 @@ impl Node {
                         .flatten();
                     match fallback {
                         Some(f) => {
-                            tracker.asked(f.clone());
+                            tracker.asked_for(f.clone(), primary.clone());
                             calls.push(send(Sent {
                                 node: f,
                                 hint_for: Some(primary),
@@ -895,8 +1117,8 @@ impl Node {
         sloppy: bool,
         deadline: Instant,
     ) -> Result<ReadOutcome, CoordinatorError> {
-        let view = self.view();
-        let (primaries, fallbacks) = self.walk(&view, &key);
+        let (view, _inflight) = self.enter_view();
+        let (primaries, fallbacks) = view.read_walk(key_position(&key), self.n());
         let mut fallbacks = fallbacks.into_iter();
         let mut tracker = QuorumTracker::new(QuorumKind::Read, r, !sloppy);
         let mut calls = FuturesUnordered::new();

@@ -11,13 +11,15 @@ use tonic::{Request, Response, Status, Streaming};
 use dynakv_core::NodeId;
 
 use crate::antientropy;
+use crate::handoff;
 use crate::hints::{self, HintError};
 use crate::node::{Node, data_key};
 use crate::peer::{CLUSTER_HEADER, NODE_HEADER};
 use crate::proto::replica_server::Replica;
 use crate::proto::{
-    FetchResponse, MerkleResponse, PurgeResponse, ReplicaError, ReplicaRequest, ReplicaResponse,
-    RequestFrame, ResponseFrame, StoreResponse, replica_error, replica_request, replica_response,
+    FetchResponse, MerkleResponse, PullPage, PullRequest, PurgeResponse, ReplicaError,
+    ReplicaRequest, ReplicaResponse, RequestFrame, ResponseFrame, StoreResponse, pull_request,
+    replica_error, replica_request, replica_response,
 };
 use crate::storage::StorageError;
 
@@ -31,14 +33,9 @@ impl ReplicaService {
     }
 }
 
-#[tonic::async_trait]
-impl Replica for ReplicaService {
-    type ExchangeStream = ReceiverStream<Result<ResponseFrame, Status>>;
-
-    async fn exchange(
-        &self,
-        request: Request<Streaming<RequestFrame>>,
-    ) -> Result<Response<Self::ExchangeStream>, Status> {
+impl ReplicaService {
+    /// The peer a stream or pull comes from, refused unless it belongs to this cluster.
+    fn peer_of<T>(&self, request: &Request<T>) -> Result<NodeId, Status> {
         let cluster = request
             .metadata()
             .get(CLUSTER_HEADER)
@@ -50,12 +47,101 @@ impl Replica for ReplicaService {
                 self.node.config.raw.cluster_id
             )));
         }
-        let peer = request
+        request
             .metadata()
             .get(NODE_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| NodeId::new(v).ok())
-            .ok_or_else(|| Status::invalid_argument("peer stream without a valid node id"))?;
+            .ok_or_else(|| Status::invalid_argument("peer stream without a valid node id"))
+    }
+}
+
+/// Pages a pull sends ahead of the puller, at most (HTTP/2 flow control bounds the rest).
+const PULL_PAGES_AHEAD: usize = 2;
+
+#[tonic::async_trait]
+impl Replica for ReplicaService {
+    type ExchangeStream = ReceiverStream<Result<ResponseFrame, Status>>;
+    type PullStream = ReceiverStream<Result<PullPage, Status>>;
+
+    async fn pull(
+        &self,
+        request: Request<PullRequest>,
+    ) -> Result<Response<Self::PullStream>, Status> {
+        let peer = self.peer_of(&request)?;
+        let req = request.into_inner();
+        let mode = pull_request::Mode::try_from(req.mode)
+            .map_err(|_| Status::invalid_argument(format!("unknown pull mode {}", req.mode)))?;
+        if req.summary_bits > handoff::MAX_SUMMARY_BITS {
+            return Err(Status::invalid_argument(format!(
+                "summary_bits {} is above {}",
+                req.summary_bits,
+                handoff::MAX_SUMMARY_BITS
+            )));
+        }
+        let (tx, rx) = mpsc::channel(PULL_PAGES_AHEAD);
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            if mode == pull_request::Mode::Summary {
+                let page = handoff::summarize(&node.store, req.start, req.end, req.summary_bits)
+                    .map(|hashes| PullPage {
+                        summary: hashes
+                            .into_iter()
+                            .map(|h| bytes::Bytes::copy_from_slice(&h.to_le_bytes()))
+                            .collect(),
+                        ..Default::default()
+                    })
+                    .map_err(|e| Status::internal(e.to_string()));
+                let _ = tx.send(page).await;
+                return;
+            }
+            let mut after = req.after.to_vec();
+            let mut first = true;
+            loop {
+                let page = handoff::serve_page(&node.store, &req, &after, first, || {
+                    node.estimate_range(req.start, req.end)
+                });
+                first = false;
+                match page {
+                    Ok((page, next)) => {
+                        let keys = page.entries.len() as u64;
+                        let bytes: u64 = page
+                            .entries
+                            .iter()
+                            .map(|e| (e.key.len() + e.clock.len()) as u64)
+                            .sum();
+                        if tx.send(Ok(page)).await.is_err() {
+                            tracing::debug!(%peer, "puller went away");
+                            return;
+                        }
+                        node.metrics
+                            .handoff_keys
+                            .with_label_values(&["sent"])
+                            .inc_by(keys);
+                        node.metrics
+                            .handoff_bytes
+                            .with_label_values(&["sent"])
+                            .inc_by(bytes);
+                        match next {
+                            Some(n) => after = n,
+                            None => return,
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn exchange(
+        &self,
+        request: Request<Streaming<RequestFrame>>,
+    ) -> Result<Response<Self::ExchangeStream>, Status> {
+        let peer = self.peer_of(&request)?;
         let limits = &self.node.config.raw.limits;
         let max_frame = limits.max_frame_messages;
         let concurrency = Arc::new(Semaphore::new(limits.max_replica_ops_per_stream));
@@ -163,6 +249,18 @@ async fn handle(node: &Node, peer: &NodeId, req: ReplicaRequest) -> ReplicaRespo
             },
         },
         Some(replica_request::Op::Fetch(f)) => {
+            let pos = dynakv_core::hash::key_position(&f.key);
+            if f.hint_for.is_empty() && !node.view().rings.holds(pos, node.n()) {
+                // A coordinator whose view lags behind a committed change: an answer from a
+                // node that may have dropped the key must not count as "absent".
+                return reply(
+                    req.id,
+                    error(
+                        replica_error::Kind::NotReplica,
+                        format!("{} does not replicate this key in its ring", node.id),
+                    ),
+                );
+            }
             let local = if f.hint_for.is_empty() {
                 node.read_local(&f.key)
             } else {

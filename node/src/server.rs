@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dynakv_core::membership::{Lifecycle, NodeMetadata};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tonic::transport::server::Connected;
@@ -138,11 +137,30 @@ where
         tracing::info!(%dot_id, "the last run did not stop cleanly: writes coordinated here carry a new dot id");
     }
     let generation = crate::node::next_generation(&store, (env.wall)()).await?;
-    let view = ClusterView::from_members(
-        config.members.clone(),
-        raw.replication.vnodes_per_node,
-        raw.replication.n as usize,
+    // The ring this node starts with: the last committed ring it knew, or on a first start the
+    // configured one (empty for a node that joins through seeds).
+    let view = match crate::rebalance::load_committed_ring(&store) {
+        Some(specs) => ClusterView::from_specs(&config.node_id, specs, &config.members)
+            .map_err(|e| ServeError::Config(format!("the recorded ring: {e}")))?,
+        None => ClusterView::from_members(
+            &config.node_id,
+            config.members.clone(),
+            raw.replication.vnodes_per_node,
+            raw.replication.n as usize,
+        ),
+    };
+    let configured_tokens = view
+        .ring
+        .node_index(config.node_id.as_str())
+        .map(|i| view.ring.nodes()[i].tokens.clone())
+        .unwrap_or_default();
+    let metadata = crate::rebalance::initial_metadata(
+        &store,
+        config.weight,
+        raw.zone.clone(),
+        configured_tokens,
     );
+    crate::rebalance::save_metadata(&store, &metadata).await?;
     let gossip = Gossip::start(
         GossipSettings {
             cluster_id: raw.cluster_id.clone(),
@@ -155,17 +173,8 @@ where
                 .filter(|m| m.id != config.node_id)
                 .map(|m| (m.id.clone(), m.address.clone()))
                 .collect(),
-            metadata: NodeMetadata {
-                weight: raw.weight,
-                zone: raw.zone.clone(),
-                lifecycle: Lifecycle::Normal,
-                tokens: view
-                    .ring
-                    .node_index(config.node_id.as_str())
-                    .map(|i| view.ring.nodes()[i].tokens.clone())
-                    .unwrap_or_default(),
-                change: Default::default(),
-            },
+            seed_addresses: raw.seeds.clone(),
+            metadata,
             // Seeded from what makes this run unique, so runs differ and replays repeat.
             rng_seed: {
                 let mut seed = dot_id.as_str().as_bytes().to_vec();
@@ -222,7 +231,8 @@ where
     let replica = ReplicaServer::new(ReplicaService::new(node.clone()))
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
-    let admin = AdminServer::new(AdminService::new(node.clone()));
+    let rebalance = Arc::new(crate::rebalance::Rebalance::default());
+    let admin = AdminServer::new(AdminService::new(node.clone(), rebalance.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let metrics_task = metrics_listener.map(|listener| {
@@ -249,6 +259,11 @@ where
         tokio::spawn(crate::hints::run(node.clone(), stop_rx.clone())),
         tokio::spawn(crate::gc::run(node.clone(), stop_rx.clone())),
         tokio::spawn(crate::gossip::follow(node.clone(), stop_rx.clone())),
+        tokio::spawn(crate::rebalance::run(
+            node.clone(),
+            rebalance.clone(),
+            stop_rx.clone(),
+        )),
     ];
 
     // Storage is open and the node is in its ring: serve.

@@ -144,7 +144,9 @@ impl fmt::Display for MemberState {
 }
 
 /// Where a node is in its administrative life (DESIGN.md section 7), as it says itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Lifecycle {
     /// In the ring, taking over its ranges.
     Joining,
@@ -194,7 +196,7 @@ impl fmt::Display for Lifecycle {
 }
 
 /// What a node gossips about itself besides its address: everything the ring is built from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeMetadata {
     /// Ring weight, 0..=[`MAX_WEIGHT`] (100 is normal, 0 owns nothing): the committed one.
     pub weight: u32,
@@ -211,7 +213,7 @@ pub struct NodeMetadata {
 /// What a node gossips about membership change: its target, the ring change it proposes, how
 /// far it has come with the change under way, and the members it knows were removed. The
 /// rules that read these are in [`crate::transition`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChangeState {
     /// The weight an admin asked this node to have; `None`: its committed weight.
     pub target_weight: Option<u32>,
@@ -225,7 +227,9 @@ pub struct ChangeState {
 }
 
 /// What a proposed change does to its subject.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum ChangeKind {
     /// The subject forgotten (gone for good); its ranges re-replicated from the survivors.
     Remove,
@@ -264,7 +268,7 @@ impl ChangeKind {
 }
 
 /// One ring change: the subject's next weight and tokens, against the committed ring `base`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Proposal {
     pub kind: ChangeKind,
     pub subject: NodeId,
@@ -297,7 +301,9 @@ impl Proposal {
 }
 
 /// How far a node has come with one change (levels only rise for a given change).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum AckLevel {
     /// Every write this node coordinates goes to the new ring too, and the writes it started
     /// before it knew of the change have finished.
@@ -336,7 +342,7 @@ impl AckLevel {
 }
 
 /// A node's progress on the change named by `change` ([`Proposal::id`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Ack {
     pub change: u64,
     pub level: AckLevel,

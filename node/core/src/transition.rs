@@ -301,6 +301,20 @@ impl RingState {
         })
     }
 
+    /// A settled ring with no change under way (a node's view before gossip has spoken).
+    pub fn settled(me: NodeId, ring: Arc<Ring>) -> RingState {
+        RingState {
+            participants: ring.nodes().iter().map(|s| s.id.clone()).collect(),
+            me,
+            committed: ring,
+            changes: Vec::new(),
+            has_current: false,
+            removed: BTreeSet::new(),
+            acks: BTreeMap::new(),
+            members: BTreeMap::new(),
+        }
+    }
+
     /// The node whose view this is.
     pub fn me(&self) -> &NodeId {
         &self.me

@@ -44,7 +44,12 @@ pub fn serve_config(args: &ServeArgs) -> anyhow::Result<Config> {
         config.metrics_listen = args.metrics_listen;
     }
     set!(config.data_dir, args.data_dir);
-    set!(config.weight, args.weight);
+    if args.weight.is_some() {
+        config.weight = args.weight;
+    }
+    if !args.seeds.is_empty() {
+        config.seeds = args.seeds.clone();
+    }
     if args.zone.is_some() {
         config.zone = args.zone.clone();
     }

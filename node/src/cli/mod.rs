@@ -182,9 +182,14 @@ pub struct ServeArgs {
     /// Database directory (config: data_dir).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Ring weight, 100 normal, 0 owns nothing (config: weight).
+    /// Ring weight at the first start, 100 normal, 0 owns nothing (config: weight; default 100,
+    /// or 0 for a node that joins through --seed).
     #[arg(long)]
     pub weight: Option<u32>,
+    /// A node of a running cluster to join through, as host:port (DNS names allowed); repeat
+    /// for several (config: seeds). A node not in any --member list joins at weight 0.
+    #[arg(long = "seed")]
+    pub seeds: Vec<String>,
     /// Failure zone (config: zone).
     #[arg(long)]
     pub zone: Option<String>,

@@ -375,6 +375,7 @@ impl Harness {
             );
             if view.is_none() {
                 view = Some(ClusterView::from_members(
+                    &config.node_id,
                     config.members.clone(),
                     config.raw.replication.vnodes_per_node,
                     n as usize,

@@ -1,0 +1,411 @@
+//! Membership change in the node: the shell of [`dynakv_core::transition`].
+//!
+//! One task follows the view (every gossip snapshot, and a short tick for what changes without
+//! one: requests draining, a handoff finishing). Each step it works out what only this node
+//! knows ([`LocalProgress`]: whether the requests it started before it saw the change have
+//! finished, whether its handoff is complete and durable, whether its reads moved to the new
+//! ring and the older ones finished, whether it still holds hints, which removals it was asked
+//! for), asks the engine for the metadata it should gossip next, and gossips it. It starts the
+//! handoff ([`crate::handoff`]) once every participant writes to both rings, and after a change
+//! commits it drops the keys it holds in no live ring.
+//!
+//! What must survive a restart is in the `Meta` table: this node's own ring metadata (weight,
+//! tokens, lifecycle, target, proposal, removed members), the last committed ring (so that a
+//! cluster restarted without some member keeps that member's place), and the removals an admin
+//! asked this node for.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dynakv_core::NodeId;
+use dynakv_core::membership::{ChangeKind, Lifecycle, NodeMetadata};
+use dynakv_core::ring::NodeSpec;
+use dynakv_core::transition::{LocalProgress, Phase};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::handoff::{self, Live};
+use crate::node::{Node, split_data_key};
+use crate::storage::{ScanLimit, StorageError, Store, Table};
+
+const METADATA_KEY: &[u8] = b"ring.own_metadata";
+const COMMITTED_RING_KEY: &[u8] = b"ring.committed";
+const REMOVALS_KEY: &[u8] = b"ring.remove_requests";
+
+/// How often the driver looks again without a gossip event.
+const TICK: Duration = Duration::from_millis(100);
+
+/// This node's own ring metadata as last gossiped, if it was ever recorded.
+pub fn load_metadata(store: &Store) -> Option<NodeMetadata> {
+    let bytes = store.get(Table::Meta, METADATA_KEY).ok()??;
+    serde_json::from_slice(&bytes).ok()
+}
+
+pub async fn save_metadata(store: &Store, meta: &NodeMetadata) -> Result<(), StorageError> {
+    store
+        .put(Table::Meta, METADATA_KEY.to_vec(), encode(meta)?)
+        .await
+}
+
+/// The committed ring this node last knew, if any: the place of members gossip has not heard
+/// of since this node started.
+pub fn load_committed_ring(store: &Store) -> Option<Vec<NodeSpec>> {
+    let bytes = store.get(Table::Meta, COMMITTED_RING_KEY).ok()??;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Removals an admin asked this node for.
+pub fn load_removals(store: &Store) -> Vec<NodeId> {
+    store
+        .get(Table::Meta, REMOVALS_KEY)
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+pub async fn save_removals(store: &Store, removals: &[NodeId]) -> Result<(), StorageError> {
+    store
+        .put(Table::Meta, REMOVALS_KEY.to_vec(), encode(&removals)?)
+        .await
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(value).map_err(|e| StorageError::Corrupt {
+        detail: format!("ring state does not encode: {e}"),
+    })
+}
+
+/// What the admin service reads: this node's handoff, and serialises admin changes.
+#[derive(Default)]
+pub struct Rebalance {
+    /// The handoff of the change under way, as this node receives it.
+    pub live: Arc<Mutex<Live>>,
+    /// Admin requests that change this node's metadata run one at a time.
+    pub admin: tokio::sync::Mutex<()>,
+    /// Woken by an admin change, so the driver acts on it at once.
+    pub wake: tokio::sync::Notify,
+}
+
+/// What the driver remembers between steps.
+#[derive(Default)]
+struct Driver {
+    /// View seq at which each change became visible here; and at which reads moved to it.
+    visible_since: BTreeMap<u64, (u64, Instant)>,
+    reading_since: BTreeMap<u64, u64>,
+    /// The change whose handoff is running, and the task.
+    handoff: Option<(u64, JoinHandle<Result<(), StorageError>>)>,
+    synced: Option<u64>,
+    committed_version: Option<u64>,
+    dropping: Option<JoinHandle<()>>,
+    drop_due: bool,
+}
+
+/// Runs the driver until `stop`.
+pub async fn run(node: Arc<Node>, rebalance: Arc<Rebalance>, mut stop: watch::Receiver<bool>) {
+    let mut driver = Driver::default();
+    let mut snapshots = node.gossip.subscribe();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            _ = snapshots.changed() => {}
+            _ = rebalance.wake.notified() => {}
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        // Let the gossip follower install the view of this snapshot first.
+        tokio::task::yield_now().await;
+        if let Err(e) = step(&node, &rebalance, &mut driver).await {
+            tracing::warn!(error = %e, "ring change step failed; retrying");
+        }
+    }
+    if let Some((_, task)) = driver.handoff.take() {
+        task.abort();
+    }
+    if let Some(task) = driver.dropping.take() {
+        task.abort();
+    }
+}
+
+async fn step(node: &Arc<Node>, rebalance: &Rebalance, d: &mut Driver) -> Result<(), StorageError> {
+    let view = node.view();
+    let rings = &view.rings;
+    let n = node.n();
+    let mut progress = LocalProgress::default();
+    let current = rings.current().cloned();
+    if let Some(change) = &current {
+        let (since, _) = *d
+            .visible_since
+            .entry(change.id)
+            .or_insert((view.seq, Instant::now()));
+        if node.drained_before(since) {
+            progress.writes_drained = Some(change.id);
+        }
+        let gains = rings.gains(n);
+        if gains.is_empty() || d.synced == Some(change.id) {
+            progress.synced = Some(change.id);
+        } else if rings.phase() >= Some(Phase::Streaming) {
+            poll_handoff(
+                node,
+                rebalance,
+                d,
+                change.id,
+                gains,
+                change.proposal.kind,
+                &change.proposal.subject,
+            );
+            if d.synced == Some(change.id) {
+                progress.synced = Some(change.id);
+            }
+        }
+        if rings.read_ring().version() == change.ring.version() {
+            let since = *d.reading_since.entry(change.id).or_insert(view.seq);
+            if node.drained_before(since) {
+                progress.reads_drained = Some(change.id);
+            }
+        }
+    } else if let Some((_, task)) = d.handoff.take() {
+        task.abort();
+    }
+    // Forget what concerns changes no longer visible.
+    let visible: Vec<u64> = rings.changes().iter().map(|c| c.id).collect();
+    d.visible_since.retain(|id, _| visible.contains(id));
+    d.reading_since.retain(|id, _| visible.contains(id));
+    if d.handoff
+        .as_ref()
+        .is_some_and(|(id, _)| Some(*id) != current.as_ref().map(|c| c.id))
+        && let Some((_, task)) = d.handoff.take()
+    {
+        task.abort();
+    }
+
+    progress.holds_hints = node.hints.depths().iter().any(|(_, q)| q.count > 0);
+    let mut removals = load_removals(&node.store);
+    if removals.iter().any(|r| rings.removed().contains(r)) {
+        removals.retain(|r| !rings.removed().contains(r));
+        save_removals(&node.store, &removals).await?;
+    }
+    progress.remove_requested = removals;
+
+    {
+        let _one = rebalance.admin.lock().await;
+        let snapshot = node.gossip.snapshot();
+        if let Some(me) = snapshot.get(&node.id) {
+            let raw = &node.config.raw.replication;
+            if let Some(next) = rings.next_metadata(&me.metadata, &progress, raw.vnodes_per_node, n)
+            {
+                note_commit(node, &me.metadata, &next);
+                save_metadata(&node.store, &next).await?;
+                if let Err(e) = node.gossip.set_metadata(next).await {
+                    tracing::warn!(error = %e, "could not gossip this node's ring metadata");
+                }
+            }
+        }
+    }
+
+    // A new committed ring: remember it, and drop what this node holds in no live ring.
+    if d.committed_version != Some(view.ring.version()) {
+        node.store
+            .put(
+                Table::Meta,
+                COMMITTED_RING_KEY.to_vec(),
+                encode(&view.ring.nodes().to_vec())?,
+            )
+            .await?;
+        d.committed_version = Some(view.ring.version());
+        d.drop_due = true;
+    }
+    if d.drop_due
+        && d.dropping.as_ref().is_none_or(|t| t.is_finished())
+        && rings.changes().is_empty()
+    {
+        d.drop_due = false;
+        let node = node.clone();
+        d.dropping = Some(tokio::spawn(async move {
+            match drop_unowned(&node).await {
+                Ok(0) => {}
+                Ok(keys) => tracing::info!(keys, "dropped keys this node no longer replicates"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not drop keys this node no longer replicates")
+                }
+            }
+        }));
+    }
+    node.metrics
+        .ring_versions_live
+        .set(rings.write_rings().len() as i64);
+    Ok(())
+}
+
+/// Starts the handoff of `change` if it is not running, and notes when it finished.
+fn poll_handoff(
+    node: &Arc<Node>,
+    rebalance: &Rebalance,
+    d: &mut Driver,
+    change: u64,
+    gains: Vec<dynakv_core::ring::Handoff>,
+    kind: ChangeKind,
+    subject: &NodeId,
+) {
+    match &d.handoff {
+        Some((id, task)) if *id == change && task.is_finished() => {
+            let Some((_, task)) = d.handoff.take() else {
+                return;
+            };
+            // A finished task's result is ready: `now_or_never` does not wait.
+            match futures::FutureExt::now_or_never(task) {
+                Some(Ok(Ok(()))) => {
+                    d.synced = Some(change);
+                    if let Some((_, started)) = d.visible_since.get(&change) {
+                        node.metrics
+                            .handoff_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                    }
+                    tracing::info!(
+                        change = format!("{change:016x}"),
+                        "handoff complete: every gained range is held here"
+                    );
+                }
+                Some(Ok(Err(e))) => {
+                    tracing::error!(error = %e, "handoff stopped on a storage failure");
+                }
+                _ => {}
+            }
+        }
+        Some((id, _)) if *id == change => {}
+        _ => {
+            let excluded = if kind == ChangeKind::Remove {
+                vec![subject.clone()]
+            } else {
+                Vec::new()
+            };
+            tracing::info!(
+                change = format!("{change:016x}"),
+                ranges = gains.len(),
+                "handoff starting: pulling the ranges this node gains"
+            );
+            let task = tokio::spawn(handoff::run(
+                node.clone(),
+                node.config.raw.handoff.clone(),
+                change,
+                gains,
+                excluded,
+                rebalance.live.clone(),
+            ));
+            d.handoff = Some((change, task));
+        }
+    }
+}
+
+/// Logs and counts a change this node commits.
+fn note_commit(node: &Node, before: &NodeMetadata, after: &NodeMetadata) {
+    let Some(p) = &before.change.proposal else {
+        return;
+    };
+    if after.change.proposal.is_some() {
+        return;
+    }
+    let committed = match p.kind {
+        ChangeKind::Remove => after.change.removed.contains(&p.subject),
+        ChangeKind::Leave => after.tokens.is_empty() && after.weight == 0,
+        ChangeKind::Weight => after.weight == p.weight && after.tokens == p.tokens,
+    };
+    if committed {
+        node.metrics
+            .ring_changes
+            .with_label_values(&[p.kind.as_str()])
+            .inc();
+        tracing::info!(
+            kind = p.kind.as_str(),
+            subject = %p.subject,
+            weight = p.weight,
+            lifecycle = %after.lifecycle,
+            "ring change committed"
+        );
+    } else {
+        tracing::info!(kind = p.kind.as_str(), subject = %p.subject, "ring change withdrawn (made against an older ring)");
+    }
+}
+
+/// Deletes every key this node replicates in no live ring (each only if unchanged since it was
+/// read). Returns how many it deleted.
+async fn drop_unowned(node: &Node) -> Result<u64, StorageError> {
+    use std::ops::Bound;
+    let n = node.n();
+    let mut dropped = 0u64;
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let from = match &after {
+            Some(k) => Bound::Excluded(k.as_slice()),
+            None => Bound::Unbounded,
+        };
+        let page = node.store.scan(
+            Table::Data,
+            from,
+            Bound::Unbounded,
+            ScanLimit::entries(1024),
+        )?;
+        let view = node.view();
+        // A change appeared meanwhile: stop; the next commit drops again.
+        if !view.rings.changes().is_empty() {
+            return Ok(dropped);
+        }
+        for (key, value) in &page.entries {
+            let Some((pos, client_key)) = split_data_key(key) else {
+                continue;
+            };
+            if view.rings.holds(pos, n) {
+                continue;
+            }
+            let digest = dynakv_core::hash::hash128(value);
+            if node.purge_local(client_key, digest).await? {
+                dropped += 1;
+                node.metrics.handoff_dropped_keys.inc();
+            }
+        }
+        match page.next {
+            Some(k) => after = Some(k),
+            None => return Ok(dropped),
+        }
+    }
+}
+
+/// The metadata this node starts with: what it last gossiped (kept across restarts), or, on
+/// its first start, the configured weight with the tokens the configured ring gives it.
+pub fn initial_metadata(
+    store: &Store,
+    configured_weight: u32,
+    zone: Option<String>,
+    configured_tokens: Vec<u64>,
+) -> NodeMetadata {
+    match load_metadata(store) {
+        Some(mut meta) => {
+            meta.zone = zone;
+            meta.change.ack = None;
+            meta
+        }
+        None => NodeMetadata {
+            weight: if configured_tokens.is_empty() {
+                0
+            } else {
+                configured_weight
+            },
+            zone,
+            lifecycle: if configured_tokens.is_empty() {
+                Lifecycle::Joining
+            } else {
+                Lifecycle::Normal
+            },
+            tokens: configured_tokens.clone(),
+            change: dynakv_core::membership::ChangeState {
+                // A node that starts without a place in the configured ring joins at weight 0
+                // and moves to its configured weight through a ring change.
+                target_weight: (configured_tokens.is_empty() && configured_weight > 0)
+                    .then_some(configured_weight),
+                ..Default::default()
+            },
+        },
+    }
+}
