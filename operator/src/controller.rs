@@ -513,6 +513,14 @@ async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> 
     }
 
     // 5. Status.
+    ctx.metrics.rebalance(
+        &ns,
+        &name,
+        answered
+            .as_ref()
+            .and_then(|(_, s)| s.rebalance.as_ref())
+            .filter(|r| r.active),
+    );
     let new_status = status::build(&StatusInput {
         kvc: &kvc,
         plan: &plan,
@@ -550,6 +558,7 @@ async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> 
 async fn cleanup(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = kvc.name_any();
     let ns = kvc.namespace().unwrap_or_else(|| "default".into());
+    ctx.metrics.forget(&ns, &name);
     let note = if kvc.spec.storage.retention.when_deleted == RetentionPolicy::Delete {
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
         pvcs.delete_collection(

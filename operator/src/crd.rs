@@ -701,8 +701,8 @@ pub enum Phase {
 #[serde(rename_all = "camelCase")]
 pub struct NodeState {
     pub name: String,
-    pub weight: u32,
-    pub target_weight: u32,
+    pub weight: i32,
+    pub target_weight: i32,
     /// joining, normal, leaving, left, removed, unknown.
     pub lifecycle: String,
     /// alive, suspect, down, unknown.
@@ -723,16 +723,16 @@ pub struct RebalanceProgress {
     pub kind: String,
     /// announced, streaming, switching, retiring.
     pub phase: String,
-    pub from_weight: u32,
-    pub to_weight: u32,
+    pub from_weight: i32,
+    pub to_weight: i32,
     /// Percentage done, for `kubectl get` ("42%").
     pub progress: String,
-    pub keys_done: u64,
-    pub keys_total: u64,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-    pub ranges_done: u64,
-    pub ranges_total: u64,
+    pub keys_done: i64,
+    pub keys_total: i64,
+    pub bytes_done: i64,
+    pub bytes_total: i64,
+    pub ranges_done: i64,
+    pub ranges_total: i64,
     /// Bytes streamed per second lately (0: unknown yet).
     pub bytes_per_second: f64,
     /// Seconds until done at that rate (unset: unknown).

@@ -5,7 +5,8 @@
 //! Never a label built from `Debug` output or an object name, so cardinality stays bounded.
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Metrics of the controller.
@@ -24,6 +25,12 @@ pub struct Metrics {
     pub admin_requests: IntCounterVec,
     /// 1 while this replica holds the leader Lease.
     pub leader: IntGauge,
+    /// Per KVCluster (namespace, kvcluster): 1 while a ring change runs.
+    pub rebalance_active: IntGaugeVec,
+    /// Per KVCluster: bytes moved by the ring change under way (for "stuck" alerts).
+    pub rebalance_bytes_done: IntGaugeVec,
+    /// Per KVCluster: share of the ring change done (0..1).
+    pub rebalance_progress: GaugeVec,
 }
 
 impl Metrics {
@@ -69,6 +76,31 @@ impl Metrics {
             "dynakv_operator_leader",
             "1 while this operator replica holds the leader Lease",
         )?;
+        let cluster = &["namespace", "kvcluster"];
+        let rebalance_active = IntGaugeVec::new(
+            Opts::new(
+                "dynakv_operator_rebalance_active",
+                "1 while a ring change runs in the KVCluster",
+            ),
+            cluster,
+        )?;
+        let rebalance_bytes_done = IntGaugeVec::new(
+            Opts::new(
+                "dynakv_operator_rebalance_bytes_done",
+                "Bytes moved so far by the ring change under way",
+            ),
+            cluster,
+        )?;
+        let rebalance_progress = GaugeVec::new(
+            Opts::new(
+                "dynakv_operator_rebalance_progress_ratio",
+                "Share of the ring change under way that is done (0..1)",
+            ),
+            cluster,
+        )?;
+        registry.register(Box::new(rebalance_active.clone()))?;
+        registry.register(Box::new(rebalance_bytes_done.clone()))?;
+        registry.register(Box::new(rebalance_progress.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -83,7 +115,39 @@ impl Metrics {
             decisions,
             admin_requests,
             leader,
+            rebalance_active,
+            rebalance_bytes_done,
+            rebalance_progress,
         })
+    }
+
+    /// Records the ring change of one cluster (None: settled, or the cluster is gone).
+    pub fn rebalance(&self, namespace: &str, name: &str, r: Option<&crate::proto::Rebalance>) {
+        let labels = [namespace, name];
+        match r {
+            Some(r) => {
+                self.rebalance_active.with_label_values(&labels).set(1);
+                self.rebalance_bytes_done
+                    .with_label_values(&labels)
+                    .set(i64::try_from(r.bytes_done).unwrap_or(i64::MAX));
+                self.rebalance_progress
+                    .with_label_values(&labels)
+                    .set(crate::status::percent_done(r) as f64 / 100.0);
+            }
+            None => {
+                self.rebalance_active.with_label_values(&labels).set(0);
+                self.rebalance_bytes_done.with_label_values(&labels).set(0);
+                self.rebalance_progress.with_label_values(&labels).set(0.0);
+            }
+        }
+    }
+
+    /// Drops the series of a deleted cluster.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let labels = [namespace, name];
+        let _ = self.rebalance_active.remove_label_values(&labels);
+        let _ = self.rebalance_bytes_done.remove_label_values(&labels);
+        let _ = self.rebalance_progress.remove_label_values(&labels);
     }
 
     /// Records one finished reconcile.

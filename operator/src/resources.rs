@@ -615,7 +615,15 @@ fn service_monitor(cx: &Ctx) -> Option<DynamicObject> {
     if let Some(l) = meta.labels.as_mut() {
         l.extend(sm.labels.clone());
     }
-    let mut endpoint = json!({"port": "metrics", "path": "/metrics"});
+    let mut endpoint = json!({
+        "port": "metrics",
+        "path": "/metrics",
+        // The cluster's name on every series, as deploy/prometheus/scrape-config.yaml does.
+        "relabelings": [{
+            "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
+            "targetLabel": "kvcluster",
+        }],
+    });
     if let (Some(i), Value::Object(e)) = (&sm.interval, &mut endpoint) {
         e.insert("interval".into(), json!(i));
     }

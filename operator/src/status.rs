@@ -44,20 +44,28 @@ pub fn percent_done(r: &Rebalance) -> u64 {
     (done.min(total).saturating_mul(100)) / total
 }
 
+/// The API's integer formats are int32 and int64 (unsigned ones draw warnings).
+fn int(v: u32) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+fn long(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 fn rebalance_progress(r: &Rebalance) -> RebalanceProgress {
     RebalanceProgress {
         node: r.node.clone(),
         kind: r.kind.clone(),
         phase: r.phase.clone(),
-        from_weight: r.from_weight,
-        to_weight: r.to_weight,
+        from_weight: int(r.from_weight),
+        to_weight: int(r.to_weight),
         progress: format!("{}%", percent_done(r)),
-        keys_done: r.keys_done,
-        keys_total: r.keys_total,
-        bytes_done: r.bytes_done,
-        bytes_total: r.bytes_total,
-        ranges_done: r.ranges_done,
-        ranges_total: r.ranges_total,
+        keys_done: long(r.keys_done),
+        keys_total: long(r.keys_total),
+        bytes_done: long(r.bytes_done),
+        bytes_total: long(r.bytes_total),
+        ranges_done: long(r.ranges_done),
+        ranges_total: long(r.ranges_total),
         bytes_per_second: if r.bytes_per_second.is_finite() {
             r.bytes_per_second.max(0.0)
         } else {
@@ -140,8 +148,8 @@ pub fn build(input: &StatusInput) -> KVClusterStatus {
                 .iter()
                 .map(|m| NodeState {
                     name: m.id.clone(),
-                    weight: m.weight,
-                    target_weight: m.target_weight,
+                    weight: int(m.weight),
+                    target_weight: int(m.target_weight),
                     lifecycle: m.lifecycle.clone(),
                     liveness: m.state.clone(),
                     owned_fraction: if m.replica_ownership.is_finite() {
@@ -274,6 +282,12 @@ pub fn build(input: &StatusInput) -> KVClusterStatus {
         || input.admin_refusal.is_some()
     {
         Phase::Degraded
+    } else if plan.reason.code == ReasonCode::NoNodeAnswers {
+        // Nobody answers: still starting if the cluster never ran, otherwise an outage.
+        match kvc.status.as_ref().map(|s| s.phase) {
+            None | Some(Phase::Pending) | Some(Phase::Creating) => Phase::Creating,
+            Some(_) => Phase::Degraded,
+        }
     } else {
         match plan.work {
             Work::Invalid => Phase::Degraded,
@@ -454,6 +468,32 @@ mod tests {
         let d = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
         assert_eq!(d.status, "True");
         assert_eq!(d.reason, "BelowReplicationFactor");
+    }
+
+    #[test]
+    fn no_answer_is_creating_for_a_new_cluster_and_degraded_for_one_that_ran() {
+        let mut kvc = KVCluster::test();
+        let p = plan(ReasonCode::NoNodeAnswers, Work::None, true);
+        let pods = BTreeMap::new();
+        let phase = |kvc: &KVCluster| {
+            build(&StatusInput {
+                kvc,
+                plan: &p,
+                sts: Some((3, 0)),
+                pods: &pods,
+                cluster: None,
+                admin_refusal: None,
+                warnings: &[],
+                now: now(),
+            })
+            .phase
+        };
+        assert_eq!(phase(&kvc), Phase::Creating);
+        kvc.status = Some(KVClusterStatus {
+            phase: Phase::Running,
+            ..Default::default()
+        });
+        assert_eq!(phase(&kvc), Phase::Degraded);
     }
 
     #[test]

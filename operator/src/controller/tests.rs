@@ -258,6 +258,13 @@ async fn scale_up_raises_the_statefulset_then_ramps_each_new_node_in_steps() {
             result.unwrap();
             verifier = v;
             assert!(admin.calls().is_empty(), "no new step while one runs");
+            let text = ctx.metrics.render();
+            assert!(
+                text.contains(
+                    "dynakv_operator_rebalance_progress_ratio{kvcluster=\"test\",namespace=\"default\"} 0.3"
+                ),
+                "{text}"
+            );
         }
         admin.settle();
     }
