@@ -1,6 +1,6 @@
 //! Compiles the Admin and health protos into a gRPC client with protox (a pure-Rust protobuf
-//! compiler), as `node/build.rs` does, so building needs no system `protoc`. Only the client side
-//! is generated: the operator never serves these services.
+//! compiler), as `node/build.rs` does, so building needs no system `protoc`. The server side is
+//! generated too, for the tests that put the real gRPC client against a scripted Admin service.
 
 use std::path::PathBuf;
 
@@ -11,8 +11,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     let fds = protox::compile(&files, [&proto_root])?;
-    tonic_prost_build::configure()
-        .build_server(false)
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! The seam between the operator and the nodes' Admin gRPC service.
 //!
 //! [`NodeAdmin`] is what the controller calls: the cluster's status as one node sees it, and
-//! membership changes (`SetWeight`, `Leave`, `Remove`) sent through a node (any node forwards
+//! membership changes (`SetWeight`, `Leave`) sent through a node (any node forwards
 //! to the member concerned). [`GrpcAdmin`] is the real implementation; where it dials is
 //! [`Addressing`]: on Kubernetes the pod's DNS name through the headless Service, in tests a map
 //! of pod names to local addresses (real `dynakv` processes). The controller's flow tests use a
@@ -17,8 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::decisions::AdminAction;
 use crate::proto::admin_client::AdminClient;
 use crate::proto::{
-    ChangeResponse, ClusterStatusRequest, ClusterStatusResponse, LeaveRequest, RemoveRequest,
-    SetWeightRequest,
+    ChangeResponse, ClusterStatusRequest, ClusterStatusResponse, LeaveRequest, SetWeightRequest,
 };
 use crate::resources::{GRPC_PORT, pod_host};
 
@@ -198,9 +197,6 @@ impl NodeAdmin for GrpcAdmin {
                 AdminAction::Leave { node } => {
                     client.leave(LeaveRequest { node: node.clone() }).await
                 }
-                AdminAction::Remove { node } => {
-                    client.remove(RemoveRequest { node: node.clone() }).await
-                }
             };
             result
                 .map(|r| r.into_inner())
@@ -242,6 +238,129 @@ mod tests {
         assert!(e.to_string().contains("only 2 members"), "{e}");
         let e = AdminError::from_status("kv-0", "x".into(), tonic::Status::unavailable("down"));
         assert!(!e.is_refusal());
+    }
+
+    /// A scripted Admin service behind a real gRPC server.
+    struct Scripted {
+        calls: Mutex<Vec<String>>,
+    }
+
+    #[tonic::async_trait]
+    impl crate::proto::admin_server::Admin for Scripted {
+        async fn cluster_status(
+            &self,
+            _: tonic::Request<ClusterStatusRequest>,
+        ) -> Result<tonic::Response<ClusterStatusResponse>, tonic::Status> {
+            Ok(tonic::Response::new(ClusterStatusResponse {
+                node_id: "kv-0".into(),
+                members: vec![crate::proto::Member {
+                    id: "kv-0".into(),
+                    weight: 100,
+                    target_weight: 100,
+                    lifecycle: "normal".into(),
+                    state: "alive".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }))
+        }
+        async fn node_status(
+            &self,
+            _: tonic::Request<crate::proto::NodeStatusRequest>,
+        ) -> Result<tonic::Response<crate::proto::NodeStatusResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
+        async fn set_weight(
+            &self,
+            r: tonic::Request<SetWeightRequest>,
+        ) -> Result<tonic::Response<ChangeResponse>, tonic::Status> {
+            let r = r.into_inner();
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("SetWeight({}, {})", r.node, r.weight));
+            Ok(tonic::Response::new(ChangeResponse {
+                changed: true,
+                message: format!("{}: target weight {}", r.node, r.weight),
+                recorded_by: "kv-0".into(),
+            }))
+        }
+        async fn leave(
+            &self,
+            r: tonic::Request<LeaveRequest>,
+        ) -> Result<tonic::Response<ChangeResponse>, tonic::Status> {
+            let r = r.into_inner();
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("Leave({})", r.node));
+            Err(tonic::Status::failed_precondition(
+                "only 2 members of weight > 0 would remain; n = 3",
+            ))
+        }
+        async fn remove(
+            &self,
+            _: tonic::Request<crate::proto::RemoveRequest>,
+        ) -> Result<tonic::Response<ChangeResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not scripted"))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_grpc_client_reads_status_sends_changes_and_tells_refusals() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let scripted = std::sync::Arc::new(Scripted {
+            calls: Mutex::new(Vec::new()),
+        });
+        let service = crate::proto::admin_server::AdminServer::from_arc(scripted.clone());
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let admin = GrpcAdmin::new(
+            Addressing::Static(BTreeMap::from([("kv-0".to_string(), addr.to_string())])),
+            Duration::from_secs(5),
+        );
+        let c = ClusterRef {
+            name: "kv".into(),
+            namespace: "default".into(),
+        };
+        let status = admin.cluster_status(&c, "kv-0").await.unwrap();
+        assert_eq!(status.members[0].lifecycle, "normal");
+        let resp = admin
+            .change(
+                &c,
+                "kv-0",
+                &AdminAction::SetWeight {
+                    node: "kv-3".into(),
+                    weight: 25,
+                },
+            )
+            .await
+            .unwrap();
+        assert!(resp.changed);
+        let err = admin
+            .change(
+                &c,
+                "kv-0",
+                &AdminAction::Leave {
+                    node: "kv-2".into(),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(err.is_refusal(), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "kv-0 refused Leave(kv-2): only 2 members of weight > 0 would remain; n = 3"
+        );
+        assert_eq!(
+            *scripted.calls.lock().unwrap(),
+            vec!["SetWeight(kv-3, 25)", "Leave(kv-2)"]
+        );
+        server.abort();
     }
 
     #[tokio::test]

@@ -428,7 +428,6 @@ async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> 
             let method = match action {
                 decisions::AdminAction::SetWeight { .. } => "SetWeight",
                 decisions::AdminAction::Leave { .. } => "Leave",
-                decisions::AdminAction::Remove { .. } => "Remove",
             };
             match ctx.admin.change(&cluster, via, action).await {
                 Ok(resp) => {

@@ -11,6 +11,9 @@
 //!   is never the last holder of a range.
 //! - The StatefulSet shrinks only past nodes that own nothing (left, never joined, or weight 0
 //!   with nothing pending), highest ordinals first, and never below N.
+//! - Members scaled away are not removed from the membership: a left member cannot be
+//!   removed, and a removed one could not take a weight again when a later scale-up brings its
+//!   pod back; left and weight-0 members own nothing, and `SetWeight` brings them back.
 //! - A pod is replaced for a new template only when membership is settled, every pod is ready,
 //!   every member alive and no ring change is under way: one pod at a time.
 
@@ -136,7 +139,6 @@ pub struct Observed {
 pub enum AdminAction {
     SetWeight { node: String, weight: u32 },
     Leave { node: String },
-    Remove { node: String },
 }
 
 impl std::fmt::Display for AdminAction {
@@ -144,7 +146,6 @@ impl std::fmt::Display for AdminAction {
         match self {
             AdminAction::SetWeight { node, weight } => write!(f, "SetWeight({node}, {weight})"),
             AdminAction::Leave { node } => write!(f, "Leave({node})"),
-            AdminAction::Remove { node } => write!(f, "Remove({node})"),
         }
     }
 }
@@ -168,7 +169,6 @@ pub enum ReasonCode {
     WaitingForDrain,
     UnsafeDrain,
     RemovingNodes,
-    ForgettingNode,
     RollingPod,
     Settled,
 }
@@ -191,7 +191,6 @@ impl ReasonCode {
             ReasonCode::WaitingForDrain => "WaitingForDrain",
             ReasonCode::UnsafeDrain => "UnsafeDrain",
             ReasonCode::RemovingNodes => "RemovingNodes",
-            ReasonCode::ForgettingNode => "ForgettingNode",
             ReasonCode::RollingPod => "RollingPod",
             ReasonCode::Settled => "Settled",
         }
@@ -210,7 +209,6 @@ impl ReasonCode {
                 | ReasonCode::Rejoining
                 | ReasonCode::Draining
                 | ReasonCode::RemovingNodes
-                | ReasonCode::ForgettingNode
                 | ReasonCode::RollingPod
         )
     }
@@ -560,26 +558,7 @@ pub fn decide(o: &Observed) -> Plan {
         return plan;
     }
 
-    // 5. Forget members whose pod is gone and which own nothing.
-    let sts_next = plan.sts_replicas.unwrap_or(sts).max(0) as u32;
-    let orphan = c.members.iter().find(|(id, m)| {
-        crate::resources::ordinal_of(&o.name, id).is_some_and(|k| k >= sts_next)
-            && !m.holds_data()
-            && m.liveness == Liveness::Down
-            && m.lifecycle != Lifecycle::Removed
-    });
-    if let Some((id, _)) = orphan
-        && busy_except(c, id).is_none()
-    {
-        plan.admin.push(AdminAction::Remove { node: id.clone() });
-        plan.reason = reason(
-            ReasonCode::ForgettingNode,
-            format!("{id} was scaled away and is down: the cluster forgets it"),
-        );
-        return plan;
-    }
-
-    // 6. Ramp the lowest ordinal below the target that is not at full weight yet.
+    // 5. Ramp the lowest ordinal below the target that is not at full weight yet.
     for i in 0..target {
         let name = pod_name(&o.name, i);
         let Some(m) = o.member(i) else {
@@ -650,13 +629,6 @@ pub fn decide(o: &Observed) -> Plan {
         plan.reason = r;
         return plan;
     }
-    if let Some((id, _)) = orphan {
-        plan.reason = reason(
-            ReasonCode::WaitingForRebalance,
-            format!("{id} is forgotten once the ring change under way is done"),
-        );
-        return plan;
-    }
     if let Some(busy) = busy_except(c, "") {
         plan.reason = reason(
             ReasonCode::WaitingForRebalance,
@@ -665,7 +637,7 @@ pub fn decide(o: &Observed) -> Plan {
         return plan;
     }
 
-    // 7. Replace pods that run an old template, highest ordinal first, one at a time.
+    // 6. Replace pods that run an old template, highest ordinal first, one at a time.
     let outdated: Vec<u32> = (0..target)
         .filter(|i| {
             o.pods

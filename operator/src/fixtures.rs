@@ -298,9 +298,6 @@ impl NodeAdmin for FakeAdmin {
                         m.lifecycle = "leaving".into();
                     }
                 }
-                AdminAction::Remove { node } => {
-                    s.members.remove(node);
-                }
             }
             Ok(ChangeResponse {
                 changed: true,

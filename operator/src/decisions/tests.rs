@@ -238,18 +238,15 @@ fn a_node_that_never_joined_or_owns_nothing_goes_without_a_drain() {
 }
 
 #[test]
-fn members_scaled_away_are_forgotten_once_down() {
-    let p = decide(&members(obs(3, Some(3)), "100 100 100 0x 0xd"));
-    assert_eq!(
-        p.admin,
-        vec![AdminAction::Remove {
-            node: "kv-4".into()
-        }]
-    );
-    assert_eq!(p.reason.code, ReasonCode::ForgettingNode);
-    // Still alive (its pod stopping): not yet.
-    let p = decide(&members(obs(3, Some(3)), "100 100 100 0x"));
+fn members_scaled_away_stay_members_that_own_nothing() {
+    // Neither left nor weight-0 members are removed: the node refuses to remove a left member,
+    // and a removed one could not take a weight again after a later scale-up.
+    let p = decide(&members(obs(3, Some(3)), "100 100 100 0x 0xd 0d"));
     assert!(p.admin.is_empty());
+    assert_eq!(p.reason.code, ReasonCode::Settled);
+    // And they do not hold up the next step.
+    let p = decide(&members(obs(4, Some(4)), "100 100 100 0 0xd"));
+    assert_eq!(p.admin, vec![set_weight("kv-3", 25)]);
 }
 
 #[test]
@@ -473,10 +470,6 @@ impl Sim {
                         m.lifecycle = Lifecycle::Joining;
                     }
                 }
-                AdminAction::Remove { node } => {
-                    let m = self.members.remove(node).unwrap();
-                    prop_assert!(m.liveness == Liveness::Down && !m.holds_data());
-                }
             }
         }
         if let Some(r) = plan.sts_replicas {
@@ -560,7 +553,10 @@ impl Sim {
     fn settled(&self) -> bool {
         let t = self.o.replicas.max(self.o.n as i32);
         self.o.sts_replicas == Some(t)
-            && self.members.len() == t as usize
+            && self.members.iter().all(|(id, m)| {
+                crate::resources::ordinal_of("kv", id).is_some_and(|i| (i as i32) < t)
+                    || (m.drained() && m.liveness == Liveness::Down)
+            })
             && (0..t as u32).all(|i| {
                 self.members.get(&pod_name("kv", i)).is_some_and(|m| {
                     m.weight == FULL_WEIGHT
