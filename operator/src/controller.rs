@@ -423,21 +423,44 @@ async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> 
         warnings = apply_objects(&ctx, &kvc, &ns, replicas).await?;
     }
     let mut admin_refusal = None;
-    if let Some((via, _)) = &answered {
+    if let Some((answered_by, _)) = &answered {
         for action in &plan.admin {
             let method = match action {
                 decisions::AdminAction::SetWeight { .. } => "SetWeight",
                 decisions::AdminAction::Leave { .. } => "Leave",
             };
-            match ctx.admin.change(&cluster, via, action).await {
-                Ok(resp) => {
+            // The member concerned takes the request itself when its pod is there (it must be
+            // reachable anyway, and a member that left is not forwarded to); otherwise, or when
+            // it does not answer, the node that answered the status forwards it.
+            let target = action.node();
+            let mut vias = Vec::new();
+            if ordinal_of(&name, target).is_some_and(|i| pods.contains_key(&i)) {
+                vias.push(target.to_string());
+            }
+            if !vias.iter().any(|v| v == answered_by) {
+                vias.push(answered_by.clone());
+            }
+            let mut outcome = None;
+            for via in &vias {
+                match ctx.admin.change(&cluster, via, action).await {
+                    Err(e) if !e.is_refusal() && via != vias.last().unwrap_or(via) => {
+                        tracing::debug!(%via, error = %e, "admin change: trying another node");
+                    }
+                    other => {
+                        outcome = Some(other);
+                        break;
+                    }
+                }
+            }
+            match outcome {
+                Some(Ok(resp)) => {
                     ctx.metrics
                         .admin_requests
                         .with_label_values(&[method, "ok"])
                         .inc();
                     tracing::info!(kvcluster = %name, %action, changed = resp.changed, message = %resp.message, "admin change");
                 }
-                Err(e) if e.is_refusal() => {
+                Some(Err(e)) if e.is_refusal() => {
                     ctx.metrics
                         .admin_requests
                         .with_label_values(&[method, "refused"])
@@ -445,13 +468,14 @@ async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> 
                     admin_refusal = Some(e.to_string());
                     break;
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     ctx.metrics
                         .admin_requests
                         .with_label_values(&[method, "unavailable"])
                         .inc();
                     return Err(Error::Admin(e));
                 }
+                None => {}
             }
         }
     }

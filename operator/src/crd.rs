@@ -582,6 +582,9 @@ pub struct NodeConfigOverrides {
     pub tombstone_gc: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_form_object")]
+    pub handoff: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form_object")]
     pub log: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
@@ -606,6 +609,7 @@ impl NodeConfigOverrides {
             ("hints", self.hints.as_ref()),
             ("gossip", self.gossip.as_ref()),
             ("tombstone_gc", self.tombstone_gc.as_ref()),
+            ("handoff", self.handoff.as_ref()),
             ("log", self.log.as_ref()),
         ]
         .into_iter()

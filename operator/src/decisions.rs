@@ -141,6 +141,15 @@ pub enum AdminAction {
     Leave { node: String },
 }
 
+impl AdminAction {
+    /// The member the request is about.
+    pub fn node(&self) -> &str {
+        match self {
+            AdminAction::SetWeight { node, .. } | AdminAction::Leave { node } => node,
+        }
+    }
+}
+
 impl std::fmt::Display for AdminAction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -314,6 +323,19 @@ fn unhealthy(c: &ClusterView, except: &str) -> Vec<String> {
 
 /// The next step for one cluster.
 pub fn decide(o: &Observed) -> Plan {
+    let mut plan = next_step_of(o);
+    // Until some member owns part of the ring, the cluster is still being created.
+    let nobody_owns = o
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.members.values().all(|m| m.weight == 0));
+    if plan.work == Work::ScalingUp && nobody_owns {
+        plan.work = Work::Creating;
+    }
+    plan
+}
+
+fn next_step_of(o: &Observed) -> Plan {
     let mut plan = Plan {
         sts_replicas: None,
         admin: Vec::new(),
@@ -419,7 +441,18 @@ pub fn decide(o: &Observed) -> Plan {
         let name = pod_name(&o.name, i);
         let Some(m) = o.member(i) else { continue };
         if m.lifecycle.gone() {
-            // Drained already but wanted again: it rejoins through the ramp.
+            // Drained already but wanted again: it rejoins through the ramp, once its pod runs
+            // (the member takes the request itself: nobody forwards to a member that left).
+            plan.work = Work::ScalingUp;
+            if m.liveness != Liveness::Alive || !o.pods.contains_key(&i) {
+                plan.reason = reason(
+                    ReasonCode::WaitingForNodes,
+                    format!(
+                        "{name} left earlier and is wanted again; it rejoins once its pod runs"
+                    ),
+                );
+                return plan;
+            }
             if let Some(busy) = busy_except(c, &name) {
                 plan.reason = reason(
                     ReasonCode::WaitingForRebalance,

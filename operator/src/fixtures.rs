@@ -44,7 +44,7 @@ impl KVCluster {
         let mut limits = serde_json::Map::new();
         limits.insert("max_value_bytes".into(), json!(4194304));
         let mut gossip = serde_json::Map::new();
-        gossip.insert("probe_period_ms".into(), json!(500));
+        gossip.insert("probe_period_ms".into(), json!(2000));
         k.spec = KVClusterSpec {
             replicas: 5,
             image: "registry.example/dynakv:1.2.3".into(),
@@ -275,6 +275,12 @@ impl NodeAdmin for FakeAdmin {
     ) -> BoxFuture<'a, Result<ChangeResponse, AdminError>> {
         Box::pin(async move {
             let mut s = self.lock();
+            if s.unreachable.contains(pod) {
+                return Err(AdminError::Unavailable {
+                    pod: pod.into(),
+                    status: tonic::Status::unavailable("connection refused"),
+                });
+            }
             s.calls.push(format!("{pod}: {action}"));
             if let Some(message) = s.refuse_next.take() {
                 return Err(AdminError::Refused {

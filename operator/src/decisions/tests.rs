@@ -114,6 +114,7 @@ fn a_new_cluster_waits_for_every_node_then_gives_each_full_weight_at_once() {
 
     let p = decide(&members(obs(3, Some(3)), "0 0 0"));
     assert_eq!(p.reason.code, ReasonCode::Bootstrapping);
+    assert_eq!(p.work, Work::Creating);
     assert_eq!(
         p.admin,
         vec![
@@ -122,6 +123,10 @@ fn a_new_cluster_waits_for_every_node_then_gives_each_full_weight_at_once() {
             set_weight("kv-2", 100)
         ]
     );
+    // While the first weights are being taken, it is still creation.
+    let p = decide(&members(obs(3, Some(3)), "0>100 0>100 0>100"));
+    assert_eq!(p.work, Work::Creating);
+    assert_eq!(p.reason.code, ReasonCode::WaitingForRebalance);
 }
 
 #[test]
@@ -289,6 +294,11 @@ fn changed_mind_during_a_drain_cancels_it() {
     let p = decide(&members(obs(5, Some(5)), "100 100 100 100 0x"));
     assert_eq!(p.admin, vec![set_weight("kv-4", 25)]);
     assert_eq!(p.reason.code, ReasonCode::Rejoining);
+    // ... once its pod runs again (the StatefulSet had already let it go).
+    let p = decide(&members(obs(5, Some(4)), "100 100 100 100 0xd"));
+    assert_eq!(p.sts_replicas, Some(5));
+    assert!(p.admin.is_empty());
+    assert_eq!(p.reason.code, ReasonCode::WaitingForNodes);
 }
 
 #[test]
