@@ -12,9 +12,9 @@ use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetStatus};
 use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
+use kube::Client;
 use kube::client::Body;
 use kube::runtime::events::Recorder;
-use kube::{Client, Resource};
 use serde_json::{Value, json};
 
 use crate::admin::{AdminError, ClusterRef, NodeAdmin};
@@ -470,9 +470,4 @@ impl Context {
         );
         (Arc::new(ctx), ApiServerVerifier(handle))
     }
-}
-
-/// The object reference of `kvc` (for checks on events).
-pub fn uid_of(kvc: &KVCluster) -> String {
-    kvc.meta().uid.clone().unwrap_or_default()
 }
