@@ -56,9 +56,11 @@ impl AdminService {
                  for good)"
             )));
         }
-        let channel = self.node.peers.channel(node).ok_or_else(|| {
-            Status::failed_precondition(format!("no address is known for {node} yet"))
-        })?;
+        // Not known yet is a passing state (gossip has not told this node), not a refusal.
+        let channel =
+            self.node.peers.channel(node).ok_or_else(|| {
+                Status::unavailable(format!("no address is known for {node} yet"))
+            })?;
         Ok(AdminClient::new(channel))
     }
 

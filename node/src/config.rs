@@ -354,8 +354,12 @@ impl Config {
     }
 
     /// Checks every field once; the rest of the node trusts the result.
-    pub fn validate(self) -> Result<ValidConfig, ConfigError> {
+    pub fn validate(mut self) -> Result<ValidConfig, ConfigError> {
         let err = |s: String| Err(ConfigError(s));
+        // `--zone=` (an empty label, as a pod without a zone gets) means no zone.
+        if self.zone.as_deref() == Some("") {
+            self.zone = None;
+        }
         let node_id =
             NodeId::new(&self.node_id).map_err(|e| ConfigError(format!("node_id: {e}")))?;
         if self.cluster_id.is_empty() || self.cluster_id.len() > 253 {

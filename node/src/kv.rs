@@ -373,7 +373,9 @@ pub fn status(e: CoordinatorError) -> Status {
             "this node's storage failed and it acknowledges no writes until restarted: {s}"
         )),
         CoordinatorError::TooManySiblings { .. } => Status::resource_exhausted(e.to_string()),
-        CoordinatorError::Stopping => Status::unavailable(e.to_string()),
+        CoordinatorError::Stopping | CoordinatorError::Starting => {
+            Status::unavailable(e.to_string())
+        }
     };
     answered(s)
 }

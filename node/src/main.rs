@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use dynakv_node::cli::{Cli, ClusterCommand, Command, bench, commands, dev};
+use dynakv_node::cli::{Cli, ClusterCommand, Command, bench, cluster, commands, dev};
 
 // A node spends a tenth of its CPU in glibc malloc/free under load (docs/benchmarks.md).
 #[global_allocator]
@@ -44,6 +44,18 @@ fn main() -> ExitCode {
             Command::Cluster {
                 command: ClusterCommand::Roots(args),
             } => commands::cluster_roots(args).await,
+            Command::Cluster {
+                command: ClusterCommand::Join(args),
+            } => cluster::join(args).await,
+            Command::Cluster {
+                command: ClusterCommand::Weight(args),
+            } => cluster::weight(args).await,
+            Command::Cluster {
+                command: ClusterCommand::Leave(args),
+            } => cluster::leave(args).await,
+            Command::Cluster {
+                command: ClusterCommand::Remove(args),
+            } => cluster::remove(args).await,
             Command::Ring(_) => ExitCode::SUCCESS,
         }
     })

@@ -51,6 +51,9 @@ pub struct ClusterView {
     /// Grows with every view this node installs; requests remember the view they started on,
     /// so a ring change can wait for the requests of older views ([`Node::drained_before`]).
     pub seq: u64,
+    /// Every member gossip knows that is not in the ring (left, or weight 0 and not yet
+    /// heard of by the ring's builder): still reachable, for admin requests and handoffs.
+    pub others: Vec<(NodeId, String)>,
 }
 
 /// The replicas one key's write goes to while the ring may be changing.
@@ -84,7 +87,18 @@ impl ClusterView {
             ring,
             members,
             seq: 0,
+            others: Vec::new(),
         }
+    }
+
+    /// Where every member this view knows is reached (ring members and the others).
+    pub fn peer_addresses(&self) -> Vec<(NodeId, String)> {
+        self.members
+            .iter()
+            .map(|m| (m.id.clone(), m.address.clone()))
+            .chain(self.others.iter().cloned())
+            .filter(|(_, address)| !address.is_empty())
+            .collect()
     }
 
     /// The view of a recorded ring (the last committed ring a node knew), with the configured
@@ -114,6 +128,7 @@ impl ClusterView {
             ring,
             members,
             seq: 0,
+            others: Vec::new(),
         })
     }
 
@@ -197,11 +212,18 @@ impl ClusterView {
                 }
             })
             .collect();
+        let others = snapshot
+            .members
+            .iter()
+            .filter(|m| ring.node_index(m.id.as_str()).is_none())
+            .map(|m| (m.id.clone(), m.address.to_string()))
+            .collect();
         Ok(ClusterView {
             ring,
             members,
             rings,
             seq: 0,
+            others,
         })
     }
 }
@@ -224,6 +246,11 @@ pub enum CoordinatorError {
     #[error("this node is stopping; send the request to another node")]
     Stopping,
     #[error(
+        "this node started and has not heard from the cluster yet (it does not know whether the \
+         ring is changing); send the request to another node or retry"
+    )]
+    Starting,
+    #[error(
         "the key has {have} siblings and this write would make {would}; the limit is {limit}. \
          Read the key and write with the context the read returned to resolve them"
     )]
@@ -243,6 +270,7 @@ impl CoordinatorError {
             CoordinatorError::Deadline(_) => "deadline",
             CoordinatorError::Storage(_) => "storage",
             CoordinatorError::Stopping => "stopping",
+            CoordinatorError::Starting => "starting",
             CoordinatorError::TooManySiblings { .. } => "too_many_siblings",
         }
     }
@@ -319,6 +347,10 @@ pub struct Node {
     unsynced: std::sync::atomic::AtomicUsize,
     /// Set by [`Node::stop_writes`]: no new write starts.
     stopping: std::sync::atomic::AtomicBool,
+    /// Whether gossip has heard from another member since this node started (or the ring holds
+    /// no other member). Until then the node knows nothing of a ring change under way, and a
+    /// write it coordinated would go to the old ring only: it coordinates none.
+    heard_from_cluster: std::sync::atomic::AtomicBool,
     view: RwLock<Arc<ClusterView>>,
     /// Coordinated requests in flight, by the view seq they started on.
     inflight: Mutex<BTreeMap<u64, usize>>,
@@ -548,13 +580,7 @@ impl Node {
         wall: WallClock,
     ) -> Result<Node, dynakv_core::merkle::MerkleError> {
         metrics.set_ring_version(view.ring.version());
-        peers.set_members(
-            &view
-                .members
-                .iter()
-                .map(|m| (m.id.clone(), m.address.clone()))
-                .collect::<Vec<_>>(),
-        );
+        peers.set_members(&view.peer_addresses());
         Ok(Node {
             id: config.node_id.clone(),
             cluster_tag: cluster_tag(&config.raw.cluster_id),
@@ -569,6 +595,7 @@ impl Node {
             background: Arc::new(tokio::sync::Semaphore::new(MAX_BACKGROUND_TASKS)),
             unsynced: Default::default(),
             stopping: Default::default(),
+            heard_from_cluster: std::sync::atomic::AtomicBool::new(true),
             peers,
             metrics,
             view: RwLock::new(Arc::new(view)),
@@ -580,6 +607,20 @@ impl Node {
 
     pub fn view(&self) -> Arc<ClusterView> {
         self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Makes this node wait until gossip hears from another member before it coordinates a
+    /// write, for a restart in the middle of a ring change it had acked: the others may have
+    /// gone on to stream the moving ranges, and a write it coordinated on the old ring alone
+    /// could miss the new owners. (A node that was down when a change began cannot miss it:
+    /// the change waits for its ack before anything streams.)
+    pub fn wait_for_cluster_before_writes(&self) {
+        let alone = self.view().ring.nodes().iter().all(|m| m.id == self.id)
+            && self.config.raw.seeds.is_empty();
+        if !alone {
+            self.heard_from_cluster
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     /// The current view, registered as in use by one coordinated request until the guard drops.
@@ -651,6 +692,14 @@ impl Node {
         previous: &MembershipSnapshot,
         snapshot: &MembershipSnapshot,
     ) -> bool {
+        if snapshot
+            .members
+            .iter()
+            .any(|m| m.id != self.id && m.state == MemberState::Alive)
+        {
+            self.heard_from_cluster
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let mut returned = false;
         for change in snapshot.changes_since(previous) {
             if change.id != self.id
@@ -700,13 +749,7 @@ impl Node {
         self.metrics
             .ring_versions_live
             .set(view.rings.write_rings().len() as i64);
-        self.peers.set_members(
-            &view
-                .members
-                .iter()
-                .map(|m| (m.id.clone(), m.address.clone()))
-                .collect::<Vec<_>>(),
-        );
+        self.peers.set_members(&view.peer_addresses());
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(view);
     }
 
@@ -843,6 +886,12 @@ impl Node {
         self: &Arc<Self>,
         req: WriteRequest,
     ) -> Result<WriteOutcome, CoordinatorError> {
+        if !self
+            .heard_from_cluster
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(CoordinatorError::Starting);
+        }
         let (view, _inflight) = self.enter_view();
         let n = self.n();
         let pos = key_position(&req.key);

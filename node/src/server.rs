@@ -154,6 +154,10 @@ where
         .node_index(config.node_id.as_str())
         .map(|i| view.ring.nodes()[i].tokens.clone())
         .unwrap_or_default();
+    // A node that stopped while it took part in a ring change must hear how far the change got
+    // before it coordinates a write (see `Node::wait_for_cluster_before_writes`).
+    let restarted_mid_change =
+        crate::rebalance::load_metadata(&store).is_some_and(|m| m.change.ack.is_some());
     let metadata = crate::rebalance::initial_metadata(
         &store,
         config.weight,
@@ -212,6 +216,9 @@ where
         )
         .map_err(|e| ServeError::Config(e.to_string()))?,
     );
+    if restarted_mid_change {
+        node.wait_for_cluster_before_writes();
+    }
     let keys = node.rebuild_trees()?;
     tracing::info!(keys, "merkle trees rebuilt from storage");
 

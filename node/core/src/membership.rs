@@ -863,6 +863,8 @@ pub struct Membership {
     snapshot: Arc<MembershipSnapshot>,
     /// foca serializes a member update exactly when it applies one: a cheap "may have changed".
     member_encodes: Arc<AtomicU64>,
+    /// The codec's copy of this node's identity key (see [`WireCodec`]).
+    local_key: Arc<std::sync::Mutex<(NodeId, u64, u64)>>,
     encodes_seen: u64,
     stats: MembershipStats,
 }
@@ -898,8 +900,14 @@ impl Membership {
         };
         check_identity(&identity, &config)?;
         let member_encodes = Arc::new(AtomicU64::new(0));
+        let local_key = Arc::new(std::sync::Mutex::new((
+            identity.id.clone(),
+            identity.generation,
+            identity.version,
+        )));
         let codec = WireCodec {
             member_encodes: member_encodes.clone(),
+            local: local_key.clone(),
         };
         let foca = Foca::new(
             identity.clone(),
@@ -927,6 +935,7 @@ impl Membership {
                 seq: 0,
             }),
             member_encodes,
+            local_key,
             encodes_seen: 0,
             stats: MembershipStats::default(),
         };
@@ -1147,6 +1156,11 @@ impl Membership {
             let _ = self
                 .foca
                 .apply_many(std::iter::empty(), false, &mut self.runtime);
+        }
+        {
+            let me = self.foca.identity();
+            let mut key = self.local_key.lock().unwrap_or_else(|p| p.into_inner());
+            *key = (me.id.clone(), me.generation, me.version);
         }
         let encodes = self.member_encodes.load(Ordering::Relaxed);
         if encodes != self.encodes_seen {
@@ -1461,6 +1475,10 @@ struct WireError(&'static str);
 
 struct WireCodec {
     member_encodes: Arc<AtomicU64>,
+    /// This node's current identity key (id, generation, version), kept up to date by the
+    /// engine: a packet addressed to an earlier version of it (sent before the sender heard of
+    /// the latest metadata change) is taken as addressed to the current one.
+    local: Arc<std::sync::Mutex<(NodeId, u64, u64)>>,
 }
 
 const KIND_LEAN: u8 = 0;
@@ -1796,7 +1814,18 @@ impl Codec<GossipId> for WireCodec {
         }
         let src = get_identity(&mut buf, true)?;
         let src_incarnation = get_u16(&mut buf)?;
-        let dst = get_identity(&mut buf, false)?;
+        let mut dst = get_identity(&mut buf, false)?;
+        // Addressed to an earlier version of this node's identity (a metadata change the sender
+        // has not heard of yet): it is for us. Otherwise, when every node changes its metadata
+        // at once (a ring change commits), every packet is addressed to a version its receiver
+        // left behind, all are dropped, and every node suspects every other (found by the
+        // simulation). Another generation (an earlier run) is not us and stays refused.
+        {
+            let (id, generation, version) = &*self.local.lock().unwrap_or_else(|p| p.into_inner());
+            if dst.id == *id && dst.generation == *generation && dst.version < *version {
+                dst.version = *version;
+            }
+        }
         let message = match get_u8(&mut buf)? {
             0 => Message::Ping(get_u8(&mut buf)?),
             1 => Message::Ack(get_u8(&mut buf)?),
@@ -2368,6 +2397,41 @@ mod tests {
             .set_local_metadata(meta, sim.now)
             .unwrap();
         assert!(effects.is_empty());
+    }
+
+    #[test]
+    fn frequent_metadata_changes_on_every_node_raise_no_suspicion() {
+        // During a ring change every node changes its metadata several times a second (its
+        // ack level, proposals, commits): none of that is a failure.
+        let mut sim = Sim::cluster(11, 5, GossipConfig::lan());
+        let seen: Arc<std::sync::Mutex<Vec<MemberChange>>> = Arc::default();
+        let log = seen.clone();
+        sim.observer = Some(Box::new(move |_, _, change| {
+            log.lock().unwrap().push(change.clone())
+        }));
+        for round in 0..40u32 {
+            // Every node at the same instant (as when a commit clears every node's ack), then
+            // one after the other.
+            for node in 0..5 {
+                let mut meta = metadata(node, 100);
+                meta.change.target_weight = Some(100 + round % 7 + node as u32);
+                sim.set_metadata(node, meta);
+                if round % 2 == 1 {
+                    sim.run_for(ms(60));
+                }
+            }
+            sim.run_for(ms(300));
+        }
+        sim.run_for(Duration::from_secs(10));
+        let changes = seen.lock().unwrap();
+        let failures: Vec<_> = changes
+            .iter()
+            .filter(|c| c.now != Some(MemberState::Alive))
+            .collect();
+        assert!(
+            failures.is_empty(),
+            "metadata changes are not failures: {failures:?}"
+        );
     }
 
     #[test]

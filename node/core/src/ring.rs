@@ -466,10 +466,15 @@ pub fn range_contains(start: u64, end: u64, pos: u64) -> bool {
 
 /// The ranges node `to` gains from `old` to `new` (replica in `new`, not in `old`), in clockwise
 /// order from the range that wraps past zero, adjacent ranges with the same sources merged.
+/// Ranges nobody held in `old` (a ring that owned nothing yet) have nothing to hand over and are
+/// left out.
 pub fn handoffs(old: &Ring, new: &Ring, n: usize, to: &NodeId) -> Vec<Handoff> {
     let mut out: Vec<Handoff> = Vec::new();
     for_each_segment(old, new, n, |segment| {
-        if !contains_id(&segment.new, new, to) || contains_id(&segment.old, old, to) {
+        if segment.old.is_empty()
+            || !contains_id(&segment.new, new, to)
+            || contains_id(&segment.old, old, to)
+        {
             return;
         }
         let sources: Vec<NodeId> = segment

@@ -363,53 +363,40 @@ pub async fn cluster_status(args: StatusArgs) -> ExitCode {
         Ok(r) => r,
     };
     match format {
-        OutputFormat::Json => println!(
-            "{}",
-            json!({
-                "cluster_id": s.cluster_id,
-                "node_id": s.node_id,
-                "endpoint": endpoint,
-                "replication_factor": s.replication_factor,
-                "conflict_mode": s.conflict_mode,
-                "ring_version": format!("{:016x}", s.ring_version),
-                "vnodes_per_node": s.vnodes_per_node,
-                "members": s.members.iter().map(|m| json!({
-                    "id": m.id,
-                    "address": m.address,
-                    "state": m.state,
-                    "weight": m.weight,
-                    "zone": if m.zone.is_empty() { serde_json::Value::Null } else { json!(m.zone) },
-                    "tokens": m.tokens,
-                    "primary_ownership": m.primary_ownership,
-                    "replica_ownership": m.replica_ownership,
-                    "metrics_url": m.metrics_url,
-                    "generation": m.generation,
-                    "lifecycle": m.lifecycle,
-                })).collect::<Vec<_>>(),
-            })
-        ),
+        OutputFormat::Json => println!("{}", super::cluster::status_json(&s, &endpoint)),
         OutputFormat::Text => {
             println!(
                 "cluster {}  (as seen by {} at {endpoint})  n={}  conflicts={}  ring {:016x}",
                 s.cluster_id, s.node_id, s.replication_factor, s.conflict_mode, s.ring_version
             );
             println!(
-                "{:<12} {:<8} {:<22} {:>6} {:>6} {:>9} {:>9}  zone",
-                "MEMBER", "STATE", "ADDRESS", "WEIGHT", "TOKENS", "PRIMARY", "REPLICA"
+                "{:<12} {:<8} {:<9} {:<22} {:>6} {:>6} {:>6} {:>9} {:>9}  zone",
+                "MEMBER",
+                "STATE",
+                "LIFECYCLE",
+                "ADDRESS",
+                "WEIGHT",
+                "TARGET",
+                "TOKENS",
+                "PRIMARY",
+                "REPLICA"
             );
             for m in &s.members {
                 println!(
-                    "{:<12} {:<8} {:<22} {:>6} {:>6} {:>8.2}% {:>8.2}%  {}",
+                    "{:<12} {:<8} {:<9} {:<22} {:>6} {:>6} {:>6} {:>8.2}% {:>8.2}%  {}",
                     m.id,
                     m.state,
+                    m.lifecycle,
                     m.address,
                     m.weight,
+                    m.target_weight,
                     m.tokens,
                     m.primary_ownership * 100.0,
                     m.replica_ownership * 100.0,
                     if m.zone.is_empty() { "-" } else { &m.zone }
                 );
             }
+            println!("{}", super::cluster::progress_line(&s));
         }
     }
     ExitCode::SUCCESS

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod cluster;
 pub mod commands;
 pub mod dev;
 pub mod output;
@@ -57,8 +58,18 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
-    /// Members, their state, address and ownership, and the ring version, as the node sees them.
+    /// Members (state, lifecycle, weight and target, ownership), the ring version, and the ring
+    /// change under way with its progress, as the node sees them.
     Status(StatusArgs),
+    /// Ramp a member that joined through --seed (at weight 0) up to a weight in steps, each
+    /// step's handoff done before the next (waits until the last step is done).
+    Join(cluster::JoinArgs),
+    /// Set a member's weight (one ring change; --wait follows it to the end).
+    Weight(cluster::WeightArgs),
+    /// Drain a member: weight 0, every range handed over, then lifecycle "left".
+    Leave(cluster::NodeArgs),
+    /// Forget a member that is down for good; its ranges are re-replicated from the survivors.
+    Remove(cluster::NodeArgs),
     /// Compare every pair of replicas' Merkle roots (identical roots = identical shared keys) and
     /// show hint queues.
     Roots(StatusArgs),

@@ -347,6 +347,9 @@ pub struct ClusterSpec {
     /// A YAML config file every node is started with (`--config`); the harness's flags override
     /// its fields.
     pub config_yaml: Option<String>,
+    /// Nodes beyond `nodes` that are not started with the cluster and are in nobody's member
+    /// list: [`Cluster::join`] starts one with `--seed` (it joins at weight 0).
+    pub spares: usize,
 }
 
 impl ClusterSpec {
@@ -357,7 +360,13 @@ impl ClusterSpec {
             cluster_id: format!("e2e-{:08x}", random_u64() as u32),
             extra_args: Vec::new(),
             config_yaml: None,
+            spares: 0,
         }
+    }
+
+    pub fn spares(mut self, spares: usize) -> Self {
+        self.spares = spares;
+        self
     }
 
     pub fn n(mut self, n: u32) -> Self {
@@ -410,7 +419,7 @@ impl Cluster {
             .prefix("dynakv-e2e-")
             .tempdir()
             .expect("create a temporary directory");
-        let ips = random_loopback_block(spec.nodes as u8);
+        let ips = random_loopback_block((spec.nodes + spec.spares) as u8);
         let nodes = ips
             .iter()
             .enumerate()
@@ -432,13 +441,31 @@ impl Cluster {
             std::fs::write(root.path().join("config.yaml"), yaml).expect("write the config file");
         }
         let mut cluster = Cluster { spec, nodes, root };
-        for i in 0..cluster.nodes.len() {
+        let members = cluster.spec.nodes;
+        for i in 0..members {
             cluster.spawn(i);
         }
-        for i in 0..cluster.nodes.len() {
+        for i in 0..members {
             cluster.wait_ready(i);
         }
         cluster
+    }
+
+    /// Whether node `i` is a spare (joins through seeds rather than being a configured member).
+    pub fn is_spare(&self, i: usize) -> bool {
+        i >= self.spec.nodes
+    }
+
+    /// Starts spare node `i` with `--seed` (the first two configured members) and waits until it
+    /// serves; it joins the cluster at weight 0.
+    pub fn join(&mut self, i: usize) {
+        assert!(
+            self.is_spare(i),
+            "{} is a configured member",
+            self.nodes[i].id
+        );
+        self.spawn(i);
+        self.wait_ready(i);
     }
 
     /// A directory for the test's own files, removed with the cluster.
@@ -464,9 +491,16 @@ impl Cluster {
             "-n".into(),
             n.to_string(),
         ];
-        for m in &self.nodes {
-            args.push("--member".into());
-            args.push(format!("{}={}", m.id, m.addr));
+        if self.is_spare(i) {
+            for m in self.nodes.iter().take(self.spec.nodes.min(2)) {
+                args.push("--seed".into());
+                args.push(m.addr.to_string());
+            }
+        } else {
+            for m in self.nodes.iter().take(self.spec.nodes) {
+                args.push("--member".into());
+                args.push(format!("{}={}", m.id, m.addr));
+            }
         }
         if self.spec.config_yaml.is_some() {
             args.push("--config".into());
@@ -618,7 +652,9 @@ impl Cluster {
     pub fn endpoints(&self) -> String {
         self.nodes
             .iter()
-            .map(|n| n.addr.to_string())
+            .enumerate()
+            .filter(|(i, _)| self.is_running(*i))
+            .map(|(_, n)| n.addr.to_string())
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -663,8 +699,12 @@ impl Drop for Cluster {
                 let _ = child.wait();
             }
         }
+        if std::thread::panicking() && std::env::var_os("DYNAKV_E2E_KEEP").is_some() {
+            let kept = std::mem::replace(&mut self.root, tempfile::TempDir::new().expect("tmp"));
+            eprintln!("logs and data kept in {}", kept.keep().display());
+        }
         if std::thread::panicking() {
-            for i in 0..self.nodes.len() {
+            for i in (0..self.nodes.len()).filter(|i| self.nodes[*i].log.exists()) {
                 eprintln!(
                     "----- log of {} ({}) -----\n{}",
                     self.nodes[i].id,

@@ -264,6 +264,34 @@ fn a_join_runs_through_every_phase_and_commits() {
 }
 
 #[test]
+fn the_first_node_of_an_empty_ring_has_nothing_to_pull() {
+    // Every node starts at weight 0 (as on Kubernetes); the first one given a weight gains the
+    // whole ring from nobody.
+    let mut c = Cluster::new(&[0, 0, 0]);
+    c.set_target("n1", 100);
+    c.step(&id("n1"));
+    for a in c.live() {
+        for b in c.live() {
+            c.hear(&a, &b);
+        }
+    }
+    assert!(c.state(&id("n1")).current().is_some());
+    assert!(
+        c.state(&id("n1")).gains(N).is_empty(),
+        "nobody to pull from"
+    );
+    c.settle(8);
+    assert_eq!(c.truth[&id("n1")].weight, 100);
+    c.set_target("n2", 100);
+    c.set_target("n3", 100);
+    c.settle(24);
+    assert_eq!(
+        c.weights().values().copied().collect::<Vec<_>>(),
+        vec![100, 100, 100]
+    );
+}
+
+#[test]
 fn a_weight_change_moves_only_the_subjects_tokens() {
     let mut c = Cluster::new(&[100, 100, 100, 100]);
     let before = c.state(&id("n1")).committed().clone();
