@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,7 +21,7 @@ use dynakv_core::NodeId;
 use dynakv_core::dvvset::Clock;
 use dynakv_core::hash::hash128;
 use dynakv_core::merkle::{
-    DiffRequest, DiffSession, DiffStep, LevelSlice, MerkleError, MerkleTree, entry_hash,
+    DiffRequest, DiffSession, DiffStep, LevelSlice, MerkleError, MerkleTree,
 };
 use tokio::time::Instant;
 
@@ -32,174 +32,13 @@ use crate::proto::{
 };
 use crate::storage::{ScanLimit, StorageError, Table};
 
+pub use crate::config::AntiEntropyConfig;
+pub use crate::trees::Trees;
+
 /// Most segments one exchange repairs; the rest wait for the next round.
 const MAX_SEGMENTS_PER_EXCHANGE: usize = 256;
-/// Most segments queued for a targeted exchange per peer; past it a full exchange is queued.
-const MAX_QUEUED_SEGMENTS: usize = 4096;
 /// Entries per digests page.
 const DIGESTS_PAGE: usize = 1024;
-
-/// Anti-entropy settings.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct AntiEntropyConfig {
-    /// Run anti-entropy at all.
-    pub enabled: bool,
-    /// Time between two full rounds over every peer, in milliseconds.
-    pub interval_ms: u64,
-    /// Keys repaired per second, at most.
-    pub max_keys_per_sec: u64,
-    /// Bytes of clocks sent or fetched per second, at most.
-    pub max_bytes_per_sec: u64,
-    /// Segments of each tree: 2^leaf_bits (1..=20).
-    pub leaf_bits: u8,
-}
-
-impl Default for AntiEntropyConfig {
-    fn default() -> Self {
-        AntiEntropyConfig {
-            enabled: true,
-            interval_ms: 10_000,
-            max_keys_per_sec: 5_000,
-            max_bytes_per_sec: 32 * 1024 * 1024,
-            leaf_bits: dynakv_core::merkle::DEFAULT_LEAF_BITS,
-        }
-    }
-}
-
-/// The trees of one node: one per peer.
-pub struct Trees {
-    leaf_bits: u8,
-    inner: Mutex<BTreeMap<NodeId, MerkleTree>>,
-    /// Segments to exchange with a peer as soon as it is reachable (`None`: everything).
-    queued: Mutex<BTreeMap<NodeId, Option<BTreeSet<u32>>>>,
-}
-
-impl Trees {
-    pub fn new(leaf_bits: u8) -> Result<Trees, MerkleError> {
-        MerkleTree::new(leaf_bits)?;
-        Ok(Trees {
-            leaf_bits,
-            inner: Mutex::new(BTreeMap::new()),
-            queued: Mutex::new(BTreeMap::new()),
-        })
-    }
-
-    pub fn leaf_bits(&self) -> u8 {
-        self.leaf_bits
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, MerkleTree>> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records that the stored bytes of a key changed from `old` to `new` (None: absent) for
-    /// every peer in `peers`.
-    pub fn record<'a>(
-        &self,
-        peers: impl Iterator<Item = &'a NodeId>,
-        stored_key: &[u8],
-        old: Option<&[u8]>,
-        new: Option<&[u8]>,
-    ) {
-        let Some((pos, _)) = split_data_key(stored_key) else {
-            return;
-        };
-        let old = old.map(|b| entry_hash(stored_key, hash128(b)));
-        let new = new.map(|b| entry_hash(stored_key, hash128(b)));
-        if old == new {
-            return;
-        }
-        let mut trees = self.lock();
-        for peer in peers {
-            let tree = trees.entry(peer.clone()).or_insert_with(|| {
-                MerkleTree::new(self.leaf_bits).expect("leaf_bits validated in Trees::new")
-            });
-            tree.update(pos, old, new);
-        }
-    }
-
-    /// Empties every tree (before a rebuild).
-    pub fn clear(&self) {
-        self.lock().clear();
-    }
-
-    pub fn snapshot(&self, peer: &NodeId) -> MerkleTree {
-        self.lock().get(peer).cloned().unwrap_or_else(|| {
-            MerkleTree::new(self.leaf_bits).expect("leaf_bits validated in Trees::new")
-        })
-    }
-
-    pub fn roots(&self) -> Vec<(NodeId, u128)> {
-        self.lock()
-            .iter()
-            .map(|(p, t)| (p.clone(), t.root()))
-            .collect()
-    }
-
-    pub fn answer(&self, peer: &NodeId, request: &DiffRequest) -> Result<LevelSlice, MerkleError> {
-        let trees = self.lock();
-        match trees.get(peer) {
-            Some(t) => t.answer(request),
-            None => MerkleTree::new(self.leaf_bits)?.answer(request),
-        }
-    }
-
-    /// Queues segments (or, with `None`, everything) for an exchange with `peer` as soon as it
-    /// is reachable.
-    pub fn queue(&self, peer: &NodeId, segment: Option<u32>) {
-        let mut q = self.queued.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = q
-            .entry(peer.clone())
-            .or_insert_with(|| Some(BTreeSet::new()));
-        match (entry.as_mut(), segment) {
-            (Some(set), Some(s)) if set.len() < MAX_QUEUED_SEGMENTS => {
-                set.insert(s);
-            }
-            _ => *entry = None,
-        }
-    }
-
-    pub fn segment_of(&self, key_pos: u64) -> u32 {
-        if self.leaf_bits == 0 {
-            0
-        } else {
-            (key_pos >> (64 - u32::from(self.leaf_bits))) as u32
-        }
-    }
-
-    fn take_queued(&self, peer: &NodeId) -> Option<Option<BTreeSet<u32>>> {
-        self.queued
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(peer)
-    }
-
-    fn requeue(&self, peer: &NodeId, what: Option<BTreeSet<u32>>) {
-        let mut q = self.queued.lock().unwrap_or_else(|p| p.into_inner());
-        match (q.remove(peer), what) {
-            (Some(None), _) | (_, None) => {
-                q.insert(peer.clone(), None);
-            }
-            (Some(Some(mut a)), Some(b)) => {
-                a.extend(b);
-                q.insert(peer.clone(), Some(a));
-            }
-            (None, Some(b)) => {
-                q.insert(peer.clone(), Some(b));
-            }
-        }
-    }
-
-    pub fn queued_peers(&self) -> Vec<NodeId> {
-        self.queued
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect()
-    }
-}
 
 /// Why an exchange stopped. Labels are metric labels.
 #[derive(Debug, thiserror::Error)]
@@ -569,7 +408,8 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
                 }
                 None => exchange(&node, &peer, &mut limit).await,
             };
-            node.metrics.observe_exchange(&result);
+            node.metrics
+                .observe_exchange(result.as_ref().map_or_else(|e| e.label(), |_| "ok"));
             if result.is_err() {
                 node.trees.requeue(&peer, what);
             }
@@ -600,7 +440,8 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
             if let Err(e) = &result {
                 tracing::debug!(%peer, error = %e, "anti-entropy exchange failed");
             }
-            node.metrics.observe_exchange(&result);
+            node.metrics
+                .observe_exchange(result.as_ref().map_or_else(|e| e.label(), |_| "ok"));
         }
         if complete {
             node.metrics
@@ -614,6 +455,7 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trees::MAX_QUEUED_SEGMENTS;
 
     fn id(s: &str) -> NodeId {
         NodeId::new(s).unwrap()

@@ -6,7 +6,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use std::time::Duration;
+
 use dynakv_core::NodeId;
+use dynakv_core::membership::GossipConfig;
 use dynakv_core::ring::{DEFAULT_VNODES_PER_NODE, MAX_WEIGHT};
 use serde::{Deserialize, Serialize};
 
@@ -49,11 +52,11 @@ pub struct Config {
     pub replication: ReplicationConfig,
     pub limits: LimitsConfig,
     pub storage: StorageConfig,
-    pub anti_entropy: crate::antientropy::AntiEntropyConfig,
-    pub hints: crate::hints::HintsConfig,
-    pub gossip: crate::gossip::GossipOptions,
-    pub tombstone_gc: crate::gc::TombstoneGcConfig,
-    pub handoff: crate::handoff::HandoffConfig,
+    pub anti_entropy: AntiEntropyConfig,
+    pub hints: HintsConfig,
+    pub gossip: GossipOptions,
+    pub tombstone_gc: TombstoneGcConfig,
+    pub handoff: HandoffConfig,
     pub log: LogConfig,
 }
 
@@ -529,6 +532,215 @@ impl Config {
             write_quorum,
             raw: self,
         })
+    }
+}
+
+// The sections of the background tasks. They live here, not in the tasks' modules, so that
+// the configuration is read by everything and reads nothing of the node (no import circle).
+
+/// Anti-entropy settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AntiEntropyConfig {
+    /// Run anti-entropy at all.
+    pub enabled: bool,
+    /// Time between two full rounds over every peer, in milliseconds.
+    pub interval_ms: u64,
+    /// Keys repaired per second, at most.
+    pub max_keys_per_sec: u64,
+    /// Bytes of clocks sent or fetched per second, at most.
+    pub max_bytes_per_sec: u64,
+    /// Segments of each tree: 2^leaf_bits (1..=20).
+    pub leaf_bits: u8,
+}
+
+impl Default for AntiEntropyConfig {
+    fn default() -> Self {
+        AntiEntropyConfig {
+            enabled: true,
+            interval_ms: 10_000,
+            max_keys_per_sec: 5_000,
+            max_bytes_per_sec: 32 * 1024 * 1024,
+            leaf_bits: dynakv_core::merkle::DEFAULT_LEAF_BITS,
+        }
+    }
+}
+
+/// Tombstone GC settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TombstoneGcConfig {
+    /// A tombstone younger than this is never purged, in milliseconds. Must exceed
+    /// `hints.max_age_ms`.
+    pub grace_ms: u64,
+    /// Time between two GC passes over the local data, in milliseconds.
+    pub interval_ms: u64,
+    /// Tombstones examined per pass, at most.
+    pub max_per_pass: usize,
+}
+
+impl Default for TombstoneGcConfig {
+    fn default() -> Self {
+        TombstoneGcConfig {
+            grace_ms: 24 * 3600 * 1000,
+            interval_ms: 60_000,
+            max_per_pass: 1000,
+        }
+    }
+}
+
+/// Hint queue bounds and delivery pace.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HintsConfig {
+    /// Hints held for one target, at most (0: never store hints).
+    pub max_per_target: u64,
+    /// Bytes of hints held for one target, at most.
+    pub max_bytes_per_target: u64,
+    /// A hint older than this is dropped (and anti-entropy repairs the key instead). Keep it
+    /// below the tombstone grace period.
+    pub max_age_ms: u64,
+    /// How often delivery is attempted, in milliseconds.
+    pub delivery_interval_ms: u64,
+}
+
+impl Default for HintsConfig {
+    fn default() -> Self {
+        HintsConfig {
+            max_per_target: 100_000,
+            max_bytes_per_target: 256 * 1024 * 1024,
+            max_age_ms: 3 * 3600 * 1000,
+            delivery_interval_ms: 1000,
+        }
+    }
+}
+
+/// Gossip and failure detection settings of a node (the `gossip` section of the config file).
+/// Every node of a cluster should use the same. The defaults are the LAN preset
+/// ([`GossipConfig::lan`]): a member that stops answering is suspect after about one probe
+/// period and down `suspicion_mult` probe periods later (about 5 s at up to 10 nodes).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GossipOptions {
+    /// Every node probes one member per period, in milliseconds.
+    pub probe_period_ms: u64,
+    /// Wait for a direct ack before asking others to probe, in milliseconds (< probe period).
+    pub probe_rtt_ms: u64,
+    /// Members asked to probe a member that did not answer directly.
+    pub indirect_probes: usize,
+    /// How often pending membership updates are pushed to random members, in milliseconds.
+    pub gossip_interval_ms: u64,
+    /// Random members each gossip round goes to (1..=3).
+    pub peers_per_round: usize,
+    /// Suspicion timeout = suspicion_mult * max(1, log10(members)) * probe period.
+    pub suspicion_mult: u32,
+    /// Each update is forwarded retransmit_mult * ceil(log10(members + 1)) times.
+    pub retransmit_mult: u32,
+    /// Largest gossip packet, in bytes.
+    pub max_packet_bytes: usize,
+    /// While a node knows no live member, it announces itself to the seeds this often (ms).
+    pub join_retry_ms: u64,
+    /// How often a node announces itself to one random member (ms).
+    pub announce_interval_ms: u64,
+    /// How often a node announces itself to two members it believes down, which heals
+    /// partitions (ms).
+    pub announce_down_interval_ms: u64,
+}
+
+impl Default for GossipOptions {
+    fn default() -> Self {
+        let lan = GossipConfig::lan();
+        let ms = |d: Duration| d.as_millis() as u64;
+        GossipOptions {
+            probe_period_ms: ms(lan.probe_period),
+            probe_rtt_ms: ms(lan.probe_rtt),
+            indirect_probes: lan.indirect_probes,
+            gossip_interval_ms: ms(lan.gossip_interval),
+            peers_per_round: lan.peers_per_round,
+            suspicion_mult: lan.suspicion_mult,
+            retransmit_mult: lan.retransmit_mult,
+            max_packet_bytes: lan.max_packet_bytes,
+            join_retry_ms: ms(lan.join_retry),
+            announce_interval_ms: ms(lan.announce_interval),
+            announce_down_interval_ms: ms(lan.announce_down_interval),
+        }
+    }
+}
+
+impl GossipOptions {
+    /// The engine's configuration; [`GossipConfig::validate`] says whether it is usable.
+    pub fn engine(&self) -> GossipConfig {
+        let ms = Duration::from_millis;
+        GossipConfig {
+            probe_period: ms(self.probe_period_ms),
+            probe_rtt: ms(self.probe_rtt_ms),
+            indirect_probes: self.indirect_probes,
+            gossip_interval: ms(self.gossip_interval_ms),
+            peers_per_round: self.peers_per_round,
+            suspicion_mult: self.suspicion_mult,
+            retransmit_mult: self.retransmit_mult,
+            max_packet_bytes: self.max_packet_bytes,
+            join_retry: ms(self.join_retry_ms),
+            announce_interval: ms(self.announce_interval_ms),
+            announce_down_interval: ms(self.announce_down_interval_ms),
+        }
+    }
+}
+
+/// Largest `handoff.summary_bits` accepted.
+pub const MAX_SUMMARY_BITS: u32 = 12;
+
+/// Handoff settings (the `handoff` section of the config file).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandoffConfig {
+    /// Bytes of versions pulled per second, at most, over all ranges (the rate limit that keeps
+    /// client traffic fast while a node joins or drains).
+    pub max_bytes_per_sec: u64,
+    /// Ranges pulled at once.
+    pub parallel_ranges: usize,
+    /// Entries and bytes per page asked of the sender.
+    pub page_entries: u32,
+    pub page_bytes: u32,
+    /// The catch-up compares 2^summary_bits sub-range hashes per range.
+    pub summary_bits: u32,
+    /// Back-off after a failed pull, in milliseconds (doubling up to 16x).
+    pub retry_backoff_ms: u64,
+}
+
+impl Default for HandoffConfig {
+    fn default() -> Self {
+        HandoffConfig {
+            max_bytes_per_sec: 64 * 1024 * 1024,
+            parallel_ranges: 2,
+            page_entries: 1024,
+            page_bytes: 1024 * 1024,
+            summary_bits: 8,
+            retry_backoff_ms: 200,
+        }
+    }
+}
+
+impl HandoffConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_bytes_per_sec == 0 {
+            return Err("handoff.max_bytes_per_sec must be above 0".into());
+        }
+        if !(1..=64).contains(&self.parallel_ranges) {
+            return Err("handoff.parallel_ranges must be 1..=64".into());
+        }
+        if self.page_entries == 0 || self.page_bytes == 0 {
+            return Err("handoff.page_entries and page_bytes must be above 0".into());
+        }
+        if self.summary_bits > MAX_SUMMARY_BITS {
+            return Err(format!(
+                "handoff.summary_bits must be 0..={MAX_SUMMARY_BITS}"
+            ));
+        }
+        if self.retry_backoff_ms == 0 {
+            return Err("handoff.retry_backoff_ms must be above 0".into());
+        }
+        Ok(())
     }
 }
 

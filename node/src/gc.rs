@@ -26,28 +26,7 @@ use crate::node::{Node, split_data_key};
 use crate::proto::{FetchRequest, PurgeRequest, replica_request, replica_response};
 use crate::storage::{ScanLimit, Table};
 
-/// Tombstone GC settings.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct TombstoneGcConfig {
-    /// A tombstone younger than this is never purged, in milliseconds. Must exceed
-    /// `hints.max_age_ms`.
-    pub grace_ms: u64,
-    /// Time between two GC passes over the local data, in milliseconds.
-    pub interval_ms: u64,
-    /// Tombstones examined per pass, at most.
-    pub max_per_pass: usize,
-}
-
-impl Default for TombstoneGcConfig {
-    fn default() -> Self {
-        TombstoneGcConfig {
-            grace_ms: 24 * 3600 * 1000,
-            interval_ms: 60_000,
-            max_per_pass: 1000,
-        }
-    }
-}
+pub use crate::config::TombstoneGcConfig;
 
 /// Tombstones old enough to be purged, with the stored bytes, where this node is a primary.
 fn candidates(node: &Node, now_ms: u64, limit: usize) -> Vec<(Vec<u8>, Vec<u8>, Vec<NodeId>)> {

@@ -33,83 +33,13 @@ use crate::proto::{
     GossipAck, GossipMember, GossipMembersRequest, GossipMembersResponse, GossipPacket,
 };
 
+pub use crate::config::GossipOptions;
+
 /// Gossip packets being sent at once, at most; more are dropped (and counted).
 pub const MAX_SENDS_IN_FLIGHT: usize = 512;
 
 /// Received packets waiting for the engine, at most; more are dropped (and counted).
 pub const INBOUND_QUEUE_LEN: usize = 1024;
-
-/// Gossip and failure detection settings of a node (the `gossip` section of the config file).
-/// Every node of a cluster should use the same. The defaults are the LAN preset
-/// ([`GossipConfig::lan`]): a member that stops answering is suspect after about one probe
-/// period and down `suspicion_mult` probe periods later (about 5 s at up to 10 nodes).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct GossipOptions {
-    /// Every node probes one member per period, in milliseconds.
-    pub probe_period_ms: u64,
-    /// Wait for a direct ack before asking others to probe, in milliseconds (< probe period).
-    pub probe_rtt_ms: u64,
-    /// Members asked to probe a member that did not answer directly.
-    pub indirect_probes: usize,
-    /// How often pending membership updates are pushed to random members, in milliseconds.
-    pub gossip_interval_ms: u64,
-    /// Random members each gossip round goes to (1..=3).
-    pub peers_per_round: usize,
-    /// Suspicion timeout = suspicion_mult * max(1, log10(members)) * probe period.
-    pub suspicion_mult: u32,
-    /// Each update is forwarded retransmit_mult * ceil(log10(members + 1)) times.
-    pub retransmit_mult: u32,
-    /// Largest gossip packet, in bytes.
-    pub max_packet_bytes: usize,
-    /// While a node knows no live member, it announces itself to the seeds this often (ms).
-    pub join_retry_ms: u64,
-    /// How often a node announces itself to one random member (ms).
-    pub announce_interval_ms: u64,
-    /// How often a node announces itself to two members it believes down, which heals
-    /// partitions (ms).
-    pub announce_down_interval_ms: u64,
-}
-
-impl Default for GossipOptions {
-    fn default() -> Self {
-        let lan = GossipConfig::lan();
-        let ms = |d: Duration| d.as_millis() as u64;
-        GossipOptions {
-            probe_period_ms: ms(lan.probe_period),
-            probe_rtt_ms: ms(lan.probe_rtt),
-            indirect_probes: lan.indirect_probes,
-            gossip_interval_ms: ms(lan.gossip_interval),
-            peers_per_round: lan.peers_per_round,
-            suspicion_mult: lan.suspicion_mult,
-            retransmit_mult: lan.retransmit_mult,
-            max_packet_bytes: lan.max_packet_bytes,
-            join_retry_ms: ms(lan.join_retry),
-            announce_interval_ms: ms(lan.announce_interval),
-            announce_down_interval_ms: ms(lan.announce_down_interval),
-        }
-    }
-}
-
-impl GossipOptions {
-    /// The engine's configuration; [`GossipConfig::validate`] says whether it is usable.
-    pub fn engine(&self) -> GossipConfig {
-        let ms = Duration::from_millis;
-        GossipConfig {
-            probe_period: ms(self.probe_period_ms),
-            probe_rtt: ms(self.probe_rtt_ms),
-            indirect_probes: self.indirect_probes,
-            gossip_interval: ms(self.gossip_interval_ms),
-            peers_per_round: self.peers_per_round,
-            suspicion_mult: self.suspicion_mult,
-            retransmit_mult: self.retransmit_mult,
-            max_packet_bytes: self.max_packet_bytes,
-            join_retry: ms(self.join_retry_ms),
-            announce_interval: ms(self.announce_interval_ms),
-            announce_down_interval: ms(self.announce_down_interval_ms),
-        }
-    }
-}
 
 /// What gossip needs to start, all validated by the caller except the engine settings
 /// (checked by [`Gossip::start`]).
@@ -147,20 +77,7 @@ pub enum GossipError {
     Stopped,
 }
 
-/// Counters of the gossip shell, for metrics.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct GossipStats {
-    pub packets_received: u64,
-    pub packets_rejected: u64,
-    pub packets_sent: u64,
-    /// Sends that failed (unreachable peer, timeout): expected while a peer is down.
-    pub send_failures: u64,
-    /// Packets dropped because too many sends were in flight or the inbound queue was full.
-    pub packets_dropped: u64,
-    pub suspicions_raised: u64,
-    pub downs_declared: u64,
-    pub rejoins: u64,
-}
+pub use crate::metrics::GossipStats;
 
 #[derive(Default)]
 struct SharedStats {
@@ -540,35 +457,6 @@ impl Driver {
                 || self.seeds.iter().any(|(_, a)| a.as_str() == &**address)
         });
         self.snapshot_tx.send_replace(snapshot);
-    }
-}
-
-/// Follows gossip for the node: every new snapshot goes to [`Node::apply_membership`], and a
-/// changed ring rebuilds the Merkle trees (their peer sets follow the ring). Stops with `stop`.
-pub async fn follow(node: Arc<crate::node::Node>, mut stop: watch::Receiver<bool>) {
-    let mut snapshots = node.gossip.subscribe();
-    let mut previous = snapshots.borrow_and_update().clone();
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => return,
-            changed = snapshots.changed() => if changed.is_err() { return },
-        }
-        let snapshot = snapshots.borrow_and_update().clone();
-        if node.apply_membership(&previous, &snapshot) {
-            // A ring change is an administrative event, not a per-request one; the scan is
-            // synchronous, so keep it off the other tasks' worker where the runtime allows.
-            let rebuild = || node.rebuild_trees();
-            let rebuilt = match tokio::runtime::Handle::current().runtime_flavor() {
-                tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(rebuild),
-                _ => rebuild(),
-            };
-            match rebuilt {
-                Ok(keys) => tracing::info!(keys, "merkle trees rebuilt for the new ring"),
-                Err(e) => tracing::error!(error = %e, "merkle trees not rebuilt for the new ring"),
-            }
-        }
-        previous = snapshot;
     }
 }
 

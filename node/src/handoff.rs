@@ -42,68 +42,14 @@ use crate::proto::replica_client::ReplicaClient;
 use crate::proto::{PullEntry, PullPage, PullRequest, pull_request};
 use crate::storage::{ScanLimit, ScanPage, StorageError, Store, Table};
 
+pub use crate::config::{HandoffConfig, MAX_SUMMARY_BITS};
+
 /// Entries per page the sender sends at most, whatever the puller asks.
 pub const MAX_PAGE_ENTRIES: u32 = 4096;
 /// Bytes per page the sender sends at most (a page always holds at least one entry).
 pub const MAX_PAGE_BYTES: u32 = 4 * 1024 * 1024;
-/// Largest `summary_bits` accepted.
-pub const MAX_SUMMARY_BITS: u32 = 12;
 /// The `Meta` key of the handoff's durable progress.
 const PROGRESS_KEY: &[u8] = b"handoff.progress";
-
-/// Handoff settings (the `handoff` section of the config file).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct HandoffConfig {
-    /// Bytes of versions pulled per second, at most, over all ranges (the rate limit that keeps
-    /// client traffic fast while a node joins or drains).
-    pub max_bytes_per_sec: u64,
-    /// Ranges pulled at once.
-    pub parallel_ranges: usize,
-    /// Entries and bytes per page asked of the sender.
-    pub page_entries: u32,
-    pub page_bytes: u32,
-    /// The catch-up compares 2^summary_bits sub-range hashes per range.
-    pub summary_bits: u32,
-    /// Back-off after a failed pull, in milliseconds (doubling up to 16x).
-    pub retry_backoff_ms: u64,
-}
-
-impl Default for HandoffConfig {
-    fn default() -> Self {
-        HandoffConfig {
-            max_bytes_per_sec: 64 * 1024 * 1024,
-            parallel_ranges: 2,
-            page_entries: 1024,
-            page_bytes: 1024 * 1024,
-            summary_bits: 8,
-            retry_backoff_ms: 200,
-        }
-    }
-}
-
-impl HandoffConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.max_bytes_per_sec == 0 {
-            return Err("handoff.max_bytes_per_sec must be above 0".into());
-        }
-        if !(1..=64).contains(&self.parallel_ranges) {
-            return Err("handoff.parallel_ranges must be 1..=64".into());
-        }
-        if self.page_entries == 0 || self.page_bytes == 0 {
-            return Err("handoff.page_entries and page_bytes must be above 0".into());
-        }
-        if self.summary_bits > MAX_SUMMARY_BITS {
-            return Err(format!(
-                "handoff.summary_bits must be 0..={MAX_SUMMARY_BITS}"
-            ));
-        }
-        if self.retry_backoff_ms == 0 {
-            return Err("handoff.retry_backoff_ms must be above 0".into());
-        }
-        Ok(())
-    }
-}
 
 /// What the handoff needs from its node. `node.rs` implements it.
 pub trait HandoffHost: Send + Sync + 'static {

@@ -9,12 +9,10 @@
 //! coordinator then tries the next fallback, and queues the key's segment for a targeted
 //! anti-entropy exchange with the primary); an expired hint is dropped. Both are counted.
 //!
-//! Storage layout: key = [target id length: u8][target id][stored key];
-//! value = [created at, Unix ms: u64 big-endian][encoded clock].
+//! The table itself is `hint_store.rs`.
 
-use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,242 +20,11 @@ use dynakv_core::NodeId;
 use dynakv_core::dvvset::Clock;
 use tokio::time::Instant;
 
+pub use crate::hint_store::{HintError, Hints, HintsConfig, QueueDepth, hint_key};
+use crate::hint_store::{split_hint_key, split_value};
 use crate::node::{Node, split_data_key};
 use crate::proto::{StoreRequest, replica_request, replica_response};
-use crate::storage::{ScanLimit, StorageError, Table};
-
-/// Hint queue bounds and delivery pace.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct HintsConfig {
-    /// Hints held for one target, at most (0: never store hints).
-    pub max_per_target: u64,
-    /// Bytes of hints held for one target, at most.
-    pub max_bytes_per_target: u64,
-    /// A hint older than this is dropped (and anti-entropy repairs the key instead). Keep it
-    /// below the tombstone grace period.
-    pub max_age_ms: u64,
-    /// How often delivery is attempted, in milliseconds.
-    pub delivery_interval_ms: u64,
-}
-
-impl Default for HintsConfig {
-    fn default() -> Self {
-        HintsConfig {
-            max_per_target: 100_000,
-            max_bytes_per_target: 256 * 1024 * 1024,
-            max_age_ms: 3 * 3600 * 1000,
-            delivery_interval_ms: 1000,
-        }
-    }
-}
-
-/// A hint was not stored. Nothing changed.
-#[derive(Debug, thiserror::Error)]
-pub enum HintError {
-    #[error("hint queue for {target} is full ({count} hints, {bytes} bytes)")]
-    Full {
-        target: NodeId,
-        count: u64,
-        bytes: u64,
-    },
-    #[error("stored hint does not decode: {0}")]
-    Corrupt(String),
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct QueueDepth {
-    pub count: u64,
-    pub bytes: u64,
-}
-
-pub struct Hints {
-    config: HintsConfig,
-    depth: Arc<Mutex<BTreeMap<NodeId, QueueDepth>>>,
-}
-
-pub fn hint_key(target: &NodeId, stored_key: &[u8]) -> Vec<u8> {
-    let t = target.as_str().as_bytes();
-    let mut k = Vec::with_capacity(1 + t.len() + stored_key.len());
-    k.push(t.len() as u8);
-    k.extend_from_slice(t);
-    k.extend_from_slice(stored_key);
-    k
-}
-
-fn split_hint_key(k: &[u8]) -> Option<(&str, &[u8])> {
-    let len = *k.first()? as usize;
-    let target = std::str::from_utf8(k.get(1..1 + len)?).ok()?;
-    Some((target, k.get(1 + len..)?))
-}
-
-fn split_value(v: &[u8]) -> Option<(u64, &[u8])> {
-    let created = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
-    Some((created, &v[8..]))
-}
-
-impl Hints {
-    /// Loads the queue depths from the hints table.
-    pub fn open(config: HintsConfig, store: &crate::storage::Store) -> Result<Hints, StorageError> {
-        let mut depth: BTreeMap<NodeId, QueueDepth> = BTreeMap::new();
-        let mut from: Option<Vec<u8>> = None;
-        loop {
-            let lower = match &from {
-                Some(k) => Bound::Excluded(k.as_slice()),
-                None => Bound::Unbounded,
-            };
-            let page = store.scan(
-                Table::Hints,
-                lower,
-                Bound::Unbounded,
-                ScanLimit::entries(4096),
-            )?;
-            for (k, v) in &page.entries {
-                if let Some(target) = split_hint_key(k).and_then(|(t, _)| NodeId::new(t).ok()) {
-                    let d = depth.entry(target).or_default();
-                    d.count += 1;
-                    d.bytes += (k.len() + v.len()) as u64;
-                }
-            }
-            match page.next {
-                Some(n) => from = Some(n),
-                None => break,
-            }
-        }
-        Ok(Hints {
-            config,
-            depth: Arc::new(Mutex::new(depth)),
-        })
-    }
-
-    pub fn depths(&self) -> Vec<(NodeId, QueueDepth)> {
-        self.depth
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect()
-    }
-
-    /// The bound on hints per target (0: hints are disabled).
-    pub fn max_per_target(&self) -> u64 {
-        self.config.max_per_target
-    }
-
-    pub fn max_age_ms(&self) -> u64 {
-        self.config.max_age_ms
-    }
-}
-
-/// Stores (merges) a hint for `target`, durably. Fails with `HintError::Full` past the bounds.
-pub async fn store_hint(
-    node: &Node,
-    target: NodeId,
-    stored_key: &[u8],
-    clock: Clock,
-) -> Result<(), HintError> {
-    let key = hint_key(&target, stored_key);
-    let depth = node.hints.depth.clone();
-    let cfg = node.hints.config.clone();
-    let now = (node.wall)();
-    let lww = node.is_lww();
-    let result = node
-        .store
-        .update(Table::Hints, key.clone(), move |current| {
-            let (created, merged, old_len) = match current {
-                None => (now, clock, 0u64),
-                Some(v) => match split_value(v).map(|(c, b)| (c, Clock::decode(b))) {
-                    Some((c, Ok(old))) => (c, old.sync(&clock), v.len() as u64),
-                    _ => return (None, Err(HintError::Corrupt("bad hint value".into()))),
-                },
-            };
-            let merged = if lww { merged.lww_resolve() } else { merged };
-            let mut value = Vec::with_capacity(8 + merged.encoded_len());
-            value.extend_from_slice(&created.to_be_bytes());
-            merged.encode(&mut value);
-            let mut depth = depth.lock().unwrap_or_else(|p| p.into_inner());
-            let d = depth.entry(target.clone()).or_default();
-            let new_bytes = d.bytes + value.len() as u64 + key.len() as u64
-                - if old_len > 0 {
-                    old_len + key.len() as u64
-                } else {
-                    0
-                };
-            let new_count = d.count + u64::from(old_len == 0);
-            if new_count > cfg.max_per_target || new_bytes > cfg.max_bytes_per_target {
-                return (
-                    None,
-                    Err(HintError::Full {
-                        target: target.clone(),
-                        count: d.count,
-                        bytes: d.bytes,
-                    }),
-                );
-            }
-            d.count = new_count;
-            d.bytes = new_bytes;
-            (Some(Some(value)), Ok(()))
-        })
-        .await?;
-    match &result {
-        Ok(()) => node.metrics.hints_stored.inc(),
-        Err(HintError::Full { .. }) => node
-            .metrics
-            .hints_dropped
-            .with_label_values(&["full"])
-            .inc(),
-        Err(_) => {}
-    }
-    result
-}
-
-/// The hint this node holds for `target` of a key, if any (sloppy reads).
-pub fn read_hint(
-    node: &Node,
-    target: &NodeId,
-    stored_key: &[u8],
-) -> Result<Option<Clock>, StorageError> {
-    let Some(v) = node
-        .store
-        .get(Table::Hints, &hint_key(target, stored_key))?
-    else {
-        return Ok(None);
-    };
-    match split_value(&v).map(|(_, b)| Clock::decode(b)) {
-        Some(Ok(c)) => Ok(Some(c)),
-        _ => Err(StorageError::Corrupt {
-            detail: "hint does not decode".into(),
-        }),
-    }
-}
-
-/// Deletes a hint if it still holds exactly `expected` (a newer merge keeps it).
-async fn delete_if_unchanged(
-    node: &Node,
-    key: Vec<u8>,
-    expected: Vec<u8>,
-) -> Result<bool, StorageError> {
-    let depth = node.hints.depth.clone();
-    let klen = key.len() as u64;
-    node.store
-        .update(Table::Hints, key.clone(), move |current| {
-            if current != Some(expected.as_slice()) {
-                return (None, false);
-            }
-            let target = split_hint_key(&key).and_then(|(t, _)| NodeId::new(t).ok());
-            if let Some(t) = target {
-                let mut depth = depth.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(d) = depth.get_mut(&t) {
-                    d.count = d.count.saturating_sub(1);
-                    d.bytes = d.bytes.saturating_sub(expected.len() as u64 + klen);
-                }
-            }
-            (Some(None), true)
-        })
-        .await
-}
+use crate::storage::{ScanLimit, Table};
 
 /// Hints in flight to one target at once: the target's group commit batches them.
 const DELIVERY_CONCURRENCY: usize = 64;
@@ -269,7 +36,9 @@ async fn deliver_one(node: &Node, target: &NodeId, k: Vec<u8>, v: Vec<u8>) -> Re
         return Ok(());
     };
     if (node.wall)().saturating_sub(created) > node.hints.max_age_ms() {
-        if delete_if_unchanged(node, k.clone(), v.clone())
+        if node
+            .hints
+            .delete_if_unchanged(&node.store, k.clone(), v.clone())
             .await
             .map_err(|e| e.to_string())?
         {
@@ -311,7 +80,8 @@ async fn deliver_one(node: &Node, target: &NodeId, k: Vec<u8>, v: Vec<u8>) -> Re
         }
     }
     node.metrics.hints_delivered.inc();
-    delete_if_unchanged(node, k, v)
+    node.hints
+        .delete_if_unchanged(&node.store, k, v)
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -391,7 +161,7 @@ async fn deliver_to(node: &Node, target: &NodeId) -> Result<(), String> {
 
 /// The delivery task: every `delivery_interval_ms`, tries every target with queued hints.
 pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let every = Duration::from_millis(node.hints.config.delivery_interval_ms.max(10));
+    let every = Duration::from_millis(node.hints.delivery_interval_ms().max(10));
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {

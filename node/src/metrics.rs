@@ -19,6 +19,21 @@ use tokio::net::TcpListener;
 
 use crate::storage::StoreMetrics;
 
+/// Counters of the gossip shell, exported at scrape time.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GossipStats {
+    pub packets_received: u64,
+    pub packets_rejected: u64,
+    pub packets_sent: u64,
+    /// Sends that failed (unreachable peer, timeout): expected while a peer is down.
+    pub send_failures: u64,
+    /// Packets dropped because too many sends were in flight or the inbound queue was full.
+    pub packets_dropped: u64,
+    pub suspicions_raised: u64,
+    pub downs_declared: u64,
+    pub rejoins: u64,
+}
+
 /// Every metric of one node, registered in its own registry (so tests can run many nodes in one
 /// process).
 #[derive(Clone)]
@@ -85,7 +100,7 @@ pub struct Metrics {
     /// Keys dropped after a committed change left this node holding them in no live ring.
     pub handoff_dropped_keys: IntCounter,
     /// The gossip counters already exported (they are read from gossip at scrape time).
-    gossip_exported: Arc<std::sync::Mutex<crate::gossip::GossipStats>>,
+    gossip_exported: Arc<std::sync::Mutex<GossipStats>>,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -392,12 +407,8 @@ impl Metrics {
             .set(1);
     }
 
-    /// Counts one anti-entropy exchange by outcome.
-    pub fn observe_exchange<T>(&self, result: &Result<T, crate::antientropy::ExchangeError>) {
-        let outcome = match result {
-            Ok(_) => "ok",
-            Err(e) => e.label(),
-        };
+    /// Counts one anti-entropy exchange by outcome ("ok" or the error's label).
+    pub fn observe_exchange(&self, outcome: &'static str) {
         self.ae_exchanges.with_label_values(&[outcome]).inc();
     }
 
@@ -405,7 +416,7 @@ impl Metrics {
     pub fn observe_gossip(
         &self,
         snapshot: &dynakv_core::membership::MembershipSnapshot,
-        stats: &crate::gossip::GossipStats,
+        stats: &GossipStats,
     ) {
         use dynakv_core::membership::MemberState;
         for state in [MemberState::Alive, MemberState::Suspect, MemberState::Down] {

@@ -25,14 +25,15 @@ use futures::stream::FuturesUnordered;
 use std::collections::BTreeMap;
 use tokio::time::Instant;
 
-use crate::antientropy::Trees;
 use crate::config::{ConflictMode, ValidConfig, ValidMember};
 use crate::gossip::Gossip;
-use crate::hints::Hints;
+use crate::hint_store::{HintError, Hints};
 use crate::metrics::Metrics;
 use crate::peer::{PeerError, PeerPool};
 use crate::proto::{FetchRequest, StoreRequest, replica_error, replica_request, replica_response};
 use crate::storage::{StorageError, Store, Table};
+pub use crate::storage::{data_key, split_data_key};
+use crate::trees::Trees;
 
 /// Milliseconds since the Unix epoch, as the node's environment tells it (the simulation passes
 /// simulated time).
@@ -364,21 +365,6 @@ pub fn cluster_tag(cluster_id: &str) -> u32 {
     (dynakv_core::hash::hash128(cluster_id.as_bytes()) & 0xffff_ffff) as u32
 }
 
-/// The key under which a client key is stored: its 8-byte big-endian ring position, then the
-/// key, so one Merkle segment (a range of positions) is one contiguous range of stored keys.
-pub fn data_key(key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + key.len());
-    k.extend_from_slice(&key_position(key).to_be_bytes());
-    k.extend_from_slice(key);
-    k
-}
-
-/// The ring position and client key of a stored key.
-pub fn split_data_key(stored: &[u8]) -> Option<(u64, &[u8])> {
-    let pos = u64::from_be_bytes(stored.get(..8)?.try_into().ok()?);
-    Some((pos, &stored[8..]))
-}
-
 /// [`Table::Meta`] key of the clean-stop marker: `[1]` after a stop in which every write's local
 /// copy became durable ([`Node::stop_writes`]), `[0]` while the node runs.
 const CLEAN_STOP_KEY: &[u8] = b"node.clean_stop";
@@ -537,6 +523,35 @@ impl crate::handoff::HandoffHost for Node {
             });
         };
         self.merge_local(key.to_vec(), clock).await
+    }
+}
+
+/// Follows gossip for the node: every new snapshot goes to [`Node::apply_membership`], and a
+/// changed ring rebuilds the Merkle trees (their peer sets follow the ring). Stops with `stop`.
+pub async fn follow_gossip(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut snapshots = node.gossip.subscribe();
+    let mut previous = snapshots.borrow_and_update().clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return,
+            changed = snapshots.changed() => if changed.is_err() { return },
+        }
+        let snapshot = snapshots.borrow_and_update().clone();
+        if node.apply_membership(&previous, &snapshot) {
+            // A ring change is an administrative event, not a per-request one; the scan is
+            // synchronous, so keep it off the other tasks' worker where the runtime allows.
+            let rebuild = || node.rebuild_trees();
+            let rebuilt = match tokio::runtime::Handle::current().runtime_flavor() {
+                tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(rebuild),
+                _ => rebuild(),
+            };
+            match rebuilt {
+                Ok(keys) => tracing::info!(keys, "merkle trees rebuilt for the new ring"),
+                Err(e) => tracing::error!(error = %e, "merkle trees not rebuilt for the new ring"),
+            }
+        }
+        previous = snapshot;
     }
 }
 
@@ -1150,9 +1165,7 @@ impl Node {
         let (stored_key, clock) = (stored_key.to_vec(), clock.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) =
-                crate::hints::store_hint(&this, primary.clone(), &stored_key, clock).await
-            {
+            if let Err(e) = this.store_hint(primary.clone(), &stored_key, clock).await {
                 tracing::debug!(%primary, error = %e, "no local hint; anti-entropy will repair");
             }
         });
@@ -1331,7 +1344,7 @@ impl Node {
         if sent.node == self.id {
             let local = match &sent.hint_for {
                 None => self.read_local(&key),
-                Some(p) => crate::hints::read_hint(self, p, &data_key(&key)),
+                Some(p) => self.hints.read(&self.store, p, &data_key(&key)),
             };
             return local.map_err(|e| {
                 tracing::warn!(error = %e, "local read failed");
@@ -1361,6 +1374,26 @@ impl Node {
             Ok(_) => Err(ReplicaFailure::Refused),
             Err(e) => Err(PeerError::as_replica_failure(&e)),
         }
+    }
+
+    /// Stores (merges) a hint for `target`, durably (see [`Hints::store`]).
+    pub async fn store_hint(
+        &self,
+        target: NodeId,
+        stored_key: &[u8],
+        clock: Clock,
+    ) -> Result<(), HintError> {
+        self.hints
+            .store(
+                &self.store,
+                &self.metrics,
+                (self.wall)(),
+                self.is_lww(),
+                target,
+                stored_key,
+                clock,
+            )
+            .await
     }
 
     /// This node's copy of a key.

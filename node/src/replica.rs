@@ -12,7 +12,7 @@ use dynakv_core::NodeId;
 
 use crate::antientropy;
 use crate::handoff;
-use crate::hints::{self, HintError};
+use crate::hint_store::HintError;
 use crate::node::{Node, data_key};
 use crate::peer::{CLUSTER_HEADER, NODE_HEADER};
 use crate::proto::replica_server::Replica;
@@ -236,16 +236,14 @@ async fn handle(node: &Node, peer: &NodeId, req: ReplicaRequest) -> ReplicaRespo
             }
             Ok(clock) => match NodeId::new(&s.hint_for) {
                 Err(e) => error(replica_error::Kind::Invalid, format!("hint_for: {e}")),
-                Ok(target) => {
-                    match hints::store_hint(node, target, &data_key(&s.key), clock).await {
-                        Ok(()) => {
-                            ok(node, "hint");
-                            replica_response::Result::Store(StoreResponse {})
-                        }
-                        Err(HintError::Storage(e)) => storage_error(node, e),
-                        Err(e) => error(replica_error::Kind::HintDropped, e.to_string()),
+                Ok(target) => match node.store_hint(target, &data_key(&s.key), clock).await {
+                    Ok(()) => {
+                        ok(node, "hint");
+                        replica_response::Result::Store(StoreResponse {})
                     }
-                }
+                    Err(HintError::Storage(e)) => storage_error(node, e),
+                    Err(e) => error(replica_error::Kind::HintDropped, e.to_string()),
+                },
             },
         },
         Some(replica_request::Op::Fetch(f)) => {
@@ -265,7 +263,7 @@ async fn handle(node: &Node, peer: &NodeId, req: ReplicaRequest) -> ReplicaRespo
                 node.read_local(&f.key)
             } else {
                 match NodeId::new(&f.hint_for) {
-                    Ok(target) => hints::read_hint(node, &target, &data_key(&f.key)),
+                    Ok(target) => node.hints.read(&node.store, &target, &data_key(&f.key)),
                     Err(e) => {
                         return reply(
                             req.id,

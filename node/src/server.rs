@@ -201,7 +201,7 @@ where
         },
         env.connector,
     );
-    let hints = crate::hints::Hints::open(raw.hints.clone(), &store)?;
+    let hints = crate::hint_store::Hints::open(raw.hints.clone(), &store)?;
     let node = Arc::new(
         Node::new(
             config.clone(),
@@ -265,7 +265,7 @@ where
         tokio::spawn(crate::antientropy::run(node.clone(), stop_rx.clone())),
         tokio::spawn(crate::hints::run(node.clone(), stop_rx.clone())),
         tokio::spawn(crate::gc::run(node.clone(), stop_rx.clone())),
-        tokio::spawn(crate::gossip::follow(node.clone(), stop_rx.clone())),
+        tokio::spawn(crate::node::follow_gossip(node.clone(), stop_rx.clone())),
         tokio::spawn(crate::rebalance::run(
             node.clone(),
             rebalance.clone(),

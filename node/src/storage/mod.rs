@@ -114,6 +114,21 @@ impl WriteOp {
     }
 }
 
+/// The key under which a client key is stored: its 8-byte big-endian ring position, then the
+/// key, so one Merkle segment (a range of positions) is one contiguous range of stored keys.
+pub fn data_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + key.len());
+    k.extend_from_slice(&dynakv_core::hash::key_position(key).to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+/// The ring position and client key of a stored key.
+pub fn split_data_key(stored: &[u8]) -> Option<(u64, &[u8])> {
+    let pos = u64::from_be_bytes(stored.get(..8)?.try_into().ok()?);
+    Some((pos, &stored[8..]))
+}
+
 /// How much one [`Backend::scan`] page may hold. A page always holds at least one entry when the
 /// range has one, so paging makes progress even past an entry larger than `max_bytes`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
