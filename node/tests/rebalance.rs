@@ -522,3 +522,31 @@ fn admin_requests_that_cannot_be_honoured_are_refused_and_change_nothing() {
     assert_eq!(out.json["changed"], Value::Bool(false), "{out:?}");
     unchanged("an idempotent weight");
 }
+
+#[test]
+fn a_node_gone_for_good_is_removed_and_its_ranges_re_replicated() {
+    let mut c = ClusterSpec::new(4).n(3).start();
+    preload(&c, "rm-", 1000, 200);
+    c.kill(3);
+    wait_until("n4 is down", CHANGE_TIMEOUT, || {
+        (member(&status(&c, 0), "n4").state == "down").then_some(())
+    });
+    let out = admin(&c, 0, &["remove", "n4", "--wait"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let s = status(&c, 1);
+    assert_eq!(member(&s, "n4").lifecycle, "removed");
+    assert!(!s.rebalance.clone().unwrap_or_default().active);
+    // The three that stay hold every key again (n = 3), as the survivors copied them.
+    for i in 0..3 {
+        wait_until(
+            &format!("{} holds every key", c.nodes[i].id),
+            CHANGE_TIMEOUT,
+            || (keys_on(&c, i) == 1000).then_some(()),
+        );
+    }
+    check_everything_readable(&c, "rm-", 1000, &[]);
+    // Removing it again is a no-op that says so.
+    let again = admin(&c, 2, &["remove", "n4"]);
+    assert_eq!(again.code, 0, "{again:?}");
+    assert_eq!(again.json["changed"], Value::Bool(false), "{again:?}");
+}
