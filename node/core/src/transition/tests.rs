@@ -409,6 +409,28 @@ fn a_drain_ends_in_left_and_out_of_the_ring() {
 }
 
 #[test]
+fn a_node_that_owns_nothing_leaves_without_a_ring_change() {
+    let mut c = Cluster::new(&[100, 100, 100, 0]);
+    let before = c.state(&id("n1")).committed().version();
+    let m = leaving(&c.truth[&id("n4")]);
+    c.truth.insert(id("n4"), m);
+    c.settle(2);
+    assert_eq!(c.truth[&id("n4")].lifecycle, Lifecycle::Left);
+    assert!(c.truth.values().all(|m| m.change.proposal.is_none()));
+    let state = c.state(&id("n1"));
+    assert_eq!(state.committed().nodes().len(), 3);
+    assert_ne!(
+        state.committed().version(),
+        before,
+        "n4 is no longer a ring member"
+    );
+    assert_eq!(
+        state.committed().ownership(N),
+        c.state(&id("n2")).committed().ownership(N)
+    );
+}
+
+#[test]
 fn a_leaving_node_with_hints_waits_before_it_commits() {
     let mut c = Cluster::new(&[100, 100, 100, 100]);
     let m = leaving(&c.truth[&id("n4")]);
