@@ -234,15 +234,27 @@ pub async fn run(args: DevArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        command
             .arg("serve")
             .arg("--config")
             .arg(&node.config_path)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log)
-            .kill_on_drop(true)
-            .spawn();
+            .kill_on_drop(true);
+        // A node must not outlive `dynakv dev`, however it ends (kill -9 included): a node left
+        // on these addresses would take part in the next dev cluster with its old data.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn();
         match child {
             Ok(c) => {
                 println!(

@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""A node joins a loaded 3-node cluster: handoff rate, time until it serves its share, and the
+foreground p99 during the handoff against before it (issue: membership change, performance).
+
+  1. `dynakv dev` (3 nodes, n=3, on 127.0.4.2-4), KEYS keys of VALUE_SIZE bytes loaded;
+  2. BEFORE: `dynakv bench` (YCSB A, CLIENTS clients) in CHUNK_S chunks, twice;
+  3. n4 starts with --seed and `dynakv cluster weight n4 100` runs (one step: the whole share);
+     `dynakv cluster status` is sampled every 0.5 s (phase, bytes moved) while the same bench
+     runs in CHUNK_S chunks until the change is done;
+  4. prints one JSON object: the streaming rate (bytes moved / time in phase "streaming"), the
+     time from the request until n4 serves its share (the change committed), and each chunk's
+     p99 per operation, marked before / during.
+
+  scripts/bench-join.py                       # KEYS=1000000 VALUE_SIZE=1024 by default
+  KEYS=200000 scripts/bench-join.py           # a quicker run
+  RATE=134217728 scripts/bench-join.py        # handoff.max_bytes_per_sec (default: the node's)
+  CLIENTS=0 scripts/bench-join.py             # the handoff alone, no foreground load
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = int(os.environ.get("KEYS", "1000000"))
+VALUE_SIZE = int(os.environ.get("VALUE_SIZE", "1024"))
+CLIENTS = int(os.environ.get("CLIENTS", "16"))
+CHUNK_S = int(os.environ.get("CHUNK_S", "10"))
+RATE = os.environ.get("RATE")
+BASE = "127.0.4."
+EP = ",".join(f"{BASE}{i}:7100" for i in (2, 3, 4))
+
+
+def dynakv_path():
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    subprocess.run(
+        ["cargo", "build", "--release", "-p", "dynakv-node"],
+        cwd=ROOT,
+        check=True,
+        stdout=sys.stderr,
+        env=dict(os.environ, CARGO_TARGET_DIR=target),
+    )
+    return os.path.join(target, "release", "dynakv")
+
+
+def status(dynakv):
+    out = subprocess.run(
+        [dynakv, "cluster", "status", "-o", "json", "-e", EP],
+        capture_output=True,
+        text=True,
+    )
+    try:
+        return json.loads(out.stdout)
+    except json.JSONDecodeError:
+        return None
+
+
+def bench_chunk(dynakv):
+    out = subprocess.run(
+        [dynakv, "bench", "-e", EP, "-W", "A", "-k", str(KEYS), "-s", str(VALUE_SIZE),
+         "-c", str(CLIENTS), "-t", f"{CHUNK_S}s", "--warmup", "0s", "--no-progress",
+         "-o", "json"],
+        capture_output=True,
+        text=True,
+    )
+    report = json.loads(out.stdout)
+    run = report.get("run") or report
+    row = {"ops_per_s": round(run.get("ops_per_s", 0.0), 1)}
+    for op in run.get("by_op", []):
+        row[op["op"] + "_p99_ms"] = round(op["latency_ms"]["p99"], 2)
+    row["errors"] = sum(e.get("count", 0) for e in run.get("error_codes", []))
+    return row
+
+
+def main():
+    dynakv = dynakv_path()
+    work = tempfile.mkdtemp(prefix="dynakv-join-")
+    procs = []
+    try:
+        sets = ["--set", f"handoff.max_bytes_per_sec={RATE}"] if RATE else []
+        dev = subprocess.Popen(
+            [dynakv, "dev", "--nodes", "3", "--data-dir", os.path.join(work, "dev"),
+             "--base-ip", BASE + "2", *sets],
+            stdout=open(os.path.join(work, "dev.out"), "w"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(dev)
+        for _ in range(200):
+            s = status(dynakv)
+            if s and sum(m["state"] == "alive" for m in s.get("members", [])) == 3:
+                break
+            time.sleep(0.2)
+        t = time.time()
+        subprocess.run(
+            [dynakv, "bench", "-e", EP, "--load-only", "-k", str(KEYS), "-s", str(VALUE_SIZE),
+             "-c", "64", "--no-progress"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        load_s = time.time() - t
+        before = [dict(bench_chunk(dynakv), phase="before") for _ in range(2 if CLIENTS else 0)]
+
+        # n4 takes the cluster's settings from n1's config file (its id, addresses and data
+        # directory from the flags); it is in no member list and joins through the seed.
+        n4 = subprocess.Popen(
+            [dynakv, "serve", "--config", os.path.join(work, "dev", "n1", "config.yaml"),
+             "--node-id", "n4", "--listen", BASE + "5:7100", "--metrics-listen", BASE + "5:9100",
+             "--data-dir", os.path.join(work, "n4"), "--seed", BASE + "2:7100"],
+            stdout=open(os.path.join(work, "n4.out"), "w"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(n4)
+        for _ in range(200):
+            s = status(dynakv)
+            if s and any(m["id"] == "n4" and m["state"] == "alive" for m in s.get("members", [])):
+                break
+            time.sleep(0.2)
+
+        samples = []
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                s = status(dynakv)
+                if s:
+                    r = s["rebalance"]
+                    samples.append((time.time(), r["active"], r["phase"], r["bytes_done"],
+                                    r["keys_done"], r["bytes_total"]))
+                time.sleep(0.5)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        t0 = time.time()
+        change = subprocess.Popen(
+            [dynakv, "cluster", "weight", "n4", "100", "--wait", "-o", "json", "-e", EP],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        during = []
+        while change.poll() is None:
+            if CLIENTS:
+                during.append(dict(bench_chunk(dynakv), phase="during"))
+            else:
+                time.sleep(0.2)
+        t1 = time.time()
+        done.set()
+        sampler.join()
+        after = [dict(bench_chunk(dynakv), phase="after")] if CLIENTS else []
+
+        streaming = [s for s in samples if s[2] == "streaming"]
+        moved = max((s[3] for s in samples), default=0)
+        keys = max((s[4] for s in samples), default=0)
+        stream_s = (streaming[-1][0] - streaming[0][0]) if len(streaming) > 1 else None
+        final = status(dynakv)
+        result = {
+            "keys": KEYS,
+            "value_size": VALUE_SIZE,
+            "load_seconds": round(load_s, 1),
+            "handoff_bytes": moved,
+            "handoff_keys": keys,
+            "streaming_seconds": round(stream_s, 1) if stream_s else None,
+            "streaming_mb_per_s": round(moved / stream_s / 1e6, 1) if stream_s else None,
+            "seconds_until_n4_serves_its_share": round(t1 - t0, 1),
+            "n4_replica_ownership": next(
+                (m["replica_ownership"] for m in (final or {}).get("members", [])
+                 if m["id"] == "n4"), None),
+            "bench": before + during + after,
+        }
+        print(json.dumps(result, indent=2))
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        # No node may outlive the run: one left on these addresses would join the next run's
+        # cluster (same cluster id) and bring its data along.
+        subprocess.run(["pkill", "-KILL", "-f", work], check=False)
+        if os.environ.get("KEEP"):
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
