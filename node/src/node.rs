@@ -352,6 +352,9 @@ pub struct Node {
     /// no other member). Until then the node knows nothing of a ring change under way, and a
     /// write it coordinated would go to the old ring only: it coordinates none.
     heard_from_cluster: std::sync::atomic::AtomicBool,
+    /// Set when a replica write stores a key this node holds in no live ring (a coordinator
+    /// whose view lagged behind a committed change): the rebalance driver drops such keys again.
+    stray_writes: std::sync::atomic::AtomicBool,
     view: RwLock<Arc<ClusterView>>,
     /// Coordinated requests in flight, by the view seq they started on.
     inflight: Mutex<BTreeMap<u64, usize>>,
@@ -611,6 +614,7 @@ impl Node {
             unsynced: Default::default(),
             stopping: Default::default(),
             heard_from_cluster: std::sync::atomic::AtomicBool::new(true),
+            stray_writes: std::sync::atomic::AtomicBool::new(false),
             peers,
             metrics,
             view: RwLock::new(Arc::new(view)),
@@ -652,6 +656,13 @@ impl Node {
             seq: view.seq,
         };
         (view, guard)
+    }
+
+    /// Whether a replica write stored a key this node holds in no live ring since the last
+    /// call; clears the mark.
+    pub fn take_stray_writes(&self) -> bool {
+        self.stray_writes
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether every request that started on a view older than `seq` has finished.
@@ -1445,6 +1456,10 @@ impl Node {
             None => Ok(false),
             Some((old, new)) => {
                 let view = self.view();
+                if !view.rings.holds(key_position(&key), self.n()) {
+                    self.stray_writes
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
                 let peers = self.co_replicas(&view, &stored_key);
                 self.trees
                     .record(peers.iter(), &stored_key, old.as_deref(), Some(&new));

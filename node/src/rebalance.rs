@@ -36,6 +36,9 @@ const REMOVALS_KEY: &[u8] = b"ring.remove_requests";
 
 /// How often the driver looks again without a gossip event.
 const TICK: Duration = Duration::from_millis(100);
+/// Least time between two sweeps for keys held in no live ring when the sweep is due to stray
+/// writes (late replica writes from coordinators whose view lagged) rather than to a commit.
+const STRAY_SWEEP_SPACING: Duration = Duration::from_secs(5);
 
 /// This node's own ring metadata as last gossiped, if it was ever recorded.
 pub fn load_metadata(store: &Store) -> Option<NodeMetadata> {
@@ -101,6 +104,9 @@ struct Driver {
     committed_version: Option<u64>,
     dropping: Option<JoinHandle<()>>,
     drop_due: bool,
+    /// A stray write was seen: sweep again, at most once per [`STRAY_SWEEP_SPACING`].
+    stray_due: bool,
+    last_sweep: Option<Instant>,
 }
 
 /// Runs the driver until `stop`.
@@ -217,11 +223,19 @@ async fn step(node: &Arc<Node>, rebalance: &Rebalance, d: &mut Driver) -> Result
         d.committed_version = Some(view.ring.version());
         d.drop_due = true;
     }
-    if d.drop_due
+    if node.take_stray_writes() {
+        d.stray_due = true;
+    }
+    let stray_sweep = d.stray_due
+        && d.last_sweep
+            .is_none_or(|at| at.elapsed() >= STRAY_SWEEP_SPACING);
+    if (d.drop_due || stray_sweep)
         && d.dropping.as_ref().is_none_or(|t| t.is_finished())
         && rings.changes().is_empty()
     {
         d.drop_due = false;
+        d.stray_due = false;
+        d.last_sweep = Some(Instant::now());
         let node = node.clone();
         d.dropping = Some(tokio::spawn(async move {
             match drop_unowned(&node).await {
@@ -352,6 +366,9 @@ async fn drop_unowned(node: &Node) -> Result<u64, StorageError> {
         if !view.rings.changes().is_empty() {
             return Ok(dropped);
         }
+        // A page's deletes go to the writer together, so that they share its group commits
+        // instead of waiting for one fsync each.
+        let mut purges = futures::stream::FuturesUnordered::new();
         for (key, value) in &page.entries {
             let Some((pos, client_key)) = split_data_key(key) else {
                 continue;
@@ -360,7 +377,10 @@ async fn drop_unowned(node: &Node) -> Result<u64, StorageError> {
                 continue;
             }
             let digest = dynakv_core::hash::hash128(value);
-            if node.purge_local(client_key, digest).await? {
+            purges.push(node.purge_local(client_key, digest));
+        }
+        while let Some(purged) = futures::StreamExt::next(&mut purges).await {
+            if purged? {
                 dropped += 1;
                 node.metrics.handoff_dropped_keys.inc();
             }

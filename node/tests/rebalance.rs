@@ -18,8 +18,10 @@ use dynakv_node::proto::{
 };
 use serde_json::Value;
 
-/// Longest a ring change may take in these tests (they move little data).
-const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest a ring change may take in these tests: a liveness bound, not a speed check. They move
+/// little data and take seconds on an idle machine, but CI runs them beside the simulation on two
+/// cores, where a debug-built five-node cluster has been seen to take over a minute per ramp.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
