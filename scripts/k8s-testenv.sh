@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real Kubernetes control plane for tests: etcd, kube-apiserver and kube-controller-manager,
-# built from the Go module proxy, plus kubectl, helm and promtool.
+# built from the Go module proxy, plus kubectl, helm, prometheus and promtool.
 #
 #   scripts/k8s-testenv.sh install      # build once per machine, cached (a second run takes seconds)
 #   scripts/k8s-testenv.sh start DIR    # start etcd, kube-apiserver, kube-controller-manager
@@ -11,8 +11,8 @@
 # k8s.io/kubernetes cannot be `go install`ed (its go.mod replaces every staging module with
 # ./staging/src/...), so `install` builds it through a generated wrapper module that requires the
 # release and replaces each staging module with its published v0.Y.Z. etcd's server module has
-# replace lines too, so it gets a wrapper module of its own. Helm is a plain `go install`.
-# promtool comes from Debian's prometheus package.
+# replace lines too, so it gets a wrapper module of its own. Helm, prometheus and promtool are
+# plain `go install`s (Debian's prometheus lacks Kubernetes service discovery).
 #
 # `start DIR` writes DIR/kubeconfig (server https://127.0.0.1:PORT, CA data, bearer token of a user
 # in group system:masters), DIR/env (ports and paths as shell assignments), DIR/pids (NAME PID per
@@ -25,11 +25,15 @@
 #   DYNAKV_K8S_VERSION   v1.37.2   (kube-apiserver, kube-controller-manager, kubectl)
 #   DYNAKV_ETCD_VERSION  v3.6.17
 #   DYNAKV_HELM_VERSION  v4.3.2
+#   DYNAKV_PROMETHEUS_VERSION 3.16.0 (prometheus and promtool, Kubernetes discovery only)
 set -euo pipefail
 
 K8S_VERSION=${DYNAKV_K8S_VERSION:-v1.37.2}
 ETCD_VERSION=${DYNAKV_ETCD_VERSION:-v3.6.17}
 HELM_VERSION=${DYNAKV_HELM_VERSION:-v4.3.2}
+PROMETHEUS_VERSION=${DYNAKV_PROMETHEUS_VERSION:-3.16.0}
+# Prometheus 3.Y.Z is the Go module version v0.3YY.Z (no `v3` module path).
+PROMETHEUS_MODULE_VERSION=$(awk -F. '{printf "v0.%d%02d.%d", $1, $2, $3}' <<<"$PROMETHEUS_VERSION")
 CACHE_ROOT=${DYNAKV_TESTENV_DIR:-$HOME/.cache/dynakv-testenv}
 VDIR="$CACHE_ROOT/$K8S_VERSION"
 BIN="$VDIR/bin"
@@ -37,8 +41,11 @@ START_TIMEOUT=${DYNAKV_TESTENV_START_TIMEOUT:-180}
 # Controllers of kube-controller-manager (canonical names: cmd/kube-controller-manager/names).
 # Left out on purpose: pod-garbage-collector-controller (it deletes pods bound to a node that has
 # no Node object, which a kubelet stand-in may do), node-lifecycle and node-ipam (no nodes), the
-# persistent-volume controllers (no storage provisioner), certificate signing, bootstrap tokens.
-CONTROLLERS=${DYNAKV_TESTENV_CONTROLLERS:-serviceaccount-token-controller,serviceaccount-controller,root-ca-certificate-publisher-controller,namespace-controller,garbage-collector-controller,statefulset-controller,replicaset-controller,deployment-controller,disruption-controller,endpoints-controller,endpointslice-controller,job-controller,ttl-after-finished-controller,clusterrole-aggregation-controller,service-cidr-controller}
+# persistent-volume binder and expander (no storage provisioner), certificate signing, bootstrap
+# tokens. persistentvolumeclaim-protection-controller stays: the API server gives every PVC the
+# kubernetes.io/pvc-protection finalizer, and without the controller that removes it no PVC
+# could ever be deleted.
+CONTROLLERS=${DYNAKV_TESTENV_CONTROLLERS:-serviceaccount-token-controller,serviceaccount-controller,root-ca-certificate-publisher-controller,namespace-controller,garbage-collector-controller,statefulset-controller,replicaset-controller,deployment-controller,disruption-controller,endpoints-controller,endpointslice-controller,job-controller,ttl-after-finished-controller,clusterrole-aggregation-controller,service-cidr-controller,persistentvolumeclaim-protection-controller}
 
 # Never let `go` fetch another toolchain: a release that needs a newer Go must fail here, loudly.
 export GOTOOLCHAIN=local
@@ -150,20 +157,25 @@ build_helm() {
   stamp_set helm "$HELM_VERSION"
 }
 
-install_promtool() {
-  if command -v promtool >/dev/null && command -v prometheus >/dev/null; then
+build_prometheus() {
+  if stamp_ok prometheus "$PROMETHEUS_VERSION" && stamp_ok promtool "$PROMETHEUS_VERSION"; then
     return
   fi
-  log "installing Debian's prometheus package (for promtool and a real Prometheus)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get -o DPkg::Lock::Timeout=600 update >&2
-  apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends prometheus >&2
-  # The package starts a Prometheus service; tests start their own. Stop and disable it.
-  if command -v service >/dev/null; then service prometheus stop >&2 || true; fi
-  if command -v update-rc.d >/dev/null; then update-rc.d prometheus disable >&2 || true; fi
-  if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
-    systemctl disable --now prometheus >&2 || true
-  fi
+  mkdir -p "$BIN"
+  log "building prometheus and promtool $PROMETHEUS_VERSION"
+  # Debian's prometheus package is built without Kubernetes service discovery (its scrape
+  # configs cannot hold kubernetes_sd_configs), so both come from the module proxy. Prometheus
+  # v3.Y.Z is published as module version v0.3YY.Z. The build tags keep Kubernetes discovery
+  # only (the other SD plugins pull in every cloud SDK); without `builtinassets` the web UI is
+  # not embedded, which the HTTP API does not need.
+  local tags=remove_all_sd,enable_kubernetes_sd
+  local v="github.com/prometheus/common/version"
+  GOBIN="$BIN" nice -n 10 go install -trimpath -tags "$tags" \
+    -ldflags "-s -w -X $v.Version=$PROMETHEUS_VERSION -X $v.Branch=module-proxy" \
+    "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_MODULE_VERSION" \
+    "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_MODULE_VERSION"
+  stamp_set prometheus "$PROMETHEUS_VERSION"
+  stamp_set promtool "$PROMETHEUS_VERSION"
 }
 
 cmd_install() {
@@ -172,13 +184,12 @@ cmd_install() {
   build_kubernetes
   build_etcd
   build_helm
-  install_promtool
+  build_prometheus
   log "ready in $((SECONDS - t0)) s"
   local b
-  for b in etcd kube-apiserver kube-controller-manager kubectl helm; do
+  for b in etcd kube-apiserver kube-controller-manager kubectl helm prometheus promtool; do
     printf '%-24s %s\n' "$b" "$BIN/$b"
   done
-  printf '%-24s %s\n' promtool "$(command -v promtool)" prometheus "$(command -v prometheus)"
 }
 
 cmd_env() {
