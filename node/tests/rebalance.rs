@@ -93,6 +93,8 @@ struct Load {
     acked: Arc<Mutex<Vec<(String, String)>>>,
     missed: Arc<Mutex<Vec<String>>>,
     failed: Arc<AtomicU64>,
+    /// Writes that failed: each may or may not have been applied.
+    maybe: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -102,7 +104,9 @@ impl Load {
         let acked = Arc::new(Mutex::new(Vec::new()));
         let missed = Arc::new(Mutex::new(Vec::new()));
         let failed = Arc::new(AtomicU64::new(0));
+        let maybe = Arc::new(AtomicU64::new(0));
         let (s, a, m, f) = (stop.clone(), acked.clone(), missed.clone(), failed.clone());
+        let mb = maybe.clone();
         let prefix = prefix.to_string();
         let thread = std::thread::spawn(move || {
             runtime().block_on(async move {
@@ -120,6 +124,7 @@ impl Load {
                     let w = (i as usize) % clients.len();
                     if !put(&mut clients[w], &key, &value).await {
                         f.fetch_add(1, Ordering::Relaxed);
+                        mb.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
                     }
@@ -150,6 +155,7 @@ impl Load {
             acked,
             missed,
             failed,
+            maybe,
             thread: Some(thread),
         }
     }
@@ -158,8 +164,9 @@ impl Load {
         self.acked.lock().unwrap().len()
     }
 
-    /// Stops the load; returns the acknowledged writes.
-    fn finish(mut self) -> Vec<(String, String)> {
+    /// Stops the load; returns the acknowledged writes and how many writes failed (each may or
+    /// may not have been applied).
+    fn finish(mut self) -> (Vec<(String, String)>, u64) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             t.join().expect("the load thread");
@@ -174,7 +181,10 @@ impl Load {
             self.acked(),
             self.failed.load(Ordering::Relaxed)
         );
-        self.acked.lock().unwrap().clone()
+        (
+            self.acked.lock().unwrap().clone(),
+            self.maybe.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -272,7 +282,16 @@ fn check_everything_readable(c: &Cluster, prefix: &str, count: u64, acked: &[(St
             .map(|(key, value)| {
                 let mut client = client.clone();
                 async move {
-                    let got = get(&mut client, &key).await;
+                    // A failed request (a timeout on a starved machine) is not a lost key: ask
+                    // again a few times; only an answer can say "lost".
+                    let mut got = get(&mut client, &key).await;
+                    for _ in 0..5 {
+                        if got.is_some() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        got = get(&mut client, &key).await;
+                    }
                     let ok = match (&got, &value) {
                         (Some(v), None) => !v.is_empty(),
                         (Some(v), Some(want)) => v.contains(want),
@@ -285,7 +304,10 @@ fn check_everything_readable(c: &Cluster, prefix: &str, count: u64, acked: &[(St
             .filter_map(|x| async move { x })
             .collect()
             .await;
-        assert!(lost.is_empty(), "keys lost or unreadable: {lost:?}");
+        assert!(
+            lost.is_empty(),
+            "keys lost (Some: the values read) or unreadable (None: six requests failed): {lost:?}"
+        );
     });
 }
 
@@ -331,7 +353,7 @@ fn a_cluster_grows_by_ramps_and_shrinks_by_drains_under_load_losing_nothing() {
         assert!(m.replica_ownership > 0.1, "{m:?}");
     }
     let held = (keys_on(&c, 3), keys_on(&c, 4));
-    let written = 1500 + load.acked() as u64;
+    let written = 1500 + load.acked() as u64 + load.maybe.load(Ordering::Relaxed);
     eprintln!("n4 and n5 hold {held:?} of {written} keys");
     assert!(held.0 > 0 && held.1 > 0, "the new nodes hold keys");
     assert!(
@@ -348,10 +370,11 @@ fn a_cluster_grows_by_ramps_and_shrinks_by_drains_under_load_losing_nothing() {
         assert_eq!(member(&s, id).lifecycle, "left");
         assert_eq!(member(&s, id).weight, 0);
     }
-    let acked = load.finish();
+    let (acked, maybe) = load.finish();
     assert!(acked.len() > 20, "the load kept writing");
 
-    // Drained nodes hold nothing; the three that stay hold every key (n = 3).
+    // Drained nodes hold nothing; the three that stay hold every key (n = 3): the same keys on
+    // each, every acknowledged one among them (a failed write may or may not have been applied).
     for i in [3, 4] {
         wait_until(
             &format!("{} drops what it handed over", c.nodes[i].id),
@@ -361,13 +384,15 @@ fn a_cluster_grows_by_ramps_and_shrinks_by_drains_under_load_losing_nothing() {
     }
     phase("drained nodes hold nothing");
     let total = 1500 + acked.len() as u64;
-    for i in 0..3 {
-        wait_until(
-            &format!("{} holds every key", c.nodes[i].id),
-            CHANGE_TIMEOUT,
-            || (keys_on(&c, i) == total).then_some(()),
-        );
-    }
+    wait_until(
+        &format!("n1, n2 and n3 each hold the {total} keys (+ up to {maybe} failed writes)"),
+        CHANGE_TIMEOUT,
+        || {
+            let held: Vec<u64> = (0..3).map(|i| keys_on(&c, i)).collect();
+            (held.iter().all(|k| *k == held[0]) && (total..=total + maybe).contains(&held[0]))
+                .then_some(())
+        },
+    );
     phase("every node holds every key");
     check_everything_readable(&c, "pre-", 1500, &acked);
     phase("everything readable");
