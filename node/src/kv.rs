@@ -186,6 +186,12 @@ impl KvService {
         result
     }
 
+    /// Sends a write to a replica of the key, which coordinates it. Replicas gossip holds alive
+    /// and that answer (not silent) go first. The next replica is tried only when this one
+    /// certainly never got the write (no connection): once sent, a second coordinator would
+    /// apply the same write again under another dot, which a reader that saw only one of the two
+    /// and overwrote it would find again as a sibling. So silence after sending is reported,
+    /// not retried or hedged (docs/ARCHITECTURE.md, "Failover").
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
@@ -198,86 +204,45 @@ impl KvService {
         deadline: Instant,
     ) -> Result<(Vec<u8>, proto::Receipt), Status> {
         self.node.metrics.forwarded.inc();
-        let mut failures = Vec::new();
-        // Replicas gossip holds alive first, suspect next, down last: a paused replica still
-        // accepts connections, and only gossip tells it from a live one before the deadline.
         let mut replicas = replicas.to_vec();
-        replicas.sort_by_key(|r| match self.node.member_state(r) {
-            Some(MemberState::Alive) => 0,
-            None | Some(MemberState::Suspect) => 1,
-            Some(MemberState::Down) => 2,
+        replicas.sort_by_key(|r| {
+            if self.node.is_unreachable(r) {
+                return 3;
+            }
+            match self.node.member_state(r) {
+                Some(MemberState::Alive) => 0,
+                None | Some(MemberState::Suspect) => 1,
+                Some(MemberState::Down) => 2,
+            }
         });
-        for replica in &replicas {
-            let Some(mut channel) = self.node.peers.channel(replica) else {
-                failures.push(format!("{replica} unknown"));
-                continue;
-            };
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
+        let mut failures: Vec<String> = Vec::new();
+        for replica in replicas {
+            if Instant::now() >= deadline {
                 break;
             }
-            // Move on to the next replica only when this one certainly never got the write (no
-            // connection). Once it was sent, a second coordinator would apply the same write
-            // again under another dot (a duplicate sibling), so silence is reported, not retried.
-            let ready = tokio::time::timeout(
-                remaining.min(Duration::from_secs(1)),
-                tower::ServiceExt::<tonic::codegen::http::Request<tonic::body::Body>>::ready(
-                    &mut channel,
-                ),
-            )
-            .await;
-            if !matches!(ready, Ok(Ok(_))) {
-                failures.push(format!("{replica} unreachable"));
-                continue;
-            }
-            let mut client = KvClient::new(channel)
-                .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
-                .max_encoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES);
-            let mut consistency = consistency.unwrap_or_default();
-            consistency.timeout_ms = remaining.as_millis().min(u32::MAX as u128) as u32;
-            let result = match &value {
-                Some(v) => {
-                    let req = self.forward_request(proto::PutRequest {
-                        key: key.clone(),
-                        value: v.clone(),
-                        context: context.clone(),
-                        consistency: Some(consistency),
-                    });
-                    tokio::time::timeout(remaining, client.put(req))
-                        .await
-                        .map(|r| r.map(|r| r.into_inner()).map(|r| (r.context, r.receipt)))
-                }
-                None => {
-                    let req = self.forward_request(proto::DeleteRequest {
-                        key: key.clone(),
-                        context: context.clone(),
-                        consistency: Some(consistency),
-                    });
-                    tokio::time::timeout(remaining, client.delete(req))
-                        .await
-                        .map(|r| r.map(|r| r.into_inner()).map(|r| (r.context, r.receipt)))
-                }
-            };
+            let (replica, result) = self
+                .forward_one(
+                    replica,
+                    key.clone(),
+                    value.clone(),
+                    context.clone(),
+                    consistency,
+                    deadline,
+                )
+                .await;
             match result {
-                Ok(Ok((context, receipt))) => {
-                    return Ok((context.to_vec(), receipt.unwrap_or_default()));
-                }
-                // Never reached it (no connection): the next replica may coordinate.
-                Ok(Err(s)) if is_transport_error(&s) && crate::net::never_sent(&s) => {
-                    failures.push(format!("{replica} unreachable"));
-                    continue;
-                }
-                Ok(Err(s)) if s.code() == Code::Unavailable && is_transport_error(&s) => {
+                Ok(answer) => return Ok(answer),
+                Err(Forwarded::NotSent(why)) => failures.push(why),
+                Err(Forwarded::Broken(why)) => {
                     return Err(Status::unavailable(format!(
-                        "replica {replica} stopped answering while coordinating the write; it \
-                         may or may not have been applied"
+                        "replica {replica} stopped answering while coordinating the {op} \
+                         ({why}); it may or may not have been applied"
                     )));
                 }
-                // Any other answer (a quorum failure, a refused request) is the replica's verdict.
-                Ok(Err(s)) => return Err(s),
-                Err(_) => {
+                Err(Forwarded::Verdict(s)) => return Err(s),
+                Err(Forwarded::Deadline) => {
                     return Err(Status::deadline_exceeded(format!(
-                        "replica {replica} did not answer before the deadline; the write may or \
+                        "replica {replica} did not answer before the deadline; the {op} may or \
                          may not have been applied"
                     )));
                 }
@@ -285,9 +250,91 @@ impl KvService {
         }
         tracing::debug!(op, ?failures, "forwarding failed");
         Err(Status::unavailable(format!(
-            "no replica of the key could coordinate the write: {}",
+            "no replica of the key could coordinate the {op}: {}",
             failures.join(", ")
         )))
+    }
+
+    /// One forward attempt to `replica`, with its latency and silence tracked.
+    async fn forward_one(
+        &self,
+        replica: NodeId,
+        key: Bytes,
+        value: Option<Bytes>,
+        context: Bytes,
+        consistency: Option<proto::Consistency>,
+        deadline: Instant,
+    ) -> (NodeId, Result<(Vec<u8>, proto::Receipt), Forwarded>) {
+        let Some(mut channel) = self.node.peers.channel(&replica) else {
+            let why = format!("{replica} unknown");
+            return (replica, Err(Forwarded::NotSent(why)));
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return (replica, Err(Forwarded::Deadline));
+        }
+        // Connection establishment has its own short bound: a dropped SYN must not eat the
+        // request's deadline.
+        let connect = self.node.config.raw.limits.peer_connect_timeout_ms;
+        let ready = tokio::time::timeout(
+            remaining.min(Duration::from_millis(connect)),
+            tower::ServiceExt::<tonic::codegen::http::Request<tonic::body::Body>>::ready(
+                &mut channel,
+            ),
+        )
+        .await;
+        if !matches!(ready, Ok(Ok(_))) {
+            let why = format!("{replica} unreachable");
+            return (replica, Err(Forwarded::NotSent(why)));
+        }
+        let mut client = KvClient::new(channel)
+            .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES);
+        let mut consistency = consistency.unwrap_or_default();
+        consistency.timeout_ms = remaining.as_millis().min(u32::MAX as u128) as u32;
+        let tracked = self.node.peers.track(&replica);
+        let result = match value {
+            Some(v) => {
+                let req = self.forward_request(proto::PutRequest {
+                    key,
+                    value: v,
+                    context,
+                    consistency: Some(consistency),
+                });
+                tokio::time::timeout(remaining, client.put(req))
+                    .await
+                    .map(|r| r.map(|r| r.into_inner()).map(|r| (r.context, r.receipt)))
+            }
+            None => {
+                let req = self.forward_request(proto::DeleteRequest {
+                    key,
+                    context,
+                    consistency: Some(consistency),
+                });
+                tokio::time::timeout(remaining, client.delete(req))
+                    .await
+                    .map(|r| r.map(|r| r.into_inner()).map(|r| (r.context, r.receipt)))
+            }
+        };
+        let outcome = match result {
+            Ok(Ok((context, receipt))) => {
+                tracked.heard();
+                Ok((context.to_vec(), receipt.unwrap_or_default()))
+            }
+            // Never reached it (no connection): the next replica may coordinate.
+            Ok(Err(s)) if is_transport_error(&s) && crate::net::never_sent(&s) => Err(
+                Forwarded::NotSent(format!("{replica} unreachable ({})", s.message())),
+            ),
+            // The connection broke after sending: the write may have been applied.
+            Ok(Err(s)) if is_transport_error(&s) => Err(Forwarded::Broken(s.message().to_string())),
+            // Any other answer (a quorum failure, a refused request) is the replica's verdict.
+            Ok(Err(s)) => {
+                tracked.heard();
+                Err(Forwarded::Verdict(s))
+            }
+            Err(_) => Err(Forwarded::Deadline),
+        };
+        (replica, outcome)
     }
 
     fn forward_request<T>(&self, msg: T) -> Request<T> {
@@ -320,6 +367,18 @@ impl KvService {
             .with_label_values(&[op, consistency, outcome])
             .observe(started.elapsed().as_secs_f64());
     }
+}
+
+/// How one forward attempt failed.
+enum Forwarded {
+    /// The replica certainly never got the write (no connection).
+    NotSent(String),
+    /// The connection broke after the write was sent: it may have been applied.
+    Broken(String),
+    /// The replica answered with an error: its verdict on the write.
+    Verdict(Status),
+    /// No answer before the client's deadline.
+    Deadline,
 }
 
 /// A transport failure (connection refused or broken), as opposed to a node's answer.

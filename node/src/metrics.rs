@@ -12,7 +12,7 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
@@ -48,6 +48,16 @@ pub struct Metrics {
     pub read_repairs: IntCounter,
     /// Requests forwarded to a replica of the key.
     pub forwarded: IntCounter,
+    /// Hedged requests (a second replica asked because the first was slow or silent), by kind
+    /// (`forward`, `write`) and outcome (`sent`, `won`: the hedge answered first).
+    pub hedges: IntCounterVec,
+    /// Requests refused at once because too few replicas were reachable, by op.
+    pub fast_unavailable: IntCounterVec,
+    /// Per peer: smoothed round trip of replica calls and forwards (seconds), the hedge delay in
+    /// use (seconds), and whether the peer is silent (1) to this node (set at scrape time).
+    pub peer_rtt: GaugeVec,
+    pub peer_hedge_delay: GaugeVec,
+    pub peer_silent: IntGaugeVec,
     /// Replica operations served to peers, by op and outcome.
     pub replica_ops: IntCounterVec,
     /// Live siblings returned per read.
@@ -272,6 +282,47 @@ impl Metrics {
             &["direction"],
         )
         .expect("static metric definition");
+        let hedges = IntCounterVec::new(
+            Opts::new(
+                "dynakv_hedged_requests_total",
+                "Hedged requests (another replica asked because the first was slow or silent), \
+                 by kind (forward, write) and outcome (sent, won)",
+            ),
+            &["kind", "outcome"],
+        )
+        .expect("static metric definition");
+        let fast_unavailable = IntCounterVec::new(
+            Opts::new(
+                "dynakv_fast_unavailable_total",
+                "Requests answered UNAVAILABLE at once because too few replicas were reachable",
+            ),
+            &["op"],
+        )
+        .expect("static metric definition");
+        let peer_rtt = GaugeVec::new(
+            Opts::new(
+                "dynakv_peer_rtt_seconds",
+                "Smoothed round trip of requests to each peer",
+            ),
+            &["peer"],
+        )
+        .expect("static metric definition");
+        let peer_hedge_delay = GaugeVec::new(
+            Opts::new(
+                "dynakv_peer_hedge_delay_seconds",
+                "Delay after which a request to each peer is hedged (its recent high percentile)",
+            ),
+            &["peer"],
+        )
+        .expect("static metric definition");
+        let peer_silent = IntGaugeVec::new(
+            Opts::new(
+                "dynakv_peer_silent",
+                "1 while a peer has left a request unanswered too long (before gossip notices)",
+            ),
+            &["peer"],
+        )
+        .expect("static metric definition");
         let handoff_ranges = IntGaugeVec::new(
             Opts::new(
                 "dynakv_handoff_ranges",
@@ -343,6 +394,11 @@ impl Metrics {
             quorum_failures,
             read_repairs,
             forwarded,
+            hedges,
+            fast_unavailable,
+            peer_rtt,
+            peer_hedge_delay,
+            peer_silent,
             replica_ops,
             siblings_per_read,
             sibling_warnings,
@@ -357,6 +413,11 @@ impl Metrics {
             Box::new(m.quorum_failures.clone()),
             Box::new(m.read_repairs.clone()),
             Box::new(m.forwarded.clone()),
+            Box::new(m.hedges.clone()),
+            Box::new(m.fast_unavailable.clone()),
+            Box::new(m.peer_rtt.clone()),
+            Box::new(m.peer_hedge_delay.clone()),
+            Box::new(m.peer_silent.clone()),
             Box::new(m.replica_ops.clone()),
             Box::new(m.siblings_per_read.clone()),
             Box::new(m.sibling_warnings.clone()),
@@ -410,6 +471,25 @@ impl Metrics {
     /// Counts one anti-entropy exchange by outcome ("ok" or the error's label).
     pub fn observe_exchange(&self, outcome: &'static str) {
         self.ae_exchanges.with_label_values(&[outcome]).inc();
+    }
+
+    /// Copies the peer links' latency and silence into the metrics (at scrape time).
+    pub fn observe_peers(&self, peers: &[crate::peer::PeerStat]) {
+        self.peer_rtt.reset();
+        self.peer_hedge_delay.reset();
+        self.peer_silent.reset();
+        for p in peers {
+            let id = p.peer.as_str();
+            self.peer_rtt
+                .with_label_values(&[id])
+                .set(p.srtt.as_secs_f64());
+            self.peer_hedge_delay
+                .with_label_values(&[id])
+                .set(p.hedge_delay.as_secs_f64());
+            self.peer_silent
+                .with_label_values(&[id])
+                .set(i64::from(p.silent));
+        }
     }
 
     /// Copies what gossip knows and counts into the metrics (at scrape time).

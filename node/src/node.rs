@@ -463,9 +463,14 @@ fn register_local_commit(
 }
 
 /// What the write coordinator waits for next: its own commit, or a replica's reply.
+/// How often a write whose quorum is pending checks its outstanding replicas for silence.
+const SILENCE_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
 enum WriteEvent<R> {
     Local(Result<Result<(), StorageError>, tokio::task::JoinError>),
     Reply(Option<R>),
+    /// The hedge delay passed with the quorum still pending.
+    Hedge,
 }
 
 /// Counts a write whose local copy is not yet durable while its new version may already be on
@@ -700,6 +705,13 @@ impl Node {
     /// this node never is.
     pub fn is_down(&self, id: &NodeId) -> bool {
         *id != self.id && self.gossip.is_down(id)
+    }
+
+    /// Whether requests to `id` should not be waited for now: gossip holds it down, or it left a
+    /// request unanswered too long with nothing heard since (silent: paused, or cut off, seconds
+    /// before gossip notices). A silent peer is tried again after a short hold.
+    pub fn is_unreachable(&self, id: &NodeId) -> bool {
+        self.is_down(id) || (*id != self.id && self.peers.is_silent(id))
     }
 
     /// Liveness of `id` as gossip sees it (`None`: not heard of yet).
@@ -1021,8 +1033,9 @@ impl Node {
         let mut calls = FuturesUnordered::new();
         let send = |sent: Sent| {
             let peers = self.peers.clone();
-            // A replica gossip holds down is not waited for: its share goes to a fallback now.
-            let down = self.is_down(&sent.node);
+            // A replica gossip holds down, or one that is silent, is not waited for: its share
+            // goes to a fallback now.
+            let down = self.is_unreachable(&sent.node);
             let op = replica_request::Op::Store(StoreRequest {
                 key: req.key.clone(),
                 clock: encoded.clone(),
@@ -1035,7 +1048,10 @@ impl Node {
             let deadline = req.deadline;
             async move {
                 let r = if down {
-                    Err(PeerError::Unreachable(format!("{} is down", sent.node)))
+                    Err(PeerError::Unreachable(format!(
+                        "{} is down or not answering",
+                        sent.node
+                    )))
                 } else {
                     peers.call(&sent.node, op, deadline).await
                 };
@@ -1052,26 +1068,103 @@ impl Node {
                 hint_for: None,
             }));
         }
+        // Hedging: once the slowest remote target's recent high percentile has passed with the
+        // quorum still pending, each primary not heard from gets a fallback too (a hint, the
+        // same clock: no duplicate), within the node's hedge budget. From then on, every
+        // SILENCE_CHECK, a primary that has become silent counts as failed (its share goes to a
+        // fallback, or the quorum is lost at once) instead of being waited for until the deadline.
+        self.peers.earn_hedge();
+        let mut hedge_at = targets
+            .iter()
+            .filter(|t| **t != self.id)
+            .map(|t| self.peers.hedge_delay(t))
+            .max()
+            .map(|delay| Instant::now() + delay);
+        let mut hedged_for: Vec<NodeId> = Vec::new();
+        let mut given_up: Vec<NodeId> = Vec::new();
+        let mut synthetic: Vec<(Sent, Result<replica_response::Result, PeerError>)> = Vec::new();
         let verdict = loop {
             if *tracker.vote() != Vote::Pending {
                 break tracker.vote().clone();
             }
-            let event = tokio::time::timeout_at(req.deadline, async {
-                match local.as_mut() {
-                    Some(handle) if !calls.is_empty() => tokio::select! {
-                        biased;
-                        committed = handle => WriteEvent::Local(committed),
-                        reply = calls.next() => WriteEvent::Reply(reply),
-                    },
-                    Some(handle) => WriteEvent::Local(handle.await),
-                    None => WriteEvent::Reply(calls.next().await),
-                }
-            })
-            .await;
+            // A primary given up on for its silence is handled like a failed reply.
+            let event = if let Some(reply) = synthetic.pop() {
+                Ok(WriteEvent::Reply(Some(reply)))
+            } else {
+                tokio::time::timeout_at(req.deadline, async {
+                    let hedge = async {
+                        match hedge_at {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    match local.as_mut() {
+                        Some(handle) if !calls.is_empty() => tokio::select! {
+                            biased;
+                            committed = handle => WriteEvent::Local(committed),
+                            reply = calls.next() => WriteEvent::Reply(reply),
+                            _ = hedge => WriteEvent::Hedge,
+                        },
+                        Some(handle) => WriteEvent::Local(handle.await),
+                        None if !calls.is_empty() => tokio::select! {
+                            biased;
+                            reply = calls.next() => WriteEvent::Reply(reply),
+                            _ = hedge => WriteEvent::Hedge,
+                        },
+                        None => WriteEvent::Reply(None),
+                    }
+                })
+                .await
+            };
             let (sent, result) = match event {
                 Ok(WriteEvent::Local(committed)) => {
                     local = None;
                     local_failed = register_local_commit(&self.id, &mut tracker, committed);
+                    continue;
+                }
+                Ok(WriteEvent::Hedge) => {
+                    hedge_at = Some(Instant::now() + SILENCE_CHECK);
+                    let slow: Vec<NodeId> = tracker
+                        .outstanding()
+                        .iter()
+                        .filter(|n| targets.contains(n) && **n != self.id)
+                        .cloned()
+                        .collect();
+                    for primary in &slow {
+                        if self.peers.is_silent(primary) && !given_up.contains(primary) {
+                            given_up.push(primary.clone());
+                            let why = format!("{primary} is not answering");
+                            synthetic.push((
+                                Sent {
+                                    node: primary.clone(),
+                                    hint_for: None,
+                                },
+                                Err(PeerError::Unreachable(why)),
+                            ));
+                        }
+                    }
+                    for primary in slow {
+                        if !req.sloppy
+                            || given_up.contains(&primary)
+                            || hedged_for.contains(&primary)
+                            || !self.peers.try_hedge()
+                        {
+                            continue;
+                        }
+                        let Some(f) = fallbacks.by_ref().find(|f| *f != self.id) else {
+                            break;
+                        };
+                        self.metrics
+                            .hedges
+                            .with_label_values(&["write", "sent"])
+                            .inc();
+                        hedged_for.push(primary.clone());
+                        tracker.asked_for(f.clone(), primary.clone());
+                        calls.push(send(Sent {
+                            node: f,
+                            hint_for: Some(primary),
+                        }));
+                    }
                     continue;
                 }
                 Ok(WriteEvent::Reply(Some(reply))) => reply,
@@ -1082,6 +1175,12 @@ impl Node {
                 Ok(()) => {
                     if let Some(primary) = &sent.hint_for {
                         hinted.insert(sent.node.clone(), primary.clone());
+                        if hedged_for.contains(primary) && tracker.outstanding().contains(primary) {
+                            self.metrics
+                                .hedges
+                                .with_label_values(&["write", "won"])
+                                .inc();
+                        }
                     }
                     tracker.register_ack(&sent.node, sent.hint_for.is_some());
                 }
@@ -1144,6 +1243,7 @@ impl Node {
                 }
             }
         }
+        self.note_fast_unavailable("write", &verdict, &tracker);
         let receipt = self.receipt(&tracker, &view, siblings, &hinted);
         match verdict {
             Vote::Won => Ok(WriteOutcome {
@@ -1156,6 +1256,19 @@ impl Node {
             ),
             Vote::Lost(_) => Err(self.quorum_error(tracker.error())),
             Vote::Pending => Err(CoordinatorError::Quorum(tracker.error())),
+        }
+    }
+
+    /// Counts a quorum lost without waiting: every replica that failed was unreachable (down,
+    /// silent, or refusing connections), none timed out.
+    fn note_fast_unavailable(&self, op: &str, verdict: &Vote, tracker: &QuorumTracker) {
+        if matches!(verdict, Vote::Lost(_))
+            && tracker
+                .failed()
+                .iter()
+                .all(|(_, why)| *why == ReplicaFailure::Unreachable)
+        {
+            self.metrics.fast_unavailable.with_label_values(&[op]).inc();
         }
     }
 
@@ -1248,6 +1361,7 @@ impl Node {
                 }
             }
         };
+        self.note_fast_unavailable("read", &verdict, &tracker);
         if let Vote::Lost(e) = verdict {
             return Err(self.quorum_error(e));
         }
@@ -1257,7 +1371,8 @@ impl Node {
                 .filter_map(|(_, c)| c.as_ref())
                 .chain(fallback_answers.iter()),
         ));
-        let values: Vec<Sibling> = merged.live_values().cloned().collect();
+        // Equal values under several dots (a write coordinated twice) read as one.
+        let values: Vec<Sibling> = merged.distinct_live_values();
         self.metrics.siblings_per_read.observe(values.len() as f64);
         let receipt = self.receipt(&tracker, &view, values.len(), &hinted);
         let context = encode_context(&merged.join(), self.cluster_tag);
@@ -1362,7 +1477,7 @@ impl Node {
                 ReplicaFailure::Refused
             });
         }
-        if self.is_down(&sent.node) {
+        if self.is_unreachable(&sent.node) {
             return Err(ReplicaFailure::Unreachable);
         }
         let op = replica_request::Op::Fetch(FetchRequest {

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dynakv_core::NodeId;
+use dynakv_core::latency::{HedgeBudget, HedgePolicy, PeerHealth};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -90,6 +91,67 @@ struct PoolInner {
     settings: PeerSettings,
     connector: Connector,
     links: Mutex<BTreeMap<NodeId, Link>>,
+    /// Latency and silence of each peer, from replica calls and forwarded requests alike.
+    health: Mutex<Health>,
+}
+
+struct Health {
+    epoch: Instant,
+    policy: HedgePolicy,
+    peers: BTreeMap<NodeId, PeerHealth>,
+    budget: HedgeBudget,
+}
+
+impl Health {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// One peer's latency figures, for the metrics.
+#[derive(Debug, Clone)]
+pub struct PeerStat {
+    pub peer: NodeId,
+    pub srtt: Duration,
+    pub hedge_delay: Duration,
+    pub silent: bool,
+}
+
+/// One request to a peer in flight, for its latency and silence bookkeeping: [`Tracked::heard`]
+/// when the peer answered (whatever the answer); dropped unheard, it counts as unanswered.
+pub struct Tracked {
+    pool: Arc<PoolInner>,
+    peer: NodeId,
+    sent: Instant,
+    done: bool,
+}
+
+impl Tracked {
+    /// The peer answered.
+    pub fn heard(mut self) {
+        self.done = true;
+        let rtt_us = self.sent.elapsed().as_micros() as u64;
+        let mut h = self.pool.health.lock().unwrap_or_else(|p| p.into_inner());
+        let now = h.now_ms();
+        h.peers
+            .entry(self.peer.clone())
+            .or_default()
+            .heard(now, rtt_us);
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut h = self.pool.health.lock().unwrap_or_else(|p| p.into_inner());
+        let (now, policy) = (h.now_ms(), h.policy);
+        h.peers
+            .entry(self.peer.clone())
+            .or_default()
+            .unanswered(now, &policy);
+    }
 }
 
 impl PeerPool {
@@ -99,8 +161,76 @@ impl PeerPool {
                 settings,
                 connector,
                 links: Mutex::new(BTreeMap::new()),
+                health: Mutex::new(Health {
+                    epoch: Instant::now(),
+                    policy: HedgePolicy::default(),
+                    peers: BTreeMap::new(),
+                    budget: HedgeBudget::default(),
+                }),
             }),
         }
+    }
+
+    /// Starts the bookkeeping of one request to `peer` (see [`Tracked`]).
+    pub fn track(&self, peer: &NodeId) -> Tracked {
+        let mut h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+        let now = h.now_ms();
+        h.peers.entry(peer.clone()).or_default().sent(now);
+        Tracked {
+            pool: self.inner.clone(),
+            peer: peer.clone(),
+            sent: Instant::now(),
+            done: false,
+        }
+    }
+
+    /// Whether `peer` left a request unanswered too long, with nothing heard since: a paused
+    /// process or a cut-off link, seconds before gossip calls it down.
+    pub fn is_silent(&self, peer: &NodeId) -> bool {
+        let h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+        let now = h.now_ms();
+        h.peers
+            .get(peer)
+            .is_some_and(|p| p.is_silent(now, &h.policy))
+    }
+
+    /// How long to wait for `peer` before asking another replica too: its recent high
+    /// percentile of response time, within the policy's bounds.
+    pub fn hedge_delay(&self, peer: &NodeId) -> Duration {
+        let h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+        let ms = h
+            .peers
+            .get(peer)
+            .map_or(h.policy.max_delay_ms, |p| p.hedge_delay_ms(&h.policy));
+        Duration::from_millis(ms)
+    }
+
+    /// Counts one request that may be hedged, earning its share of the hedge budget.
+    pub fn earn_hedge(&self) {
+        let mut h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+        let policy = h.policy;
+        h.budget.earn(&policy);
+    }
+
+    /// Takes one hedge from the budget, if it has one.
+    pub fn try_hedge(&self) -> bool {
+        let mut h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.budget.try_spend()
+    }
+
+    /// Every tracked peer's latency figures.
+    pub fn stats(&self) -> Vec<PeerStat> {
+        let h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+        let now = h.now_ms();
+        h.peers
+            .iter()
+            .map(|(peer, p)| PeerStat {
+                peer: peer.clone(),
+                srtt: Duration::from_micros(p.rtt().srtt_us()),
+                hedge_delay: Duration::from_millis(p.hedge_delay_ms(&h.policy)),
+                silent: p.is_silent(now, &h.policy),
+            })
+            .collect()
     }
 
     /// Makes the pool match the membership: new peers get a link, moved peers a new one, removed
@@ -165,6 +295,7 @@ impl PeerPool {
             timeout_ms,
             reply,
         };
+        let tracked = self.track(node);
         match tokio::time::timeout_at(deadline, tx.send(msg)).await {
             Err(_) => return Err(PeerError::Timeout),
             Ok(Err(_)) => return Err(PeerError::Unreachable("link closed".into())),
@@ -173,7 +304,14 @@ impl PeerPool {
         match tokio::time::timeout_at(deadline, rx).await {
             Err(_) => Err(PeerError::Timeout),
             Ok(Err(_)) => Err(PeerError::Unreachable("link dropped the request".into())),
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => {
+                // An answer from the peer (an error it sent included) means it is there; a
+                // failure of the link itself does not.
+                if !matches!(r, Err(PeerError::Unreachable(_))) {
+                    tracked.heard();
+                }
+                r
+            }
         }
     }
 }

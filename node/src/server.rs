@@ -254,6 +254,7 @@ where
                 node.metrics.bytes_stored.set(stats.bytes as i64);
                 node.metrics
                     .observe_gossip(&node.gossip.snapshot(), &node.gossip.stats());
+                node.metrics.observe_peers(&node.peers.stats());
             }),
             async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -290,6 +291,12 @@ where
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .max_concurrent_streams(Some(4096))
+        // Streams a client resets before this server accepted them (a caller's timeout on a busy
+        // node) count toward h2's rapid-reset guard; past the limit the whole connection is
+        // closed with GOAWAY, taking every peer stream on it along. h2's default of 20 was
+        // reached within seconds on a loaded two-core machine, breaking handoff and
+        // anti-entropy streams over and over; 1,024 keeps the guard and stops the churn.
+        .http2_max_pending_accept_reset_streams(Some(1024))
         .timeout(Duration::from_millis(
             raw.limits.max_request_timeout_ms + 5_000,
         ))

@@ -626,6 +626,25 @@ impl Dvvset<Sibling> {
         self.values().filter(|s| !s.is_tombstone())
     }
 
+    /// The live values a client read returns: [`Self::live_values`] with siblings that carry the
+    /// same bytes collapsed into one (the newest), in the order of their first appearance.
+    ///
+    /// Equal bytes are the same value to a client, whoever wrote them: a write applied twice
+    /// under two dots (a forwarded write retried or hedged at a second coordinator) reads as
+    /// one value, and the context of the read covers both dots, so the next write with it
+    /// replaces both. Riak's and Garage K2V's reads collapse equal siblings the same way.
+    pub fn distinct_live_values(&self) -> Vec<Sibling> {
+        let mut out: Vec<Sibling> = Vec::new();
+        for s in self.live_values() {
+            match out.iter_mut().find(|o| o.data == s.data) {
+                Some(seen) if s.ts > seen.ts => seen.ts = s.ts,
+                Some(_) => {}
+                None => out.push(s.clone()),
+            }
+        }
+        out
+    }
+
     /// Whether every sibling is a tombstone (also true for a clock without values): the key reads
     /// as deleted, and may be purged once every replica holds this state and the grace period
     /// has passed.
@@ -1281,6 +1300,54 @@ mod tests {
 
     fn ts(ms: u64, logical: u16) -> Timestamp {
         Timestamp::new(1_700_000_000_000 + ms, logical)
+    }
+
+    #[test]
+    fn a_write_applied_at_two_coordinators_reads_as_one_value_and_is_replaced_as_one() {
+        let (a, b) = (node("a"), node("b"));
+        let base = Clock::put(
+            None,
+            &VersionVector::new(),
+            Sibling::live(ts(0, 0), "v0".into()),
+            &a,
+        );
+        let ctx = base.join();
+        // The same client write, coordinated twice (a retried or hedged forward).
+        let at_a = Clock::put(Some(&base), &ctx, Sibling::live(ts(5, 0), "v1".into()), &a);
+        let at_b = Clock::put(Some(&base), &ctx, Sibling::live(ts(7, 0), "v1".into()), &b);
+        let merged = at_a.sync(&at_b);
+        assert_eq!(
+            merged.live_values().count(),
+            2,
+            "two dots, both kept causally"
+        );
+        assert_eq!(
+            merged.distinct_live_values(),
+            vec![Sibling::live(ts(7, 0), "v1".into())],
+            "one value to the client, the newest timestamp"
+        );
+        // A genuinely concurrent different value stays a sibling.
+        let other = Clock::put(Some(&base), &ctx, Sibling::live(ts(6, 0), "w".into()), &a);
+        let three = merged.sync(&other);
+        let mut values: Vec<Bytes> = three
+            .distinct_live_values()
+            .into_iter()
+            .filter_map(|s| s.data)
+            .collect();
+        values.sort();
+        assert_eq!(values, vec![Bytes::from("v1"), Bytes::from("w")]);
+        // The next write with the read's context replaces both copies.
+        let next = Clock::put(
+            Some(&merged),
+            &merged.join(),
+            Sibling::live(ts(9, 0), "v2".into()),
+            &b,
+        );
+        assert_eq!(
+            next.distinct_live_values(),
+            vec![Sibling::live(ts(9, 0), "v2".into())]
+        );
+        assert_eq!(next.live_values().count(), 1);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod context;
 pub mod dvvset;
 pub mod hash;
 pub mod hlc;
+pub mod latency;
 pub mod membership;
 pub mod merkle;
 pub mod node_id;

@@ -1,0 +1,89 @@
+//! Failover with real processes: a replica frozen with SIGSTOP (its sockets open, answering
+//! nothing) is given up on by its silence, long before gossip calls it down, and long before the
+//! request's deadline. Nothing here asserts a duration: the proofs are the status code
+//! (`UNAVAILABLE`, not `DEADLINE_EXCEEDED` under a long deadline), gossip still holding the
+//! frozen node not down, and the metrics.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// Gossip that takes tens of seconds to call a node down: what acts first is the silence
+/// detector of the peer links.
+const SLOW_GOSSIP: &str =
+    "gossip:\n  probe_period_ms: 1000\n  probe_rtt_ms: 500\n  suspicion_mult: 60\n";
+
+fn gossip_state(c: &Cluster, i: usize, id: &str) -> String {
+    let status = c.cli_at(i, &["cluster", "status"]).ok();
+    status.json["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["id"] == id))
+        .and_then(|m| m["state"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_frozen_replica_is_given_up_on_by_its_silence_not_at_the_deadline() {
+    let c = ClusterSpec::new(3).n(3).config_yaml(SLOW_GOSSIP).start();
+    c.cli_at(0, &["put", "before", "v0", "-w", "all"]).ok();
+
+    c.stop(2);
+    // W = all (strict) needs n3: the write cannot succeed. Under a 30 s deadline it must fail
+    // with UNAVAILABLE naming n3 once n3 is silent, not run into the deadline.
+    let put = c.cli_at(
+        0,
+        &[
+            "put",
+            "during",
+            "v1",
+            "-w",
+            "all",
+            "--strict",
+            "--timeout-ms",
+            "30000",
+        ],
+    );
+    assert_ne!(put.code, 0, "{put:?}");
+    assert_eq!(put.json["error"]["code"], "UNAVAILABLE", "{put:?}");
+    let message = put.json["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("n3"), "the message names n3: {put:?}");
+    assert_ne!(
+        gossip_state(&c, 0, "n3"),
+        "down",
+        "gossip had not called n3 down yet: the silence detector answered"
+    );
+    let metrics = c.metrics(0);
+    assert_eq!(
+        metric_value(&metrics, "dynakv_peer_silent", &["peer=\"n3\""]),
+        Some(1.0),
+        "n1 reports n3 silent"
+    );
+    assert!(
+        metric_value(&metrics, "dynakv_fast_unavailable_total", &["op=\"write\""])
+            .is_some_and(|v| v >= 1.0),
+        "the fast UNAVAILABLE is counted"
+    );
+
+    // A quorum write (W = 2 of n1, n2, n3) meanwhile succeeds, n3's share going to a hint.
+    let ok = c.cli_at(0, &["put", "quorum", "v2", "-w", "2"]).ok();
+    assert_eq!(ok.json["receipt"]["coordinator"], "n1", "{ok:?}");
+
+    // Thawed, n3 is heard again and gets what it missed.
+    c.cont(2);
+    wait_until("n1 hears n3 again", Duration::from_secs(60), || {
+        metric_value(&c.metrics(0), "dynakv_peer_silent", &["peer=\"n3\""])
+            .is_some_and(|v| v == 0.0)
+            .then_some(())
+    });
+    wait_until(
+        "n3 holds the quorum write",
+        Duration::from_secs(120),
+        || {
+            let get = c.cli_at(2, &["get", "quorum", "-r", "1"]);
+            (get.code == 0 && get.texts().contains(&"v2".to_string())).then_some(())
+        },
+    );
+}
