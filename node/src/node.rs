@@ -462,10 +462,11 @@ fn register_local_commit(
     }
 }
 
-/// What the write coordinator waits for next: its own commit, or a replica's reply.
 /// How often a write whose quorum is pending checks its outstanding replicas for silence.
 const SILENCE_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// What the write coordinator waits for next: its own commit, a replica's reply, or the time to
+/// hedge (and check for silent replicas).
 enum WriteEvent<R> {
     Local(Result<Result<(), StorageError>, tokio::task::JoinError>),
     Reply(Option<R>),
