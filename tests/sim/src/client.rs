@@ -5,7 +5,7 @@
 //! queues for it (see [`crate::scenario`]); both go through [`ClientCore::execute`].
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -14,7 +14,8 @@ use dynakv_core::context::decode_context;
 use dynakv_core::dvvset::VersionVector;
 use dynakv_node::proto::kv_client::KvClient;
 use dynakv_node::proto::{
-    self, Consistency, ConsistencyLevel, DeleteRequest, GetRequest, PutRequest, quorum,
+    self, ClusterStatusResponse, Consistency, ConsistencyLevel, DeleteRequest, GetRequest,
+    PutRequest, quorum,
 };
 use dynakv_node::storage::MemoryBackend;
 use tonic::Code;
@@ -22,6 +23,7 @@ use tonic::transport::Channel;
 
 use crate::history::{History, Op, OpKind, OpResult};
 use crate::oracle::{self, DotIndex};
+use crate::scenario::{AdminKind, Expect};
 
 /// Deadline the client asks the node for (`timeout_ms`).
 pub const REQUEST_TIMEOUT_MS: u64 = 2_000;
@@ -94,6 +96,19 @@ pub struct Shared {
     pub dot_index: RefCell<DotIndex>,
     /// Each node's gossip view as the member watcher last read it: observer -> member -> state.
     pub members: RefCell<BTreeMap<String, BTreeMap<String, String>>>,
+    /// Each node's last `Admin.ClusterStatus` answer, with the simulated time (ms) it arrived.
+    pub status: RefCell<BTreeMap<String, (u64, ClusterStatusResponse)>>,
+    /// The nodes workload clients send to: the members, plus spares once they joined, minus
+    /// nodes removed for good. The harness keeps it current.
+    pub targets: RefCell<Vec<String>>,
+    /// The nodes the member watcher polls (running or not): members and started spares.
+    pub watched: RefCell<Vec<String>>,
+    /// Every admin request of the run, in the order sent.
+    pub admin: RefCell<Vec<AdminRecord>>,
+    /// Committed rings the nodes recorded, decoded.
+    pub rings: RefCell<oracle::RingCache>,
+    /// (observer, member) pairs the watcher has seen `down` at least once.
+    pub held_down: RefCell<BTreeSet<(String, String)>>,
 }
 
 /// A client's connections and what it remembers of each key.
@@ -125,7 +140,7 @@ impl ClientCore {
         }
     }
 
-    fn now_ms() -> u64 {
+    pub(crate) fn now_ms() -> u64 {
         turmoil::sim_elapsed()
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0)
@@ -158,6 +173,7 @@ impl ClientCore {
                 note: req.note.clone(),
                 dot_actor: None,
                 unbacked_acks: Vec::new(),
+                retired_acks: Vec::new(),
                 invoked_ms: Self::now_ms(),
                 completed_ms: None,
                 result: OpResult::Pending,
@@ -230,7 +246,16 @@ impl ClientCore {
         op.completed_ms = Some(Self::now_ms());
         op.result = result;
         if let (Some(dot), OpResult::Ok { acked_by, .. }) = (op.dot(), &op.result) {
-            op.unbacked_acks = oracle::audit_ack(&self.shared.backends, &req.key, &dot, acked_by);
+            let audit = oracle::audit_ack(
+                &self.shared.backends,
+                &req.key,
+                &dot,
+                acked_by,
+                self.shared.n,
+                &mut self.shared.rings.borrow_mut(),
+            );
+            op.unbacked_acks = audit.unbacked;
+            op.retired_acks = audit.retired;
         }
         self.last_op = Some(id);
         id
@@ -241,13 +266,11 @@ impl ClientCore {
         &mut self,
         req: &Request,
     ) -> Result<(Bytes, Option<proto::Receipt>, Vec<(Vec<u8>, u64)>), tonic::Status> {
-        let Some(client) = self.channels.get(&req.target) else {
-            return Err(tonic::Status::invalid_argument(format!(
-                "no such node {}",
-                req.target
-            )));
-        };
-        let mut client = client.clone();
+        let mut client = self
+            .channels
+            .entry(req.target.clone())
+            .or_insert_with(|| KvClient::new(crate::net::client_channel(&req.target)))
+            .clone();
         let level = Some(req.level.proto());
         let consistency = |read: bool| Consistency {
             r: if read { level } else { None },
@@ -385,32 +408,243 @@ pub async fn command_client(
 /// How often the member watcher asks every node for its view.
 pub const MEMBER_POLL_MS: u64 = 100;
 
-/// The body of the member watcher host: reads every node's `Admin.ClusterStatus` (what its
-/// gossip knows) every [`MEMBER_POLL_MS`] into [`Shared::members`], forever. A node that does
-/// not answer keeps its last view.
-pub async fn member_watcher(nodes: Vec<String>, shared: Rc<Shared>) -> turmoil::Result {
+/// How often it asks in a scenario that changes the membership: a node's `ClusterStatus` during
+/// a change asks every node that gains ranges for its progress, and the ring steps it waits for
+/// take seconds.
+pub const RING_POLL_MS: u64 = 250;
+
+/// How long the watcher waits for one `ClusterStatus` answer (a node with a change under way
+/// asks the receiving nodes for their progress first, for up to 3 s when one is cut off). Longer
+/// than any answer takes: a request given up on is reset (RST_STREAM), and what h2 does with
+/// frames that arrive on a reset stream depends on real time (it remembers reset streams for
+/// one second of the machine's clock), which would make runs differ between replays.
+pub const MEMBER_POLL_TIMEOUT_MS: u64 = 10_000;
+
+/// The body of the member watcher host: reads every watched node's `Admin.ClusterStatus` (what
+/// its gossip knows, and the ring change under way) every `poll_ms` ([`MEMBER_POLL_MS`],
+/// [`RING_POLL_MS`]) into
+/// [`Shared::status`] and [`Shared::members`], forever; one poller per node, so a slow node does
+/// not hold the others up. A node that does not answer keeps its last view.
+pub async fn member_watcher(shared: Rc<Shared>, poll_ms: u64) -> turmoil::Result {
+    let mut polling: Vec<String> = Vec::new();
+    loop {
+        let watched = shared.watched.borrow().clone();
+        for node in watched {
+            if polling.contains(&node) {
+                continue;
+            }
+            polling.push(node.clone());
+            tokio::task::spawn_local(poll_status(node, shared.clone(), poll_ms));
+        }
+        tokio::time::sleep(Duration::from_millis(poll_ms)).await;
+    }
+}
+
+async fn poll_status(node: String, shared: Rc<Shared>, poll_ms: u64) {
     use dynakv_node::proto::ClusterStatusRequest;
     use dynakv_node::proto::admin_client::AdminClient;
-    let clients: Vec<(String, AdminClient<Channel>)> = nodes
-        .iter()
-        .map(|n| (n.clone(), AdminClient::new(crate::net::client_channel(n))))
-        .collect();
+    let client = AdminClient::new(crate::net::client_channel(&node));
     loop {
-        for (node, client) in &clients {
-            let mut client = client.clone();
-            let asked = client.cluster_status(ClusterStatusRequest {});
-            if let Ok(Ok(status)) =
-                tokio::time::timeout(Duration::from_millis(MEMBER_POLL_MS), asked).await
-            {
-                let view = status
-                    .into_inner()
-                    .members
-                    .into_iter()
-                    .map(|m| (m.id, m.state))
-                    .collect();
-                shared.members.borrow_mut().insert(node.clone(), view);
+        let mut c = client.clone();
+        let asked = c.cluster_status(ClusterStatusRequest {});
+        if let Ok(Ok(status)) =
+            tokio::time::timeout(Duration::from_millis(MEMBER_POLL_TIMEOUT_MS), asked).await
+        {
+            let status = status.into_inner();
+            let view = status
+                .members
+                .iter()
+                .map(|m| (m.id.clone(), m.state.clone()))
+                .collect();
+            for m in status.members.iter().filter(|m| m.state == "down") {
+                shared
+                    .held_down
+                    .borrow_mut()
+                    .insert((node.clone(), m.id.clone()));
             }
+            shared.members.borrow_mut().insert(node.clone(), view);
+            shared
+                .status
+                .borrow_mut()
+                .insert(node.clone(), (ClientCore::now_ms(), status));
         }
-        tokio::time::sleep(Duration::from_millis(MEMBER_POLL_MS)).await;
+        tokio::time::sleep(Duration::from_millis(poll_ms)).await;
     }
+}
+
+/// How long an admin request is retried while the answer is `UNAVAILABLE` or
+/// `DEADLINE_EXCEEDED` (no address known yet, the member concerned unreachable), as the CLI's
+/// and the operator's retries do.
+pub const ADMIN_RETRY_MS: u64 = 15_000;
+
+/// Pause between two attempts of an admin request.
+const ADMIN_BACKOFF_MS: u64 = 500;
+
+/// Deadline of one admin attempt: the node forwards to the member concerned within 3 s, and an
+/// attempt given up on early would make the run depend on real time (see
+/// [`MEMBER_POLL_TIMEOUT_MS`]).
+const ADMIN_TIMEOUT_MS: u64 = 10_000;
+
+/// How an admin request ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminResult {
+    Pending,
+    /// Accepted: `changed` false for an idempotent repeat.
+    Ok {
+        changed: bool,
+        message: String,
+        recorded_by: String,
+    },
+    /// Refused or failed, with the gRPC code (after the last retry).
+    Failed {
+        code: String,
+        message: String,
+    },
+}
+
+/// One admin request and its answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminRecord {
+    pub id: usize,
+    pub kind: AdminKind,
+    pub via: String,
+    pub expect: Expect,
+    pub attempts: u32,
+    pub invoked_ms: u64,
+    pub completed_ms: Option<u64>,
+    pub result: AdminResult,
+}
+
+impl AdminRecord {
+    /// Whether the answer is what the scenario expected.
+    pub fn as_expected(&self) -> bool {
+        match (&self.expect, &self.result) {
+            (_, AdminResult::Pending) => false,
+            (Expect::Any, _) => true,
+            (Expect::Ok, AdminResult::Ok { .. }) => true,
+            (Expect::Refused, AdminResult::Failed { code, .. }) => {
+                code == "FailedPrecondition" || code == "InvalidArgument"
+            }
+            _ => false,
+        }
+    }
+
+    pub fn accepted(&self) -> bool {
+        matches!(self.result, AdminResult::Ok { .. })
+    }
+}
+
+impl std::fmt::Display for AdminRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "admin #{} {} via {} ({} attempt{}, {}..{} ms) -> ",
+            self.id,
+            self.kind,
+            self.via,
+            self.attempts,
+            if self.attempts == 1 { "" } else { "s" },
+            self.invoked_ms,
+            self.completed_ms
+                .map_or_else(|| "?".to_string(), |t| t.to_string()),
+        )?;
+        match &self.result {
+            AdminResult::Pending => write!(f, "pending"),
+            AdminResult::Ok {
+                changed,
+                message,
+                recorded_by,
+            } => write!(
+                f,
+                "ok{} (recorded by {recorded_by}): {message}",
+                if *changed { "" } else { ", unchanged" }
+            ),
+            AdminResult::Failed { code, message } => write!(f, "{code}: {message}"),
+        }
+    }
+}
+
+/// The queue between the driver and the admin host.
+#[derive(Default)]
+pub struct AdminQueue {
+    pub queue: VecDeque<usize>,
+    /// Requests sent and not answered yet.
+    pub in_flight: usize,
+}
+
+/// The body of the admin host: sends every queued request (by its id in [`Shared::admin`]) in
+/// a task of its own, so requests run concurrently, forever.
+pub async fn admin_client(shared: Rc<Shared>, queue: Rc<RefCell<AdminQueue>>) -> turmoil::Result {
+    loop {
+        let next = queue.borrow_mut().queue.pop_front();
+        let Some(id) = next else {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        let queue = queue.clone();
+        tokio::task::spawn_local(async move {
+            send_admin(&shared, id).await;
+            queue.borrow_mut().in_flight -= 1;
+        });
+    }
+}
+
+async fn send_admin(shared: &Shared, id: usize) {
+    use dynakv_node::proto::admin_client::AdminClient;
+    use dynakv_node::proto::{LeaveRequest, RemoveRequest, SetWeightRequest};
+    let (kind, via) = {
+        let records = shared.admin.borrow();
+        (records[id].kind.clone(), records[id].via.clone())
+    };
+    let client = AdminClient::new(crate::net::client_channel(&via));
+    let started = ClientCore::now_ms();
+    let mut attempts = 0;
+    let result = loop {
+        attempts += 1;
+        let mut c = client.clone();
+        let timeout = Duration::from_millis(ADMIN_TIMEOUT_MS);
+        let answer = match &kind {
+            AdminKind::SetWeight { node, weight } => {
+                let req = SetWeightRequest {
+                    node: node.clone(),
+                    weight: *weight,
+                };
+                tokio::time::timeout(timeout, c.set_weight(req)).await
+            }
+            AdminKind::Leave { node } => {
+                let req = LeaveRequest { node: node.clone() };
+                tokio::time::timeout(timeout, c.leave(req)).await
+            }
+            AdminKind::Remove { node } => {
+                let req = RemoveRequest { node: node.clone() };
+                tokio::time::timeout(timeout, c.remove(req)).await
+            }
+        };
+        let status = match answer {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                break AdminResult::Ok {
+                    changed: r.changed,
+                    message: r.message,
+                    recorded_by: r.recorded_by,
+                };
+            }
+            Ok(Err(status)) => status,
+            Err(_) => tonic::Status::deadline_exceeded("admin client timeout"),
+        };
+        let retry = matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded);
+        if !retry || ClientCore::now_ms() - started >= ADMIN_RETRY_MS {
+            break AdminResult::Failed {
+                code: format!("{:?}", status.code()),
+                message: status.message().to_string(),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(ADMIN_BACKOFF_MS)).await;
+    };
+    let mut records = shared.admin.borrow_mut();
+    let r = &mut records[id];
+    r.attempts = attempts;
+    r.completed_ms = Some(ClientCore::now_ms());
+    r.result = result;
 }

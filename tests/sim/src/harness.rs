@@ -11,24 +11,24 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Bound;
 use std::rc::Rc;
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::{Duration, UNIX_EPOCH};
 
 use dynakv_core::dvvset::Clock;
-use dynakv_core::hash::key_position;
+use dynakv_core::ring::Ring;
 use dynakv_node::config::{
     Config, ConflictMode, MemberConfig, QuorumSetting, ReplicationConfig, ValidConfig,
 };
 use dynakv_node::node::ClusterView;
 use dynakv_node::server::{Env, StorageChoice};
-use dynakv_node::storage::{Backend, MemoryBackend, ScanLimit, Table, WriterMode};
+use dynakv_node::storage::{Backend, MemoryBackend, ScanLimit, Table, WriteOp, WriterMode};
 use turmoil::Sim;
 
 use crate::checker::{self, Invariant, Violation};
-use crate::client::{Command, CommandQueue, Level, Shared};
+use crate::client::{AdminQueue, AdminRecord, AdminResult, Command, CommandQueue, Level, Shared};
 use crate::history::{History, OpKind, OpResult};
-use crate::oracle::{self, client_key};
-use crate::scenario::{Check, Ctx, Scenario, Step, Wait};
+use crate::oracle::{self, client_key, replicas_in};
+use crate::scenario::{AdminKind, AdminOp, Check, Ctx, Scenario, Step, Wait};
 use crate::workload::{self, Control};
 
 /// Convergence after faults comes from reads today: the settle phase reads every key at R=ALL
@@ -60,6 +60,20 @@ pub const FAULT_GRACE_MS: u64 = 5_000;
 /// Longest wait for client queues or workloads to drain.
 const IDLE_CAP_MS: u64 = 60_000;
 
+/// How long the ring must look settled, without a break, before `AwaitRing` believes it.
+const RING_STABLE_MS: u64 = 1_000;
+
+/// How long `CrashSender` waits for a status answer that shows a transfer streaming.
+const CRASH_SENDER_WAIT_MS: u64 = 10_000;
+
+/// How long the settle phase of a scenario that changes the membership waits for its ring
+/// changes to finish once the faults are over; longer is a violation.
+pub const RING_SETTLE_MS: u64 = 120_000;
+
+/// How long the settle phase waits after the ring settled for old owners to drop the ranges
+/// they no longer replicate, before placement is checked.
+pub const DROP_SETTLE_MS: u64 = 2_000;
+
 /// A mechanism broken on purpose, to prove the checker notices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Breakage {
@@ -73,14 +87,21 @@ pub enum Breakage {
     NoHintDelivery,
     /// Anti-entropy off (`anti_entropy.enabled = false`).
     NoAntiEntropy,
+    /// A spare's data vanishes as soon as its join commits (the harness deletes every key from
+    /// its disk behind its back when a `ClusterStatus` first shows it with a weight): what a
+    /// node that acknowledged "synced" without holding its ranges would leave, once reads use
+    /// the new ring and old owners drop what they handed over. Its Merkle trees still believe
+    /// it holds the keys, so anti-entropy does not put them back.
+    ForgetHandoff,
 }
 
 impl Breakage {
-    pub const ALL: [Breakage; 4] = [
+    pub const ALL: [Breakage; 5] = [
         Breakage::SkipSync,
         Breakage::DropPutContext,
         Breakage::NoHintDelivery,
         Breakage::NoAntiEntropy,
+        Breakage::ForgetHandoff,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +110,7 @@ impl Breakage {
             Breakage::DropPutContext => "drop-put-context",
             Breakage::NoHintDelivery => "no-hint-delivery",
             Breakage::NoAntiEntropy => "no-anti-entropy",
+            Breakage::ForgetHandoff => "forget-handoff",
         }
     }
 
@@ -176,8 +198,10 @@ pub struct Outcome {
     pub snapshot: Snapshot,
     /// Hints still queued at the end, per node: (target, key).
     pub hints: BTreeMap<String, Vec<(String, String)>>,
-    /// The replicas of every key, by the ring.
+    /// The replicas of every key, by the final ring.
     pub replicas: BTreeMap<String, Vec<String>>,
+    /// Every admin request and its answer.
+    pub admin: Vec<AdminRecord>,
     pub violations: Vec<Violation>,
     /// Summary lines (Merkle roots, counts).
     pub notes: Vec<String>,
@@ -252,6 +276,20 @@ struct SimNode {
     name: String,
     backend: MemoryBackend,
     crashed: bool,
+    /// A spare (`AddSpare`): in no member list, joins through seeds when started.
+    spare: bool,
+    /// Whether it was ever started (members from the beginning; spares once they `Join`).
+    started: bool,
+    /// Removed from the cluster for good (an accepted `Admin.Remove`): never started again,
+    /// and its disk is left out of the final checks.
+    gone: bool,
+}
+
+impl SimNode {
+    /// Started, not crashed, not gone: it answers.
+    fn running(&self) -> bool {
+        self.started && !self.crashed && !self.gone
+    }
 }
 
 /// Runs one scenario with one seed. Never panics on a product failure: violations are in the
@@ -289,6 +327,38 @@ struct Harness {
     fault_windows: Vec<(u64, u64)>,
     schedule: Vec<(u64, String)>,
     violations: Vec<Violation>,
+    /// Whether the scenario changes the membership (then the settle phase waits for the ring).
+    membership: bool,
+    admin_queue: Option<Rc<RefCell<AdminQueue>>>,
+    /// Admin requests whose answers the harness has looked at.
+    admin_seen: BTreeSet<usize>,
+    /// Nodes removed for good whose removal every running node has been seen to commit.
+    removal_committed: BTreeSet<String>,
+    /// The ring every node agreed on after settling (`None`: not learned).
+    final_ring: Option<Arc<Ring>>,
+    /// The ring changes did not finish in the settle phase: no final-state checks.
+    ring_unsettled: bool,
+    /// Spares whose data [`Breakage::ForgetHandoff`] wiped.
+    forgotten: BTreeSet<String>,
+    /// When a status answer showed a ring change under way (from, to), and since when the one
+    /// still open.
+    change_windows: Vec<(u64, u64)>,
+    change_open: Option<u64>,
+    /// Spares seen serving a ring of their own (see [`Harness::note_lone_joiners`]).
+    lone: BTreeSet<String>,
+}
+
+/// Each member's (weight, target weight, lifecycle) as one node's `ClusterStatus` shows it.
+type MemberWeights = BTreeMap<String, (u32, u32, String)>;
+
+/// A ring in one line: version, then each member's weight and token count.
+pub fn describe_ring(ring: &Ring) -> String {
+    let members: Vec<String> = ring
+        .nodes()
+        .iter()
+        .map(|s| format!("{} w{} ({} tokens)", s.id, s.weight, s.tokens.len()))
+        .collect();
+    format!("{:016x} [{}]", ring.version(), members.join(", "))
 }
 
 /// The key of a link in `Harness::links`: the two host names in order.
@@ -300,21 +370,39 @@ fn link_key(a: &str, b: &str) -> (String, String) {
     }
 }
 
+/// How a node enters the cluster.
+enum Entry<'a> {
+    /// A member of the configured ring.
+    Member(&'a [MemberConfig]),
+    /// A spare: in no member list, joining through these seeds, at its first start configured
+    /// with this weight (`None`: it stays at 0 until an admin gives it weight).
+    Spare {
+        seeds: Vec<String>,
+        weight: Option<u32>,
+    },
+}
+
 fn node_config(
     name: &str,
-    members: &[MemberConfig],
+    entry: Entry<'_>,
+    scenario: &Scenario,
     n: u32,
-    conflict: ConflictMode,
-    no_hints: bool,
     breakage: Option<Breakage>,
 ) -> ValidConfig {
+    let (conflict, no_hints) = (scenario.conflict, scenario.no_hints);
+    let (members, seeds, weight) = match entry {
+        Entry::Member(members) => (members.to_vec(), Vec::new(), None),
+        Entry::Spare { seeds, weight } => (Vec::new(), seeds, weight),
+    };
     let mut config = Config {
         node_id: name.to_string(),
         cluster_id: CLUSTER_ID.to_string(),
         listen: std::net::SocketAddr::from((Ipv4Addr::UNSPECIFIED, crate::net::NODE_PORT)),
         advertise: Some(format!("{name}:{}", crate::net::NODE_PORT)),
         data_dir: "/nonexistent/simulated".into(),
-        members: members.to_vec(),
+        members,
+        seeds,
+        weight,
         replication: ReplicationConfig {
             n,
             read_quorum: QuorumSetting::Quorum,
@@ -327,6 +415,10 @@ fn node_config(
     };
     if no_hints {
         config.hints.max_per_target = 0;
+    }
+    if let Some(h) = scenario.handoff {
+        config.handoff.max_bytes_per_sec = h.max_bytes_per_sec;
+        config.handoff.page_entries = h.page_entries;
     }
     match breakage {
         Some(Breakage::NoHintDelivery) => config.hints.delivery_interval_ms = 24 * 3600 * 1000,
@@ -362,17 +454,24 @@ impl Harness {
                 zone: None,
             })
             .collect();
+        let spares = scenario.spares();
+        let seeds: Vec<String> = members.iter().map(|m| m.address.clone()).collect();
         let mut nodes = Vec::new();
         let mut view = None;
-        for name in &names {
-            let config = node_config(
-                name,
-                &members,
-                n,
-                scenario.conflict,
-                scenario.no_hints,
-                opts.breakage,
-            );
+        for name in names.iter().chain(&spares) {
+            let spare = spares.contains(name);
+            let entry = if spare {
+                Entry::Spare {
+                    seeds: seeds.clone(),
+                    weight: scenario.steps.iter().find_map(|s| match s {
+                        Step::Join { node, weight } if node == name => *weight,
+                        _ => None,
+                    }),
+                }
+            } else {
+                Entry::Member(&members)
+            };
+            let config = node_config(name, entry, scenario, n, opts.breakage);
             if view.is_none() {
                 view = Some(ClusterView::from_members(
                     &config.node_id,
@@ -418,13 +517,21 @@ impl Harness {
                     Ok(())
                 }
             });
+            if spare {
+                // Registered now (so its name resolves and its disk exists), started by `Join`.
+                sim.crash(name.as_str());
+            }
             nodes.push(SimNode {
                 name: name.clone(),
                 backend,
                 crashed: false,
+                spare,
+                started: !spare,
+                gone: false,
             });
         }
         let view = view.expect("a scenario has at least one node");
+        let all_nodes: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
 
         let shared = Rc::new(Shared {
             history: RefCell::new(History::default()),
@@ -437,6 +544,12 @@ impl Harness {
                 .collect(),
             dot_index: RefCell::new(Default::default()),
             members: RefCell::new(Default::default()),
+            status: RefCell::new(Default::default()),
+            targets: RefCell::new(names.clone()),
+            watched: RefCell::new(names.clone()),
+            admin: RefCell::new(Vec::new()),
+            rings: RefCell::new(Default::default()),
+            held_down: RefCell::new(Default::default()),
         });
 
         let mut clients = Vec::new();
@@ -452,7 +565,7 @@ impl Harness {
                 name.as_str(),
                 crate::client::command_client(
                     name.clone(),
-                    names.clone(),
+                    all_nodes.clone(),
                     shared.clone(),
                     queue.clone(),
                 ),
@@ -461,12 +574,26 @@ impl Harness {
             clients.push(name);
         }
         if scenario.watches_members() {
+            let poll_ms = if scenario.changes_membership() {
+                crate::client::RING_POLL_MS
+            } else {
+                crate::client::MEMBER_POLL_MS
+            };
             sim.client(
                 "watch",
-                crate::client::member_watcher(names.clone(), shared.clone()),
+                crate::client::member_watcher(shared.clone(), poll_ms),
             );
             clients.push("watch".to_string());
         }
+        let admin_queue = scenario.changes_membership().then(|| {
+            let queue = Rc::new(RefCell::new(AdminQueue::default()));
+            sim.client(
+                "admin",
+                crate::client::admin_client(shared.clone(), queue.clone()),
+            );
+            clients.push("admin".to_string());
+            queue
+        });
         let mut controls = Vec::new();
         if let Some(spec) = &scenario.workload {
             for (i, (name, kind, keys)) in workload::clients(spec).into_iter().enumerate() {
@@ -482,7 +609,7 @@ impl Harness {
                             name: name.clone(),
                             kind,
                             keys,
-                            nodes: names.clone(),
+                            nodes: all_nodes.clone(),
                             seed,
                             think_ms: spec.think_ms,
                         },
@@ -516,6 +643,16 @@ impl Harness {
             fault_windows: Vec::new(),
             schedule: Vec::new(),
             violations: Vec::new(),
+            membership: scenario.changes_membership(),
+            admin_queue,
+            admin_seen: BTreeSet::new(),
+            removal_committed: BTreeSet::new(),
+            final_ring: None,
+            ring_unsettled: false,
+            forgotten: BTreeSet::new(),
+            change_windows: Vec::new(),
+            change_open: None,
+            lone: BTreeSet::new(),
         }
     }
 
@@ -536,7 +673,316 @@ impl Harness {
         if !panics.is_empty() {
             return Err(format!("simulated code panicked: {}", panics.join(" | ")));
         }
+        if self.admin_queue.is_some() {
+            self.note_admin_answers();
+            self.note_removals_committed();
+            self.note_ring_changes();
+            self.note_lone_joiners();
+            if self.opts.breakage == Some(Breakage::ForgetHandoff) {
+                self.forget_handoffs();
+            }
+        }
         Ok(())
+    }
+
+    /// Logs (once per node) a joined spare whose status shows a ring of its own: it knows no
+    /// other member, yet has a weight (what `lone-joiner-commits-its-own-ring` looks like; the
+    /// log line is there to sort failing seeds).
+    fn note_lone_joiners(&mut self) {
+        let lone: Vec<(String, u32)> = {
+            let status = self.shared.status.borrow();
+            self.nodes
+                .iter()
+                .filter(|n| n.spare && n.started && !self.lone.contains(&n.name))
+                .filter_map(|n| {
+                    let (_, st) = status.get(&n.name)?;
+                    let me = st.members.iter().find(|m| m.id == n.name)?;
+                    (st.members.len() == 1 && me.weight > 0).then(|| (n.name.clone(), me.weight))
+                })
+                .collect()
+        };
+        for (node, weight) in lone {
+            self.lone.insert(node.clone());
+            self.log(format!(
+                "{node} knows no other member, yet its ring gives it weight {weight} (a ring of its \
+                 own)"
+            ));
+        }
+    }
+
+    /// Opens or closes a ring-change window: whether any node's last status shows a change
+    /// under way (for the checker's note on reads during changes).
+    fn note_ring_changes(&mut self) {
+        let changing = self
+            .shared
+            .status
+            .borrow()
+            .values()
+            .any(|(_, st)| st.rebalance.as_ref().is_some_and(|r| r.active));
+        let now = self.now_ms();
+        match (changing, self.change_open) {
+            (true, None) => self.change_open = Some(now),
+            (false, Some(from)) => {
+                self.change_windows.push((from, now));
+                self.change_open = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// [`Breakage::ForgetHandoff`]: wipes a spare's data once it is seen with a weight.
+    fn forget_handoffs(&mut self) {
+        let joined: Vec<String> = {
+            let status = self.shared.status.borrow();
+            status
+                .values()
+                .flat_map(|(_, st)| st.members.iter())
+                .filter(|m| m.weight > 0)
+                .filter(|m| {
+                    self.node_index(&m.id)
+                        .is_ok_and(|i| self.nodes[i].spare && !self.forgotten.contains(&m.id))
+                })
+                .map(|m| m.id.clone())
+                .collect()
+        };
+        for node in joined {
+            if !self.forgotten.insert(node.clone()) {
+                continue;
+            }
+            let Ok(i) = self.node_index(&node) else {
+                continue;
+            };
+            let backend = &self.nodes[i].backend;
+            let mut ops = Vec::new();
+            if let Ok(page) = backend.scan(
+                Table::Data,
+                Bound::Unbounded,
+                Bound::Unbounded,
+                ScanLimit::entries(1 << 20),
+            ) {
+                for (key, _) in page.entries {
+                    ops.push(WriteOp::Delete {
+                        table: Table::Data,
+                        key,
+                    });
+                }
+            }
+            let _ = backend.commit(&ops);
+            self.log(format!(
+                "breakage forget-handoff: {node}'s {} keys vanish as its join commits",
+                ops.len()
+            ));
+        }
+    }
+
+    /// Logs every admin answer that arrived, checks it against what the scenario expected, and
+    /// takes a node whose removal was accepted out of the cluster for good.
+    fn note_admin_answers(&mut self) {
+        let done: Vec<AdminRecord> = self
+            .shared
+            .admin
+            .borrow()
+            .iter()
+            .filter(|r| r.completed_ms.is_some() && !self.admin_seen.contains(&r.id))
+            .cloned()
+            .collect();
+        for r in done {
+            self.admin_seen.insert(r.id);
+            self.log(format!("answer: {r}"));
+            if !r.as_expected() {
+                let mut v = Violation::new(
+                    Invariant::Assertion,
+                    "",
+                    format!(
+                        "admin request answered other than expected ({:?}): {r}",
+                        r.expect
+                    ),
+                    vec![],
+                );
+                // A spare that refuses a change about itself as unknown: see the known bug.
+                let subject = r.kind.node();
+                if let AdminResult::Failed { code, message } = &r.result
+                    && code == "InvalidArgument"
+                    && message.contains(&format!("node {subject} is not a member"))
+                    && self.node_index(subject).is_ok_and(|i| self.nodes[i].spare)
+                    && checker::KNOWN_BUGS.contains(&&checker::JOINER_UNKNOWN_TO_ITSELF)
+                {
+                    v.known_bug = Some(&checker::JOINER_UNKNOWN_TO_ITSELF);
+                }
+                self.violations.push(v);
+            }
+            if let (AdminKind::Remove { node }, true) = (&r.kind, r.accepted())
+                && let Ok(i) = self.node_index(node)
+                && !self.nodes[i].gone
+            {
+                self.nodes[i].gone = true;
+                self.shared.targets.borrow_mut().retain(|t| t != node);
+                self.log(format!(
+                    "{node} is gone for good: never started again, its disk left out of the \
+                     final checks"
+                ));
+            }
+        }
+    }
+
+    /// Notes removals every running node shows committed: from then on the removed node's
+    /// absence is no longer a fault (the ring no longer counts on it).
+    fn note_removals_committed(&mut self) {
+        let pending: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.gone && !self.removal_committed.contains(&n.name))
+            .map(|n| n.name.clone())
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let running: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.running())
+            .map(|n| n.name.clone())
+            .collect();
+        let committed: Vec<String> = {
+            let status = self.shared.status.borrow();
+            pending
+                .into_iter()
+                .filter(|gone| {
+                    running.iter().all(|r| {
+                        status.get(r).is_some_and(|(_, st)| {
+                            st.members
+                                .iter()
+                                .find(|m| m.id == *gone)
+                                .is_none_or(|m| m.lifecycle == "removed")
+                        })
+                    })
+                })
+                .collect()
+        };
+        for gone in committed {
+            self.log(format!("every running node holds {gone} removed"));
+            self.removal_committed.insert(gone);
+            self.note_faults();
+        }
+    }
+
+    fn admin_idle(&self) -> bool {
+        self.admin_queue.as_ref().is_none_or(|q| {
+            let q = q.borrow();
+            q.queue.is_empty() && q.in_flight == 0
+        })
+    }
+
+    /// Waits until every admin request has been answered (they give up after
+    /// [`crate::client::ADMIN_RETRY_MS`]).
+    fn wait_admin_idle(&mut self) -> Result<(), String> {
+        let start = self.now_ms();
+        while !self.admin_idle() {
+            if self.now_ms() - start > IDLE_CAP_MS {
+                return Err(format!(
+                    "admin requests did not finish within {IDLE_CAP_MS} ms"
+                ));
+            }
+            self.tick()?;
+        }
+        Ok(())
+    }
+
+    /// Why the ring is not settled yet in the running nodes' last answers taken at or after
+    /// `since_ms` (see [`Step::AwaitRing`]); `None` when it is.
+    fn ring_unsettled(&self, since_ms: u64) -> Option<String> {
+        let status = self.shared.status.borrow();
+        // The first node's answer: its name, ring version, and every member's (weight, target,
+        // lifecycle).
+        let mut agreed: Option<(String, u64, MemberWeights)> = None;
+        for node in self.nodes.iter().filter(|n| n.running()) {
+            let Some((_, st)) = status.get(&node.name).filter(|(at, _)| *at >= since_ms) else {
+                return Some(format!("no status from {} yet", node.name));
+            };
+            if let Some(r) = st.rebalance.as_ref().filter(|r| r.active) {
+                return Some(format!(
+                    "{} sees a change under way: {} {} {} -> {} ({}, waiting for [{}])",
+                    node.name,
+                    r.kind,
+                    r.node,
+                    r.from_weight,
+                    r.to_weight,
+                    r.phase,
+                    r.waiting_for.join(", ")
+                ));
+            }
+            if let Some(r) = st.rebalance.as_ref().filter(|r| !r.queued.is_empty()) {
+                return Some(format!(
+                    "{} sees changes queued for [{}]",
+                    node.name,
+                    r.queued.join(", ")
+                ));
+            }
+            let mut members = BTreeMap::new();
+            for m in &st.members {
+                let gone = self.node_index(&m.id).is_ok_and(|i| self.nodes[i].gone);
+                if gone && m.lifecycle != "removed" {
+                    return Some(format!(
+                        "{} does not hold {} removed yet ({})",
+                        node.name, m.id, m.lifecycle
+                    ));
+                }
+                if m.lifecycle == "removed" {
+                    continue;
+                }
+                if m.weight != m.target_weight || m.lifecycle == "leaving" {
+                    return Some(format!(
+                        "{} sees {} {} at weight {}, target {}",
+                        node.name, m.id, m.lifecycle, m.weight, m.target_weight
+                    ));
+                }
+                members.insert(
+                    m.id.clone(),
+                    (m.weight, m.target_weight, m.lifecycle.clone()),
+                );
+            }
+            match &agreed {
+                None => agreed = Some((node.name.clone(), st.ring_version, members)),
+                Some((first, version, seen)) => {
+                    if *version != st.ring_version || *seen != members {
+                        return Some(format!(
+                            "{first} and {} disagree: ring {version:016x} {seen:?} vs ring {:016x} \
+                             {members:?}",
+                            node.name, st.ring_version
+                        ));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until the ring is settled (see [`Step::AwaitRing`]); `Err` with the last reason
+    /// if that takes longer than `within_ms`.
+    fn await_ring(&mut self, within_ms: u64) -> Result<u64, String> {
+        let start = self.now_ms();
+        self.wait_admin_idle()?;
+        let since = self.now_ms();
+        let mut settled_at: Option<u64> = None;
+        let mut last = String::new();
+        loop {
+            match self.ring_unsettled(since) {
+                None => {
+                    let at = *settled_at.get_or_insert(self.now_ms());
+                    if self.now_ms() - at >= RING_STABLE_MS {
+                        return Ok(at - start);
+                    }
+                }
+                Some(why) => {
+                    settled_at = None;
+                    last = why;
+                }
+            }
+            if self.now_ms() - start > within_ms {
+                return Err(last);
+            }
+            self.tick()?;
+        }
     }
 
     fn run_for(&mut self, ms: u64) -> Result<(), String> {
@@ -622,11 +1068,15 @@ impl Harness {
     }
 
     fn note_faults(&mut self) {
+        // A node removed for good is a fault until every node has committed its removal (until
+        // then it is a replica that does not answer).
         let active = self.partition.is_some()
             || !self.paused.is_empty()
             || self.loss_rate > 0.0
             || self.delay
-            || self.nodes.iter().any(|n| n.crashed);
+            || self.nodes.iter().any(|n| {
+                n.started && n.crashed && !(n.gone && self.removal_committed.contains(&n.name))
+            });
         let now = self.now_ms();
         match (active, self.fault_open) {
             (true, None) => self.fault_open = Some(now),
@@ -675,6 +1125,11 @@ impl Harness {
 
     fn crash(&mut self, name: &str) -> Result<(), String> {
         let i = self.node_index(name)?;
+        if !self.nodes[i].started {
+            return Err(format!(
+                "Crash({name}): {name} was never started (Join it first)"
+            ));
+        }
         if !self.nodes[i].crashed {
             self.power_cut(i);
             self.nodes[i].crashed = true;
@@ -684,6 +1139,15 @@ impl Harness {
 
     fn restart(&mut self, name: &str) -> Result<(), String> {
         let i = self.node_index(name)?;
+        if !self.nodes[i].started {
+            return Err(format!(
+                "Restart({name}): {name} was never started (a spare starts with Join)"
+            ));
+        }
+        if self.nodes[i].gone {
+            self.log(format!("{name} was removed for good: not restarted"));
+            return Ok(());
+        }
         if !self.nodes[i].crashed {
             // A reboot: down for no simulated time, but its connections and in-flight requests
             // are gone, so it is a fault window of its own.
@@ -709,13 +1173,111 @@ impl Harness {
 
     fn apply(&mut self, step: &Step) -> Result<(), String> {
         match step {
-            Step::AddNode(_) => {
+            Step::AddNode(_) | Step::AddSpare(_) => {
                 return Err(
-                    "AddNode after the first other step: membership is static until gossip \
-                     and joins land, so every AddNode must come first"
+                    "AddNode/AddSpare after the first other step: every node host is declared \
+                     first (a spare then joins with Join)"
                         .into(),
                 );
             }
+            Step::Join { node, .. } => {
+                let i = self.node_index(node)?;
+                if !self.nodes[i].spare || self.nodes[i].started {
+                    return Err(format!(
+                        "Join({node}): only a spare that was never started can join"
+                    ));
+                }
+                self.nodes[i].started = true;
+                self.sim.bounce(node.as_str());
+                self.shared.targets.borrow_mut().push(node.clone());
+                self.shared.watched.borrow_mut().push(node.clone());
+            }
+            Step::Admin(op) => self.send_admin(op)?,
+            Step::AwaitPhase {
+                observer,
+                phase,
+                keys_done,
+                within_ms,
+            } => {
+                self.node_index(observer)?;
+                let start = self.now_ms();
+                let mut seen: Vec<String> = Vec::new();
+                loop {
+                    let now = self
+                        .shared
+                        .status
+                        .borrow()
+                        .get(observer)
+                        .and_then(|(_, st)| {
+                            st.rebalance
+                                .as_ref()
+                                .filter(|r| r.active)
+                                .map(|r| (r.phase.clone(), r.keys_done))
+                        });
+                    if let Some((p, keys)) = &now {
+                        if seen.last() != Some(p) {
+                            seen.push(p.clone());
+                        }
+                        if p == phase && keys >= keys_done {
+                            self.log(format!(
+                                "{observer} sees the change {p} with {keys} keys pulled"
+                            ));
+                            break;
+                        }
+                    }
+                    if self.now_ms() - start > *within_ms {
+                        self.violations.push(Violation::new(
+                            Invariant::Assertion,
+                            "",
+                            format!("{step} failed: phases seen [{}]", seen.join(", ")),
+                            vec![],
+                        ));
+                        break;
+                    }
+                    self.tick()?;
+                }
+            }
+            Step::CrashSender => {
+                // The first streaming transfer a status answer shows, waiting for one if need be.
+                let start = self.now_ms();
+                let (source, target) = loop {
+                    if let Some(found) = self.streaming_transfer() {
+                        break found;
+                    }
+                    if self.now_ms() - start > CRASH_SENDER_WAIT_MS {
+                        return Err(format!(
+                            "CrashSender: no transfer was seen streaming within \
+                             {CRASH_SENDER_WAIT_MS} ms"
+                        ));
+                    }
+                    self.tick()?;
+                };
+                self.log(format!("CrashSender: {source} (streaming to {target})"));
+                self.crash(&source)?;
+            }
+            Step::RestartCrashed => {
+                let crashed: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.started && n.crashed && !n.gone)
+                    .map(|n| n.name.clone())
+                    .collect();
+                for n in crashed {
+                    self.log(format!("Restart({n})"));
+                    self.restart(&n)?;
+                }
+            }
+            Step::AwaitRing { within_ms } => match self.await_ring(*within_ms) {
+                Ok(took) => self.log(format!("the ring settled after {took} ms")),
+                Err(why) => {
+                    self.violations.push(Violation::new(
+                        Invariant::Assertion,
+                        "",
+                        format!("{step} failed: the ring did not settle; last: {why}"),
+                        vec![],
+                    ));
+                }
+            },
             Step::Crash(n) => self.crash(n)?,
             Step::Restart(n) => self.restart(n)?,
             Step::Pause(n) => {
@@ -783,17 +1345,35 @@ impl Harness {
                         }
                     }
                     if self.now_ms() - start > *within_ms {
-                        let seen: Vec<String> =
+                        // The known bug's signature: waiting for `alive`, the observer held the
+                        // member suspect all along, and the cluster had held the observer down
+                        // (so it rejoined under a renewed identity meanwhile).
+                        let stuck_suspect = state == "alive"
+                            && !seen.is_empty()
+                            && seen.iter().all(|(_, s)| s == "suspect")
+                            && self
+                                .shared
+                                .held_down
+                                .borrow()
+                                .iter()
+                                .any(|(_, down)| down == observer);
+                        let shown: Vec<String> =
                             seen.iter().map(|(t, s)| format!("{s} at +{t}ms")).collect();
-                        self.violations.push(Violation::new(
+                        let mut v = Violation::new(
                             Invariant::Assertion,
                             "",
                             format!(
                                 "{step} failed: {observer} saw {member} as [{}]",
-                                seen.join(", ")
+                                shown.join(", ")
                             ),
                             vec![],
-                        ));
+                        );
+                        if stuck_suspect
+                            && checker::KNOWN_BUGS.contains(&&checker::SUSPICION_OUTLIVES_REJOIN)
+                        {
+                            v.known_bug = Some(&checker::SUSPICION_OUTLIVES_REJOIN);
+                        }
+                        self.violations.push(v);
                         break;
                     }
                     self.tick()?;
@@ -820,9 +1400,69 @@ impl Harness {
         Ok(())
     }
 
+    /// A transfer that some running node's last status shows streaming, pages pulled and
+    /// ranges left: (source, target).
+    fn streaming_transfer(&self) -> Option<(String, String)> {
+        let status = self.shared.status.borrow();
+        self.nodes
+            .iter()
+            .filter(|n| n.running())
+            .filter_map(|n| status.get(&n.name))
+            .filter_map(|(_, st)| st.rebalance.as_ref())
+            .flat_map(|r| r.transfers.iter())
+            // Ranges not started yet are listed under the receiver itself.
+            .find(|t| {
+                t.state == "streaming"
+                    && t.source != t.target
+                    && t.keys_done > 0
+                    && t.ranges_done < t.ranges_total
+            })
+            .map(|t| (t.source.clone(), t.target.clone()))
+    }
+
+    /// Queues an admin request on the admin host.
+    fn send_admin(&mut self, op: &AdminOp) -> Result<(), String> {
+        let queue = self
+            .admin_queue
+            .clone()
+            .ok_or("an admin request, but no admin host")?;
+        let subject = op.kind.node().to_string();
+        self.node_index(&subject)?;
+        let via = match (&op.via, &op.kind) {
+            (Some(via), _) => via.clone(),
+            (None, AdminKind::Remove { .. }) => self
+                .nodes
+                .iter()
+                .find(|n| n.running() && n.name != subject)
+                .map(|n| n.name.clone())
+                .ok_or("no running node to send the removal to")?,
+            (None, _) => subject,
+        };
+        self.node_index(&via)?;
+        let id = {
+            let mut records = self.shared.admin.borrow_mut();
+            let id = records.len();
+            records.push(AdminRecord {
+                id,
+                kind: op.kind.clone(),
+                via,
+                expect: op.expect,
+                attempts: 0,
+                invoked_ms: self.now_ms(),
+                completed_ms: None,
+                result: AdminResult::Pending,
+            });
+            id
+        };
+        let mut q = queue.borrow_mut();
+        q.queue.push_back(id);
+        q.in_flight += 1;
+        Ok(())
+    }
+
     fn run_steps(&mut self, scenario: &Scenario) -> Result<(), String> {
         let mut steps = scenario.steps.iter().peekable();
-        while let Some(Step::AddNode(_)) = steps.peek() {
+        while let Some(Step::AddNode(_) | Step::AddSpare(_)) = steps.peek() {
             steps.next();
         }
         for step in steps {
@@ -839,10 +1479,12 @@ impl Harness {
     fn settle(&mut self) -> Result<(), String> {
         self.log("settle: Heal, restart crashed nodes, stop the workload".into());
         self.heal();
+        // A removal still in flight decides whether its node comes back.
+        self.wait_admin_idle()?;
         let crashed: Vec<String> = self
             .nodes
             .iter()
-            .filter(|n| n.crashed)
+            .filter(|n| n.started && n.crashed && !n.gone)
             .map(|n| n.name.clone())
             .collect();
         for n in crashed {
@@ -860,6 +1502,26 @@ impl Harness {
             self.tick()?;
         }
         self.run_for(3_000)?;
+        if self.membership {
+            self.log("settle: wait for the ring changes to finish".into());
+            match self.await_ring(RING_SETTLE_MS) {
+                Ok(took) => self.log(format!("settle: the ring settled after {took} ms")),
+                Err(why) => {
+                    // The final-state checks need a settled ring: only the history checks run.
+                    self.ring_unsettled = true;
+                    self.violations.push(Violation::new(
+                        Invariant::Placement,
+                        "",
+                        format!(
+                            "the ring did not settle within {RING_SETTLE_MS} ms of the faults' \
+                             end; last: {why}"
+                        ),
+                        vec![],
+                    ));
+                    return Ok(());
+                }
+            }
+        }
         if self.opts.settle == Settle::ReadRepair {
             for pass in 1..=2 {
                 self.log(format!("settle: read every key at R=ALL (pass {pass})"));
@@ -869,6 +1531,10 @@ impl Harness {
         } else {
             self.log("settle: wait for anti-entropy".into());
             self.run_for(ANTI_ENTROPY_SETTLE_MS)?;
+        }
+        if self.membership {
+            self.log("settle: let old owners drop what they no longer replicate".into());
+            self.run_for(DROP_SETTLE_MS)?;
         }
         Ok(())
     }
@@ -885,8 +1551,14 @@ impl Harness {
             }
             let first = self.shared.history.borrow().ops.len();
             let queue = self.queues["settle"].clone();
+            let running: Vec<String> = self
+                .nodes
+                .iter()
+                .filter(|n| n.running())
+                .map(|n| n.name.clone())
+                .collect();
             for (i, key) in pending.iter().enumerate() {
-                let target = self.nodes[(i + attempt) % self.nodes.len()].name.clone();
+                let target = running[(i + attempt) % running.len()].clone();
                 queue.borrow_mut().queue.push_back(Command {
                     kind: OpKind::Get,
                     key: key.clone(),
@@ -907,13 +1579,62 @@ impl Harness {
         Ok(())
     }
 
+    /// The ring now: the final one once learned, else the last committed ring the first
+    /// running node recorded, else the configured one.
+    fn ring_now(&self) -> Arc<Ring> {
+        if let Some(ring) = &self.final_ring {
+            return ring.clone();
+        }
+        self.nodes
+            .iter()
+            .filter(|n| n.running())
+            .find_map(|n| oracle::committed_ring(&n.backend))
+            .and_then(|specs| Ring::new(specs).ok())
+            .map_or_else(|| self.view.ring.clone(), Arc::new)
+    }
+
     fn replicas_of(&self, key: &str) -> Vec<String> {
-        self.view
-            .ring
-            .preference_list(key_position(key.as_bytes()), self.n as usize)
-            .into_iter()
-            .map(|i| self.view.ring.nodes()[i].id.to_string())
-            .collect()
+        replicas_in(&self.ring_now(), key, self.n)
+    }
+
+    /// Learns the final ring from the nodes: the committed ring every running node recorded
+    /// (the node's own record, decoded by the node's own code). They must all agree, and agree
+    /// with the ring version their `ClusterStatus` reported, if the watcher ran.
+    fn learn_final_ring(&mut self) -> Result<Arc<Ring>, String> {
+        let mut agreed: Option<(String, Arc<Ring>)> = None;
+        for node in self.nodes.iter().filter(|n| n.running()) {
+            let specs = oracle::committed_ring(&node.backend)
+                .ok_or_else(|| format!("{} recorded no committed ring", node.name))?;
+            let ring = Arc::new(
+                Ring::new(specs)
+                    .map_err(|e| format!("{}'s recorded ring does not build: {e}", node.name))?,
+            );
+            if let Some((_, st)) = self.shared.status.borrow().get(&node.name)
+                && st.ring_version != ring.version()
+            {
+                return Err(format!(
+                    "{} reported ring {:016x} but recorded ring {:016x}",
+                    node.name,
+                    st.ring_version,
+                    ring.version()
+                ));
+            }
+            match &agreed {
+                None => agreed = Some((node.name.clone(), ring)),
+                Some((first, r)) if r.version() != ring.version() => {
+                    return Err(format!(
+                        "{first} and {} recorded different committed rings: {} vs {}",
+                        node.name,
+                        describe_ring(r),
+                        describe_ring(&ring)
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        agreed
+            .map(|(_, r)| r)
+            .ok_or_else(|| "no node is running".to_string())
     }
 
     fn stored(&self, node: usize, key: &str) -> Option<Vec<u8>> {
@@ -1058,6 +1779,81 @@ impl Harness {
                 }
                 None
             }
+            Check::NodeEmpty { node } => {
+                let Ok(i) = self.node_index(node) else {
+                    return fail("", format!("no node {node}"), vec![]);
+                };
+                let page = self.nodes[i].backend.scan(
+                    Table::Data,
+                    Bound::Unbounded,
+                    Bound::Unbounded,
+                    ScanLimit::entries(8),
+                );
+                match page {
+                    Ok(p) if p.entries.is_empty() => None,
+                    Ok(p) => {
+                        let keys: Vec<String> = p
+                            .entries
+                            .iter()
+                            .map(|(k, _)| String::from_utf8_lossy(client_key(k)).into_owned())
+                            .collect();
+                        // Copies the key's replicas already hold, left behind: the known bug.
+                        let stale = p.entries.iter().all(|(k, v)| {
+                            let key = String::from_utf8_lossy(client_key(k)).into_owned();
+                            let clocks: Vec<Clock> = self
+                                .replicas_of(&key)
+                                .iter()
+                                .filter_map(|r| self.node_index(r).ok())
+                                .filter_map(|r| self.stored(r, &key))
+                                .filter_map(|b| Clock::decode(&b).ok())
+                                .collect();
+                            let held = Clock::decode(v).ok();
+                            held.is_some_and(|h| {
+                                Clock::sync_all(clocks.iter()).join().descends(&h.join())
+                            })
+                        });
+                        let v = fail("", format!("{node} still holds {keys:?}"), vec![]);
+                        if stale && checker::KNOWN_BUGS.contains(&&checker::STALE_COPY_AFTER_DROP) {
+                            v.map(|mut v| {
+                                v.known_bug = Some(&checker::STALE_COPY_AFTER_DROP);
+                                v
+                            })
+                        } else {
+                            v
+                        }
+                    }
+                    Err(e) => fail("", format!("{node}'s storage: {e}"), vec![]),
+                }
+            }
+            Check::Member {
+                observer,
+                member,
+                lifecycle,
+                weight,
+            } => {
+                let status = self.shared.status.borrow();
+                let Some((at, st)) = status.get(observer) else {
+                    return fail("", format!("no status from {observer}"), vec![]);
+                };
+                let Some(m) = st.members.iter().find(|m| m.id == *member) else {
+                    return fail(
+                        "",
+                        format!("{observer} (at {at} ms) does not list {member}"),
+                        vec![],
+                    );
+                };
+                if m.lifecycle != *lifecycle || weight.is_some_and(|w| w != m.weight) {
+                    return fail(
+                        "",
+                        format!(
+                            "{observer} (at {at} ms) shows {member} {} at weight {} (target {})",
+                            m.lifecycle, m.weight, m.target_weight
+                        ),
+                        vec![],
+                    );
+                }
+                None
+            }
         }
     }
 
@@ -1065,15 +1861,59 @@ impl Harness {
         if let Some(start) = self.fault_open.take() {
             self.fault_windows.push((start, u64::MAX));
         }
+        if let Some(from) = self.change_open.take() {
+            self.change_windows.push((from, u64::MAX));
+        }
+        let harness_failed = self
+            .violations
+            .iter()
+            .any(|v| v.invariant == Invariant::Harness);
+        // The final ring, as the nodes recorded it (every run: a static cluster's must be the
+        // configured one).
+        let mut settled = !harness_failed && !self.ring_unsettled;
+        let mut notes = Vec::new();
+        if settled {
+            match self.learn_final_ring() {
+                Ok(ring) => {
+                    notes.push(format!("final ring {}", describe_ring(&ring)));
+                    self.final_ring = Some(ring);
+                }
+                Err(e) => {
+                    settled = false;
+                    self.violations.push(Violation::new(
+                        Invariant::Placement,
+                        "",
+                        format!("the nodes do not agree on the final ring: {e}"),
+                        vec![],
+                    ));
+                }
+            }
+        }
         let snapshot = self.snapshot();
+        // Nodes removed for good are gone with their disks; spares never started hold nothing.
+        let gone: BTreeSet<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.gone)
+            .map(|n| n.name.clone())
+            .collect();
+        let checked: Snapshot = snapshot
+            .iter()
+            .filter(|(name, _)| {
+                self.node_index(name)
+                    .is_ok_and(|i| self.nodes[i].started && !self.nodes[i].gone)
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let history = self.shared.history.borrow().clone();
         let mut keys: BTreeSet<String> = history.keys().into_iter().collect();
-        for node in snapshot.values() {
+        for node in checked.values() {
             keys.extend(node.keys().cloned());
         }
+        let ring = self.ring_now();
         let replicas: BTreeMap<String, Vec<String>> = keys
             .iter()
-            .map(|k| (k.clone(), self.replicas_of(k)))
+            .map(|k| (k.clone(), replicas_in(&ring, k, self.n)))
             .collect();
         for key in &keys {
             oracle::observe(
@@ -1086,24 +1926,34 @@ impl Harness {
         let hints: BTreeMap<String, Vec<(String, String)>> = self
             .nodes
             .iter()
+            .filter(|n| checked.contains_key(&n.name))
             .map(|n| (n.name.clone(), oracle::queued_hints(&n.backend)))
             .collect();
-        let harness_failed = self
-            .violations
-            .iter()
-            .any(|v| v.invariant == Invariant::Harness);
-        let (mut violations, notes) = checker::check(&checker::Input {
+        let (mut violations, checker_notes) = checker::check(&checker::Input {
             history: &history,
-            snapshot: &snapshot,
+            snapshot: &checked,
             replicas: &replicas,
             n: self.n,
             lww: self.conflict == ConflictMode::Lww,
             fault_windows: &self.fault_windows,
             dot_index: &dot_index,
             hints: &hints,
-            // A run that stopped early never settled: only the history checks apply.
-            settled: !harness_failed,
+            // A run that stopped early (or whose ring never settled) has no final state to
+            // check: only the history checks apply.
+            settled,
+            placement: settled && self.final_ring.is_some(),
+            gone: &gone,
+            change_windows: &self.change_windows,
         });
+        notes.extend(checker_notes);
+        let admin = self.shared.admin.borrow().clone();
+        if !admin.is_empty() {
+            let accepted = admin.iter().filter(|r| r.accepted()).count();
+            notes.push(format!(
+                "{} admin requests, {accepted} accepted",
+                admin.len()
+            ));
+        }
         let mut all = std::mem::take(&mut self.violations);
         all.append(&mut violations);
         let sim_ms = self.now_ms();
@@ -1113,7 +1963,6 @@ impl Harness {
             .iter()
             .filter(|o| o.result == OpResult::Pending)
             .count();
-        let mut notes = notes;
         notes.push(format!(
             "{} operations ({} pending at the end), {} ms simulated, fault windows: {:?}",
             history.ops.len(),
@@ -1131,6 +1980,7 @@ impl Harness {
             snapshot,
             hints,
             replicas,
+            admin,
             violations: all,
             notes,
             sim_ms,

@@ -92,6 +92,9 @@ pub struct Op {
     /// For an acknowledged write: replicas named in the receipt that did not hold the write
     /// when the answer arrived (see [`crate::oracle::audit_ack`]).
     pub unbacked_acks: Vec<String>,
+    /// For an acknowledged write: replicas that acknowledged for a ring that retired before the
+    /// answer arrived, and had dropped the key by then (see [`crate::oracle::AckAudit`]).
+    pub retired_acks: Vec<String>,
     pub invoked_ms: u64,
     pub completed_ms: Option<u64>,
     pub result: OpResult,
@@ -215,9 +218,17 @@ impl fmt::Display for Op {
                 coordinator,
                 values,
                 fallback,
-                ..
+                acked_by,
             } => {
                 write!(f, " -> ok coord={coordinator}")?;
+                let acks: Vec<String> = acked_by
+                    .iter()
+                    .map(|(node, hint_for)| match hint_for {
+                        Some(p) => format!("{node} for {p}"),
+                        None => node.clone(),
+                    })
+                    .collect();
+                write!(f, " acks=[{}]", acks.join(" "))?;
                 if let Some(dot) = self.dot() {
                     write!(f, " dot={dot}")?;
                 }

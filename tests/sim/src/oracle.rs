@@ -6,17 +6,88 @@
 //! own and uses to explain the violations that follow from it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use dynakv_core::dvvset::Clock;
 use dynakv_core::hash::key_position;
 use std::ops::Bound;
 
-use dynakv_node::storage::{Backend, MemoryBackend, ScanLimit, Table};
+use dynakv_core::ring::{NodeSpec, Ring};
+use dynakv_node::storage::{
+    Backend, MemoryBackend, ScanLimit, Store, StoreConfig, Table, WriteOp, WriterMode,
+};
 
 use crate::history::Dot;
 
 /// Where the node keeps the id its dots carry.
 const DOT_ID_META_KEY: &[u8] = b"node.dot_id";
+
+/// Where the node keeps the last committed ring it knew (`rebalance.rs`).
+const COMMITTED_RING_META_KEY: &[u8] = b"ring.committed";
+
+/// The last committed ring `backend`'s node recorded, decoded by the node's own code
+/// (`rebalance::load_committed_ring`), so the simulation rebuilds the ring exactly as a node
+/// restarted on that disk would.
+pub fn committed_ring(backend: &MemoryBackend) -> Option<Vec<NodeSpec>> {
+    decode_ring(committed_ring_record(backend)?)
+}
+
+/// The raw record of the last committed ring `backend`'s node recorded (see [`decode_ring`]).
+/// The node writes it before it drops anything the ring no longer gives it.
+pub fn committed_ring_record(backend: &MemoryBackend) -> Option<Vec<u8>> {
+    backend.get(Table::Meta, COMMITTED_RING_META_KEY).ok()?
+}
+
+/// Decodes a committed-ring record with the node's own code: the record is copied into a
+/// scratch store, which `rebalance::load_committed_ring` then reads (the node's disk is only
+/// read).
+pub fn decode_ring(record: Vec<u8>) -> Option<Vec<NodeSpec>> {
+    let scratch = MemoryBackend::new();
+    scratch
+        .commit(&[WriteOp::Put {
+            table: Table::Meta,
+            key: COMMITTED_RING_META_KEY.to_vec(),
+            value: record,
+        }])
+        .ok()?;
+    let store = Store::open(
+        Arc::new(scratch),
+        StoreConfig {
+            writer: WriterMode::Thread,
+            ..StoreConfig::default()
+        },
+        dynakv_node::metrics::Metrics::new().store,
+    )
+    .ok()?;
+    dynakv_node::rebalance::load_committed_ring(&store)
+}
+
+/// Committed rings already decoded, by record (decoding opens a scratch store).
+#[derive(Default)]
+pub struct RingCache(BTreeMap<Vec<u8>, Option<Arc<Ring>>>);
+
+impl RingCache {
+    /// The last committed ring `backend`'s node recorded.
+    pub fn recorded(&mut self, backend: &MemoryBackend) -> Option<Arc<Ring>> {
+        let record = committed_ring_record(backend)?;
+        self.0
+            .entry(record)
+            .or_insert_with_key(|r| {
+                decode_ring(r.clone())
+                    .and_then(|specs| Ring::new(specs).ok())
+                    .map(Arc::new)
+            })
+            .clone()
+    }
+}
+
+/// The replicas of `key` in `ring` (its preference list of `n` nodes).
+pub fn replicas_in(ring: &Ring, key: &str, n: u32) -> Vec<String> {
+    ring.preference_list(key_position(key.as_bytes()), n as usize)
+        .into_iter()
+        .map(|i| ring.nodes()[i].id.to_string())
+        .collect()
+}
 
 /// How the node stores a client key in its data table: the key's ring position (big-endian)
 /// then the key, so that a range of the ring is a range of storage.
@@ -66,16 +137,32 @@ fn covers(clock: Option<Clock>, dot: &Dot) -> bool {
     clock.is_some_and(|c| dot.covered_by(&c.join()))
 }
 
+/// What [`audit_ack`] found about the replicas that acknowledged a write.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AckAudit {
+    /// Acknowledged, but the write is not where the ack says it is.
+    pub unbacked: Vec<String>,
+    /// Acknowledged by an old owner that no longer holds the write because a ring change
+    /// committed meanwhile: the node's own committed ring no longer makes it (or the primary it
+    /// stood for) a replica of the key, and old owners drop what they hold in no live ring.
+    /// Their acks counted for the retired ring; the write's W acks in the new ring are what
+    /// (a) and (e) go on to check.
+    pub retired: Vec<String>,
+}
+
 /// "An ack means the write is on disk on that replica" (DESIGN.md section 5), checked when the
 /// answer reaches the client: every replica the receipt names as having acknowledged holds the
 /// write's dot, a primary in its data, a fallback as a hint for the primary it stood for (or
-/// already delivered). Returns what is missing.
+/// already delivered); or it is an old owner whose ring retired in the meantime
+/// ([`AckAudit::retired`]).
 pub fn audit_ack(
     backends: &BTreeMap<String, MemoryBackend>,
     key: &str,
     dot: &Dot,
     acked_by: &[(String, Option<String>)],
-) -> Vec<String> {
+    n: u32,
+    rings: &mut RingCache,
+) -> AckAudit {
     let data = |node: &str| {
         backends.get(node).is_some_and(|b| {
             covers(
@@ -84,7 +171,7 @@ pub fn audit_ack(
             )
         })
     };
-    let mut missing = Vec::new();
+    let mut audit = AckAudit::default();
     for (node, hint_for) in acked_by {
         let held = match hint_for {
             None => data(node),
@@ -96,16 +183,32 @@ pub fn audit_ack(
                         .is_some_and(|b| covers(hint_clock(b, primary, key), dot))
             }
         };
-        if !held {
-            missing.push(match hint_for {
-                None => format!("{node} acknowledged but does not hold {dot}"),
-                Some(p) => {
-                    format!("{node} acknowledged as fallback for {p} but holds no hint of {dot}")
-                }
-            });
+        if held {
+            continue;
+        }
+        let replica = hint_for.as_deref().unwrap_or(node);
+        let retired = backends
+            .get(node)
+            .and_then(|b| rings.recorded(b))
+            .filter(|ring| !replicas_in(ring, key, n).iter().any(|r| r == replica));
+        match (retired, hint_for) {
+            (Some(ring), _) => audit.retired.push(format!(
+                "{node} acknowledged{} but dropped {dot} once its committed ring became {:016x}",
+                hint_for
+                    .as_ref()
+                    .map(|p| format!(" as fallback for {p}"))
+                    .unwrap_or_default(),
+                ring.version()
+            )),
+            (None, None) => audit
+                .unbacked
+                .push(format!("{node} acknowledged but does not hold {dot}")),
+            (None, Some(p)) => audit.unbacked.push(format!(
+                "{node} acknowledged as fallback for {p} but holds no hint of {dot}"
+            )),
         }
     }
-    missing
+    audit
 }
 
 /// Hints still queued on a node: (target, client key) of each.

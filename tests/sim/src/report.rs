@@ -91,9 +91,23 @@ pub fn report(outcome: &Outcome) -> String {
             let _ = writeln!(out, "  {op}");
         }
         let _ = writeln!(out, "final replicas of {key}:");
-        for node in outcome.replicas.get(key).into_iter().flatten() {
+        let replicas = outcome.replicas.get(key);
+        for node in replicas.into_iter().flatten() {
             let stored = outcome.snapshot.get(node).and_then(|m| m.get(key));
             let _ = writeln!(out, "  {node}: {}", describe(stored.map(Vec::as_slice)));
+        }
+        // Copies on other nodes (old owners, left or removed nodes).
+        for (node, keys) in &outcome.snapshot {
+            if replicas.is_some_and(|r| r.contains(node)) {
+                continue;
+            }
+            if let Some(stored) = keys.get(key) {
+                let _ = writeln!(
+                    out,
+                    "  (not a final replica) {node}: {}",
+                    describe(Some(stored))
+                );
+            }
         }
     }
     let bugs: BTreeSet<&str> = outcome

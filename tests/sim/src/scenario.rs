@@ -73,6 +73,72 @@ pub enum Check {
         key: String,
         values: Vec<String>,
     },
+    /// `node`'s storage holds no key at all now (a drained or left node).
+    NodeEmpty { node: String },
+    /// `observer`'s last `Admin.ClusterStatus` shows `member` with this lifecycle ("joining",
+    /// "normal", "leaving", "left", "removed") and, if given, this weight.
+    Member {
+        observer: String,
+        member: String,
+        lifecycle: String,
+        weight: Option<u32>,
+    },
+}
+
+/// What a scenario expects of an admin request's answer (checked when it arrives).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Accepted (changed or an idempotent repeat).
+    Ok,
+    /// Refused: `FAILED_PRECONDITION` or `INVALID_ARGUMENT` (nothing changed).
+    Refused,
+    /// Either; the answer is only recorded (the nemesis, which cannot know).
+    Any,
+}
+
+/// A membership change an admin asks for, through the real `Admin` gRPC service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminKind {
+    /// `Admin.SetWeight`: the member's target weight (a join ramp, a weight change).
+    SetWeight { node: String, weight: u32 },
+    /// `Admin.Leave`: drain the member to weight 0, then `left`.
+    Leave { node: String },
+    /// `Admin.Remove`: forget a member that is gone for good. Once accepted, the harness never
+    /// starts the node again and leaves its disk out of the final checks (it is gone).
+    Remove { node: String },
+}
+
+impl AdminKind {
+    /// The member the request concerns.
+    pub fn node(&self) -> &str {
+        match self {
+            AdminKind::SetWeight { node, .. }
+            | AdminKind::Leave { node }
+            | AdminKind::Remove { node } => node,
+        }
+    }
+}
+
+impl fmt::Display for AdminKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminKind::SetWeight { node, weight } => write!(f, "SetWeight({node}, {weight})"),
+            AdminKind::Leave { node } => write!(f, "Leave({node})"),
+            AdminKind::Remove { node } => write!(f, "Remove({node})"),
+        }
+    }
+}
+
+/// An admin request of a scenario: sent by the admin host (`admin`) with the real tonic
+/// `AdminClient`, concurrently with any other; retried while the answer is `UNAVAILABLE` or
+/// `DEADLINE_EXCEEDED` (as the CLI and the operator do), for at most
+/// [`crate::client::ADMIN_RETRY_MS`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminOp {
+    pub kind: AdminKind,
+    /// The node to send to; `None`: the member concerned (for a removal: the first node).
+    pub via: Option<String>,
+    pub expect: Expect,
 }
 
 /// One step of a scenario.
@@ -81,6 +147,45 @@ pub enum Step {
     /// A member of the cluster. Membership is static until gossip lands: every `AddNode` must
     /// come before any other step (the harness refuses a later one).
     AddNode(String),
+    /// A spare: a node host that is not started with the cluster and is in no member list.
+    /// [`Step::Join`] starts it; it then joins through the members as seeds, at weight 0.
+    /// Like `AddNode`, every `AddSpare` comes before any other step.
+    AddSpare(String),
+    /// Starts a spare for the first time: its configuration names every `AddNode` member as a
+    /// seed (`seeds`, not `members`), so it joins the running cluster at weight 0; with
+    /// `weight`, it is configured with that weight and ramps itself to it through a ring change.
+    Join {
+        node: String,
+        weight: Option<u32>,
+    },
+    /// A membership change through the `Admin` service (see [`AdminOp`]).
+    Admin(AdminOp),
+    /// Waits until `observer`'s `ClusterStatus` shows a ring change under way in `phase`
+    /// ("announced", "streaming", "switching", "retiring") with at least `keys_done` keys
+    /// pulled; a violation if not seen within `within_ms`. Used to strike in the middle of a
+    /// handoff (tune it slow with [`Scenario::with_slow_handoff`]).
+    AwaitPhase {
+        observer: String,
+        phase: String,
+        keys_done: u64,
+        within_ms: u64,
+    },
+    /// Crashes the node a range is being pulled from right now: the source of a transfer that
+    /// is still streaming, as the last `ClusterStatus` of a running node reports it (the
+    /// harness logs which node that was), waiting up to 10 s for one to show. An error if
+    /// none does.
+    CrashSender,
+    /// Restarts every crashed node (not those removed for good).
+    RestartCrashed,
+    /// Waits until the ring is settled: every running node's `Admin.ClusterStatus` (polled by
+    /// the watcher host) says no change is active or queued, every member's weight equals its
+    /// target and none is leaving, and all of them agree on the ring version and on every
+    /// member's weight, target and lifecycle, for a whole second, in answers taken after the
+    /// wait began and after every admin request had been answered. A violation, with what the
+    /// nodes said last, if that takes longer than `within_ms`.
+    AwaitRing {
+        within_ms: u64,
+    },
     /// Power loss: the host stops, and what its storage had not synced is gone.
     Crash(String),
     /// Starts a crashed node again on the same storage; reboots (crash + start) a running one.
@@ -188,6 +293,77 @@ impl Step {
         }
     }
 
+    /// Starts spare `node`: it joins at weight 0.
+    pub fn join(node: &str) -> Step {
+        Step::Join {
+            node: node.to_string(),
+            weight: None,
+        }
+    }
+
+    /// Starts spare `node` configured with `weight`: it joins at 0 and ramps itself there.
+    pub fn join_at(node: &str, weight: u32) -> Step {
+        Step::Join {
+            node: node.to_string(),
+            weight: Some(weight),
+        }
+    }
+
+    fn admin(kind: AdminKind) -> Step {
+        Step::Admin(AdminOp {
+            kind,
+            via: None,
+            expect: Expect::Ok,
+        })
+    }
+
+    /// `Admin.SetWeight`, expected to be accepted.
+    pub fn set_weight(node: &str, weight: u32) -> Step {
+        Step::admin(AdminKind::SetWeight {
+            node: node.to_string(),
+            weight,
+        })
+    }
+
+    /// `Admin.Leave`, expected to be accepted.
+    pub fn leave(node: &str) -> Step {
+        Step::admin(AdminKind::Leave {
+            node: node.to_string(),
+        })
+    }
+
+    /// `Admin.Remove`, expected to be accepted.
+    pub fn remove(node: &str) -> Step {
+        Step::admin(AdminKind::Remove {
+            node: node.to_string(),
+        })
+    }
+
+    pub fn await_ring(within_ms: u64) -> Step {
+        Step::AwaitRing { within_ms }
+    }
+
+    /// Waits until `observer` sees the change under way in `phase` with `keys_done` keys pulled.
+    pub fn await_phase(observer: &str, phase: &str, keys_done: u64, within_ms: u64) -> Step {
+        Step::AwaitPhase {
+            observer: observer.to_string(),
+            phase: phase.to_string(),
+            keys_done,
+            within_ms,
+        }
+    }
+
+    /// What the admin request's answer should be.
+    pub fn expect(self, expect: Expect) -> Step {
+        match self {
+            Step::Admin(mut op) => {
+                op.expect = expect;
+                Step::Admin(op)
+            }
+            other => other,
+        }
+    }
+
     pub fn check(check: Check) -> Step {
         Step::Assert(check)
     }
@@ -223,9 +399,15 @@ impl Step {
         }
     }
 
-    /// Sends the operation to `node`.
+    /// Sends the operation (or admin request) to `node`.
     pub fn via(self, node: &str) -> Step {
-        self.map_op(|op| op.via = Some(node.to_string()))
+        match self {
+            Step::Admin(mut op) => {
+                op.via = Some(node.to_string());
+                Step::Admin(op)
+            }
+            other => other.map_op(|op| op.via = Some(node.to_string())),
+        }
     }
 
     /// R or W of the operation.
@@ -248,6 +430,35 @@ impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Step::AddNode(n) => write!(f, "AddNode({n})"),
+            Step::AddSpare(n) => write!(f, "AddSpare({n})"),
+            Step::Join { node, weight } => match weight {
+                Some(w) => write!(f, "Join({node}, configured weight {w})"),
+                None => write!(f, "Join({node})"),
+            },
+            Step::Admin(op) => {
+                write!(f, "Admin {}", op.kind)?;
+                if let Some(via) = &op.via {
+                    write!(f, " via {via}")?;
+                }
+                match op.expect {
+                    Expect::Ok => Ok(()),
+                    Expect::Refused => write!(f, " (expect refused)"),
+                    Expect::Any => write!(f, " (any answer)"),
+                }
+            }
+            Step::AwaitRing { within_ms } => write!(f, "AwaitRing(within {within_ms}ms)"),
+            Step::AwaitPhase {
+                observer,
+                phase,
+                keys_done,
+                within_ms,
+            } => write!(
+                f,
+                "AwaitPhase({observer} sees a change {phase} with >= {keys_done} keys pulled, \
+                 within {within_ms}ms)"
+            ),
+            Step::CrashSender => write!(f, "CrashSender"),
+            Step::RestartCrashed => write!(f, "RestartCrashed"),
             Step::Crash(n) => write!(f, "Crash({n})"),
             Step::Restart(n) => write!(f, "Restart({n})"),
             Step::Pause(n) => write!(f, "Pause({n})"),
@@ -298,6 +509,13 @@ impl fmt::Display for Step {
     }
 }
 
+/// Handoff settings of the simulated nodes (`handoff.*` in the node's configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandoffTuning {
+    pub max_bytes_per_sec: u64,
+    pub page_entries: u32,
+}
+
 /// A whole scenario: the cluster, the steps, and an optional background workload.
 #[derive(Clone, Debug)]
 pub struct Scenario {
@@ -309,6 +527,9 @@ pub struct Scenario {
     /// Nodes store no hints (`hints.max_per_target = 0`): only read repair and anti-entropy
     /// repair a replica that missed writes.
     pub no_hints: bool,
+    /// Handoff rate limit and page size of every node (`None`: the node's defaults, which move
+    /// a simulated cluster's few keys in an instant).
+    pub handoff: Option<HandoffTuning>,
     pub steps: Vec<Step>,
 }
 
@@ -330,6 +551,7 @@ impl Scenario {
             conflict,
             workload: None,
             no_hints: false,
+            handoff: None,
             steps: (1..=nodes)
                 .map(|i| Step::AddNode(format!("n{i}")))
                 .collect(),
@@ -339,6 +561,16 @@ impl Scenario {
     /// Appends steps.
     pub fn steps(mut self, steps: Vec<Step>) -> Scenario {
         self.steps.extend(steps);
+        self
+    }
+
+    /// A slow handoff (1 KB per second, a few keys per page), so that a ring change spends
+    /// seconds streaming, page by page, and a fault can strike in the middle.
+    pub fn with_slow_handoff(mut self) -> Scenario {
+        self.handoff = Some(HandoffTuning {
+            max_bytes_per_sec: 1_000,
+            page_entries: 4,
+        });
         self
     }
 
@@ -365,11 +597,51 @@ impl Scenario {
             .collect()
     }
 
-    /// Whether it waits on gossip's view (then a watcher host polls every node's status).
-    pub fn watches_members(&self) -> bool {
+    /// Adds `count` spares after the members (`n<k+1>`, ...): see [`Step::AddSpare`].
+    pub fn with_spares(mut self, count: usize) -> Scenario {
+        let declared = self
+            .steps
+            .iter()
+            .take_while(|s| matches!(s, Step::AddNode(_) | Step::AddSpare(_)))
+            .count();
+        let first = declared + 1;
+        for (i, k) in (first..first + count).enumerate() {
+            self.steps
+                .insert(declared + i, Step::AddSpare(format!("n{k}")));
+        }
+        self
+    }
+
+    /// The spares its `AddSpare` steps declare.
+    pub fn spares(&self) -> Vec<String> {
         self.steps
             .iter()
-            .any(|s| matches!(s, Step::AwaitMember { .. }))
+            .filter_map(|s| match s {
+                Step::AddSpare(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether it changes the membership (spares, admin requests, ring waits).
+    pub fn changes_membership(&self) -> bool {
+        self.steps.iter().any(|s| {
+            matches!(
+                s,
+                Step::AddSpare(_) | Step::Join { .. } | Step::Admin(_) | Step::AwaitRing { .. }
+            )
+        })
+    }
+
+    /// Whether it waits on gossip's view (then a watcher host polls every node's status).
+    pub fn watches_members(&self) -> bool {
+        self.changes_membership()
+            || self.steps.iter().any(|s| {
+                matches!(
+                    s,
+                    Step::AwaitMember { .. } | Step::Assert(Check::Member { .. })
+                )
+            })
     }
 
     /// The command clients its operations use.

@@ -7,6 +7,8 @@
 //!   QUORUM and ALL, strict or sloppy.
 //! - **Deletes** (`del-*` keys): read, then delete with the read's context or write a new value;
 //!   no deleted value may come back.
+//! - **Fill** (`fill-*` keys): new keys written blind, earlier ones read back, R and W drawn
+//!   from ONE, QUORUM and ALL: many keys, so that every range a ring change moves holds data.
 //!
 //! Every value a workload writes is unique (`<key>=<client>.<seq>`), so the checker can tell which
 //! write a value came from. Each client draws from its own RNG, seeded from the run's seed.
@@ -31,6 +33,10 @@ pub struct WorkloadSpec {
     pub register_clients: usize,
     pub deletes: usize,
     pub delete_clients: usize,
+    /// Clients that keep writing new keys (`fill-<client>-<seq>`, blind, W drawn from ONE,
+    /// QUORUM, ALL) and reading back earlier ones: many keys, so that every range a ring change
+    /// moves holds data.
+    pub fill_clients: usize,
     /// Pause between two iterations of a client, drawn from `think_ms.0..=think_ms.1`.
     pub think_ms: (u64, u64),
 }
@@ -45,6 +51,29 @@ impl WorkloadSpec {
             register_clients: 2,
             deletes: 2,
             delete_clients: 2,
+            fill_clients: 0,
+            think_ms: (10, 60),
+        }
+    }
+
+    /// [`WorkloadSpec::mixed`] plus a fill client: what runs beside ring changes.
+    pub fn membership() -> WorkloadSpec {
+        WorkloadSpec {
+            fill_clients: 1,
+            ..WorkloadSpec::mixed()
+        }
+    }
+
+    /// Only fill clients.
+    pub fn fill(clients: usize) -> WorkloadSpec {
+        WorkloadSpec {
+            carts: 0,
+            cart_clients: 0,
+            registers: 0,
+            register_clients: 0,
+            deletes: 0,
+            delete_clients: 0,
+            fill_clients: clients,
             think_ms: (10, 60),
         }
     }
@@ -58,6 +87,7 @@ impl WorkloadSpec {
             register_clients: 0,
             deletes: 0,
             delete_clients: 0,
+            fill_clients: 0,
             think_ms: (10, 60),
         }
     }
@@ -71,6 +101,7 @@ impl WorkloadSpec {
             register_clients: 3,
             deletes: 2,
             delete_clients: 2,
+            fill_clients: 0,
             think_ms: (10, 60),
         }
     }
@@ -82,6 +113,7 @@ pub enum Kind {
     Cart,
     Register,
     Delete,
+    Fill,
 }
 
 impl Kind {
@@ -90,6 +122,7 @@ impl Kind {
             Kind::Cart => "cart",
             Kind::Register => "reg",
             Kind::Delete => "del",
+            Kind::Fill => "fill",
         }
     }
 }
@@ -111,6 +144,10 @@ pub fn clients(spec: &WorkloadSpec) -> Vec<(String, Kind, Vec<String>)> {
         for c in 1..=clients {
             out.push((format!("{}{c}", kind.prefix()), kind, keys.clone()));
         }
+    }
+    // Fill clients make their keys as they go.
+    for c in 1..=spec.fill_clients {
+        out.push((format!("fill{c}"), Kind::Fill, Vec::new()));
     }
     out
 }
@@ -157,21 +194,26 @@ pub async fn run(spec: ClientSpec, shared: Rc<Shared>, control: Rc<Control>) -> 
     let mut w = Worker {
         core: ClientCore::new(&spec.name, &spec.nodes, shared),
         rng: SmallRng::seed_from_u64(spec.seed),
-        nodes: spec.nodes.clone(),
     };
     let mut seq = 0u64;
+    let mut filled: Vec<String> = Vec::new();
     while !control.stop.get() {
         let think = w.rng.random_range(spec.think_ms.0..=spec.think_ms.1);
         tokio::time::sleep(Duration::from_millis(think)).await;
         if control.stop.get() {
             break;
         }
-        let key = spec.keys[w.rng.random_range(0..spec.keys.len())].clone();
         seq += 1;
+        if spec.kind == Kind::Fill {
+            w.fill_step(&mut filled, seq).await;
+            continue;
+        }
+        let key = spec.keys[w.rng.random_range(0..spec.keys.len())].clone();
         match spec.kind {
             Kind::Cart => w.cart_step(&key, seq).await,
             Kind::Register => w.register_step(&key, seq).await,
             Kind::Delete => w.delete_step(&key, seq).await,
+            Kind::Fill => {}
         }
     }
     control.done.set(true);
@@ -181,12 +223,14 @@ pub async fn run(spec: ClientSpec, shared: Rc<Shared>, control: Rc<Control>) -> 
 struct Worker {
     core: ClientCore,
     rng: SmallRng,
-    nodes: Vec<String>,
 }
 
 impl Worker {
+    /// A node to send to, among the current [`Shared::targets`](crate::client::Shared::targets)
+    /// (members and joined spares; not nodes removed for good).
     fn pick(&mut self) -> String {
-        self.nodes[self.rng.random_range(0..self.nodes.len())].clone()
+        let targets = self.core.shared.targets.borrow();
+        targets[self.rng.random_range(0..targets.len())].clone()
     }
 
     /// A read; returns the live values and the context if it succeeded.
@@ -278,6 +322,23 @@ impl Worker {
                 let w = level(&mut self.rng);
                 self.write(key, Some(value), ctx, w, None).await;
             }
+        }
+    }
+
+    /// A new key (blind write), or a read of an earlier one (most often a recent one).
+    async fn fill_step(&mut self, filled: &mut Vec<String>, seq: u64) {
+        if filled.is_empty() || self.rng.random_bool(0.5) {
+            let key = format!("fill-{}-{seq}", self.core.name);
+            let value = format!("{}.{seq}", self.core.name).into_bytes();
+            let w = level(&mut self.rng);
+            self.write(&key, Some(value), HeldContext::default(), w, None)
+                .await;
+            filled.push(key);
+        } else {
+            let back = self.rng.random_range(0..filled.len().min(20));
+            let key = filled[filled.len() - 1 - back].clone();
+            let r = level(&mut self.rng);
+            self.read(&key, r).await;
         }
     }
 

@@ -167,12 +167,109 @@ fn majorities_ring() {
     hand_written("majorities-ring");
 }
 
+// Membership change: joins, weight ramps, drains, removals, under load and under faults.
+
+#[test]
+fn join_ramp_under_load() {
+    hand_written("join-ramp-under-load");
+}
+
+#[test]
+fn drain_under_load() {
+    hand_written("drain-under-load");
+}
+
+#[test]
+fn remove_crashed_node() {
+    hand_written("remove-crashed-node");
+}
+
+#[test]
+fn draining_node_crashes_mid_handoff() {
+    hand_written("draining-node-crashes-mid-handoff");
+}
+
+#[test]
+fn removal_under_partition_and_reboot() {
+    hand_written("removal-under-partition-and-reboot");
+}
+
+#[test]
+fn receiver_crash_mid_handoff() {
+    hand_written("receiver-crash-mid-handoff");
+}
+
+#[test]
+fn sender_crash_mid_handoff() {
+    hand_written("sender-crash-mid-handoff");
+}
+
+#[test]
+fn coordinator_crash_mid_change() {
+    hand_written("coordinator-crash-mid-change");
+}
+
+#[test]
+fn partition_during_change_waits_then_completes() {
+    hand_written("partition-during-change-waits-then-completes");
+}
+
+#[test]
+fn two_weight_changes_at_once() {
+    hand_written("two-weight-changes-at-once");
+}
+
+#[test]
+fn change_requested_during_a_change() {
+    hand_written("change-requested-during-a-change");
+}
+
+#[test]
+fn leave_while_a_join_ramps() {
+    hand_written("leave-while-a-join-ramps");
+}
+
+#[test]
+fn weight_asked_of_a_joiner_as_soon_as_it_serves() {
+    hand_written("weight-asked-of-a-joiner-as-soon-as-it-serves");
+}
+
+#[test]
+fn new_owner_serves_what_was_written_before_it_joined() {
+    hand_written("new-owner-serves-what-was-written-before-it-joined");
+}
+
+/// A member that dies for good mid-change blocks that change, and its removal is queued behind
+/// it: neither ever completes (docs/testing.md, known bug `removal-queued-behind-a-change-that-
+/// waits-for-the-removed`). Out of the CI set until the node is fixed; a failing run takes
+/// minutes (it waits the whole settle bound for a ring that never settles).
+#[test]
+#[ignore = "known node bug: removal-queued-behind-a-change-that-waits-for-the-removed"]
+fn node_dies_for_good_mid_change_and_is_removed() {
+    hand_written("node-dies-for-good-mid-change-and-is-removed");
+}
+
+/// A spare that starts while every seed is down commits a ring of its own and later enters the
+/// cluster's ring without a handoff: reads through it miss acknowledged writes (docs/testing.md,
+/// known bug `lone-joiner-commits-its-own-ring`). Out of the CI set until the node is fixed.
+#[test]
+#[ignore = "known node bug: lone-joiner-commits-its-own-ring"]
+fn joiner_that_finds_no_seed_waits_for_the_cluster() {
+    hand_written("joiner-that-finds-no-seed-waits-for-the-cluster");
+}
+
 /// Nemesis profiles of the CI and how many seeds (1..=count) of each.
 const CI_NEMESIS: &[(&str, u64)] = &[
     ("nemesis-mixed", 24),
     ("nemesis-lww", 8),
     ("nemesis-carts-3", 8),
 ];
+
+/// The `nemesis-membership` seeds of the CI (one costs about thirty of the others; the long run
+/// in docs/testing.md covers thousands). Seed 5: two drains, two joins (one given its weight
+/// after it starts, one ramping itself), crashes, then a member that dies for good and is
+/// removed under the faults that follow.
+const CI_MEMBERSHIP_SEEDS: &[u64] = &[5];
 
 /// The CI nemesis seeds: `profile` with seeds `first..first + count`.
 fn nemesis(profile: &str, first: u64, count: u64) {
@@ -205,11 +302,21 @@ fn nemesis_carts_3_seeds_1_to_8() {
     nemesis("nemesis-carts-3", 1, 8);
 }
 
+#[test]
+fn nemesis_membership_seed_5() {
+    nemesis("nemesis-membership", CI_MEMBERSHIP_SEEDS[0], 1);
+}
+
 /// Same seed, same run: the history, the schedule and the final storage are identical, also
-/// when other runs came first in the same process.
+/// when other runs came first in the same process (with the admin host, the status watcher and
+/// a removal of a membership change too).
 #[test]
 fn same_seed_replays_the_same_history() {
-    for (profile, seed) in [("nemesis-mixed", 1), ("nemesis-carts-3", 2)] {
+    for (profile, seed) in [
+        ("nemesis-mixed", 1),
+        ("nemesis-carts-3", 2),
+        ("removal-under-partition-and-reboot", 3),
+    ] {
         let a = run(profile, seed, None);
         let b = run(profile, seed, None);
         for (x, y) in a.history.ops.iter().zip(&b.history.ops) {
@@ -282,6 +389,31 @@ fn checker_catches_undelivered_hints() {
     );
 }
 
+/// A new owner that serves reads without the data its handoff should have brought is caught:
+/// keys written at W=ALL before the join read as absent through it at R=ONE ((e), and the
+/// scenario's own assertions).
+#[test]
+fn checker_catches_reads_before_handoff() {
+    let outcome = run(
+        "new-owner-serves-what-was-written-before-it-joined",
+        1,
+        Some(Breakage::ForgetHandoff),
+    );
+    assert!(
+        !outcome.passed(),
+        "a new owner without its ranges went unnoticed:\n{}",
+        report(&outcome)
+    );
+    assert!(
+        outcome
+            .violations
+            .iter()
+            .any(|v| v.invariant == dynakv_sim::checker::Invariant::StaleRead),
+        "(e) did not notice:\n{}",
+        report(&outcome)
+    );
+}
+
 /// Without anti-entropy (and with neither hints nor reads), a replica that missed writes stays
 /// behind.
 #[test]
@@ -328,6 +460,7 @@ fn env_settle() -> Settle {
 fn ci_runs() -> Vec<(String, u64)> {
     let mut runs: Vec<(String, u64)> = catalog::hand_written()
         .into_iter()
+        .filter(|s| !catalog::BLOCKED_BY_KNOWN_BUGS.contains(&s.name.as_str()))
         .map(|s| (s.name, 1))
         .collect();
     for name in [
@@ -340,6 +473,11 @@ fn ci_runs() -> Vec<(String, u64)> {
     for (profile, count) in CI_NEMESIS {
         runs.extend((1..=*count).map(|s| (profile.to_string(), s)));
     }
+    runs.extend(
+        CI_MEMBERSHIP_SEEDS
+            .iter()
+            .map(|s| ("nemesis-membership".to_string(), *s)),
+    );
     runs
 }
 
@@ -417,8 +555,10 @@ fn replay() {
 }
 
 /// Thousands of seeds: `DYNAKV_SIM_SEEDS=5000 cargo nextest run -p dynakv-sim --run-ignored
-/// only long_run`. Profiles rotate per seed unless `DYNAKV_SIM_SCENARIO` names one;
-/// `DYNAKV_SIM_FIRST_SEED` (default 1000) and `DYNAKV_SIM_THREADS` (default: all cores).
+/// only long_run`. The static-cluster profiles ([`catalog::STATIC_PROFILES`]) rotate per seed
+/// unless `DYNAKV_SIM_SCENARIO` names one (`nemesis-membership` for ring changes);
+/// `DYNAKV_SIM_FIRST_SEED` (default 1000) and `DYNAKV_SIM_THREADS` (default: all cores). Runs
+/// that pass only because their violations are known bugs are listed by bug, with their seeds.
 #[test]
 #[ignore = "long run; set DYNAKV_SIM_SEEDS"]
 fn long_run() {
@@ -433,6 +573,8 @@ fn long_run() {
     let started = Instant::now();
     let next = std::sync::atomic::AtomicU64::new(0);
     let failures = std::sync::Mutex::new(Vec::new());
+    // Runs that passed only because their violations are known bugs: bug id -> seeds.
+    let known = std::sync::Mutex::new(std::collections::BTreeMap::<&str, Vec<u64>>::new());
     let ops = std::sync::atomic::AtomicU64::new(0);
     let sim_ms = std::sync::atomic::AtomicU64::new(0);
     std::thread::scope(|s| {
@@ -445,7 +587,7 @@ fn long_run() {
                     }
                     let seed = first + i;
                     let profile = only.clone().unwrap_or_else(|| {
-                        catalog::NEMESIS_PROFILES[(seed as usize) % catalog::NEMESIS_PROFILES.len()]
+                        catalog::STATIC_PROFILES[(seed as usize) % catalog::STATIC_PROFILES.len()]
                             .to_string()
                     });
                     let outcome = run(&profile, seed, breakage);
@@ -460,6 +602,21 @@ fn long_run() {
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .push(report(&outcome));
+                    } else if outcome.known_bug_violations() > 0 {
+                        let bugs: std::collections::BTreeSet<&str> = outcome
+                            .violations
+                            .iter()
+                            .filter_map(|v| v.known_bug.map(|b| b.id))
+                            .collect();
+                        eprintln!(
+                            "known bug {}: {}",
+                            bugs.iter().copied().collect::<Vec<_>>().join(", "),
+                            dynakv_sim::report::replay_command(&outcome)
+                        );
+                        let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
+                        for bug in bugs {
+                            known.entry(bug).or_default().push(seed);
+                        }
                     }
                     if (i + 1).is_multiple_of(100) {
                         eprintln!("{} of {seeds} seeds done, {:.0?}", i + 1, started.elapsed());
@@ -469,10 +626,26 @@ fn long_run() {
         }
     });
     let failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
+    let known = known.into_inner().unwrap_or_else(|p| p.into_inner());
+    for (bug, seeds) in &known {
+        let mut seeds = seeds.clone();
+        seeds.sort_unstable();
+        let shown: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
+        eprintln!(
+            "known bug {bug}: {} runs passed only as known-bug violations (seeds {})",
+            seeds.len(),
+            shown.join(" ")
+        );
+    }
     eprintln!(
-        "long run: {seeds} seeds from {first}, {} failed, {} operations, {:.1} simulated hours, \
-         {:.0?} on {threads} threads",
+        "long run: {seeds} seeds from {first}, {} failed, {} with known-bug violations only, {} \
+         operations, {:.1} simulated hours, {:.0?} on {threads} threads",
         failures.len(),
+        known
+            .values()
+            .flatten()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
         ops.into_inner(),
         sim_ms.into_inner() as f64 / 3_600_000.0,
         started.elapsed()
