@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dynakv_core::NodeId;
-use dynakv_core::membership::{AckLevel, ChangeKind, Lifecycle, NodeMetadata};
+use dynakv_core::membership::{AckLevel, ChangeKind, Lifecycle, MemberState, NodeMetadata};
 use dynakv_core::ring::handoffs;
 use dynakv_core::transition::{self, ChangeRefused, Phase, RingState};
 use futures::StreamExt;
@@ -117,6 +117,16 @@ impl AdminService {
     }
 }
 
+/// A change asked of a node that has not heard from the cluster since it started: it cannot
+/// tell whether the request can be honoured (a node joining through seeds does not even know
+/// itself a member yet). Retryable.
+fn starting(node: &NodeId) -> Status {
+    Status::unavailable(format!(
+        "{node} started and has not heard from the cluster yet, so it cannot check the request; \
+         retry, or send it to another node"
+    ))
+}
+
 fn refused(e: ChangeRefused) -> Status {
     if e.is_invalid_argument() {
         Status::invalid_argument(e.to_string())
@@ -139,6 +149,9 @@ impl Admin for AdminService {
         let forwarded = is_forwarded(&request);
         let req = request.into_inner();
         let node = self.node_id(&req.node)?;
+        if !self.node.has_heard_from_cluster() {
+            return Err(starting(&self.node.id));
+        }
         let n = self.node.n();
         self.node
             .view()
@@ -179,6 +192,9 @@ impl Admin for AdminService {
         let forwarded = is_forwarded(&request);
         let req = request.into_inner();
         let node = self.node_id(&req.node)?;
+        if !self.node.has_heard_from_cluster() {
+            return Err(starting(&self.node.id));
+        }
         let view = self.node.view();
         let already_left = self
             .node
@@ -220,8 +236,11 @@ impl Admin for AdminService {
         &self,
         request: Request<RemoveRequest>,
     ) -> Result<Response<ChangeResponse>, Status> {
-        let req = request.into_inner();
+        let req = request.get_ref().clone();
         let node = self.node_id(&req.node)?;
+        if !self.node.has_heard_from_cluster() {
+            return Err(starting(&self.node.id));
+        }
         let view = self.node.view();
         if view.rings.removed().contains(&node) {
             return Ok(Response::new(ChangeResponse {
@@ -233,6 +252,26 @@ impl Admin for AdminService {
         view.rings
             .check_remove(&node, self.node.n())
             .map_err(refused)?;
+        // A node gossips one proposal at a time: while its own change is visible it could not
+        // propose the removal, and that change may be the one waiting for the removed member.
+        // Another member takes it.
+        let snapshot = self.node.gossip.snapshot();
+        let own_change = snapshot
+            .get(&self.node.id)
+            .is_some_and(|me| me.metadata.change.proposal.is_some());
+        if own_change && !is_forwarded(&request) {
+            let free = snapshot.members.iter().find(|m| {
+                m.id != self.node.id
+                    && m.id != node
+                    && m.state == MemberState::Alive
+                    && m.metadata.lifecycle == Lifecycle::Normal
+                    && m.metadata.change.proposal.is_none()
+            });
+            if let Some(free) = free {
+                let mut client = self.client(&free.id)?;
+                return client.remove(self.forwarded(req)).await;
+            }
+        }
         let _one = self.rebalance.admin.lock().await;
         let mut removals = rebalance::load_removals(&self.node.store);
         let changed = !removals.contains(&node);

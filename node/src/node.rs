@@ -348,9 +348,9 @@ pub struct Node {
     unsynced: std::sync::atomic::AtomicUsize,
     /// Set by [`Node::stop_writes`]: no new write starts.
     stopping: std::sync::atomic::AtomicBool,
-    /// Whether gossip has heard from another member since this node started (or the ring holds
-    /// no other member). Until then the node knows nothing of a ring change under way, and a
-    /// write it coordinated would go to the old ring only: it coordinates none.
+    /// Whether gossip has heard from another member since this node started, for a start that
+    /// must (see [`Node::wait_for_cluster`]). Until then the node knows nothing of a ring change
+    /// under way, or nothing of the ring at all: it coordinates no request and drives no change.
     heard_from_cluster: std::sync::atomic::AtomicBool,
     /// Set when a replica write stores a key this node holds in no live ring (a coordinator
     /// whose view lagged behind a committed change): the rebalance driver drops such keys again.
@@ -635,17 +635,32 @@ impl Node {
     }
 
     /// Makes this node wait until gossip hears from another member before it coordinates a
-    /// write, for a restart in the middle of a ring change it had acked: the others may have
-    /// gone on to stream the moving ranges, and a write it coordinated on the old ring alone
-    /// could miss the new owners. (A node that was down when a change began cannot miss it:
-    /// the change waits for its ack before anything streams.)
-    pub fn wait_for_cluster_before_writes(&self) {
+    /// request, takes an admin change or drives a ring change. Two starts need it:
+    /// - a restart in the middle of a ring change it had acked: the others may have gone on to
+    ///   stream the moving ranges, and a write it coordinated on the old ring alone could miss
+    ///   the new owners. (A node that was down when a change began cannot miss it: the change
+    ///   waits for its ack before anything streams.)
+    /// - a node joining through seeds that knows no other member yet: its view is a ring of
+    ///   its own. Were it to serve or commit on it, it would answer reads as the only replica
+    ///   of every key, acknowledge writes no other node holds, and bring its own ring into the
+    ///   cluster's without a handoff.
+    ///
+    /// A node alone in its ring whose seeds are only itself (the first node of a new cluster
+    /// of one) does not wait: there is nobody to hear from.
+    pub fn wait_for_cluster(&self) {
+        let seeds = &self.config.raw.seeds;
         let alone = self.view().ring.nodes().iter().all(|m| m.id == self.id)
-            && self.config.raw.seeds.is_empty();
+            && seeds.iter().all(|s| *s == self.config.advertise);
         if !alone {
             self.heard_from_cluster
                 .store(false, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+
+    /// Whether this node may act on its view (see [`Node::wait_for_cluster`]).
+    pub fn has_heard_from_cluster(&self) -> bool {
+        self.heard_from_cluster
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The current view, registered as in use by one coordinated request until the guard drops.
@@ -731,14 +746,24 @@ impl Node {
         previous: &MembershipSnapshot,
         snapshot: &MembershipSnapshot,
     ) -> bool {
-        if snapshot
+        // Set once the view below is installed, so nothing acts on the view from before.
+        let heard = snapshot
             .members
             .iter()
-            .any(|m| m.id != self.id && m.state == MemberState::Alive)
-        {
+            .any(|m| m.id != self.id && m.state == MemberState::Alive);
+        let changed = self.follow_snapshot(previous, snapshot);
+        if heard {
             self.heard_from_cluster
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
+        changed
+    }
+
+    fn follow_snapshot(
+        &self,
+        previous: &MembershipSnapshot,
+        snapshot: &MembershipSnapshot,
+    ) -> bool {
         let mut returned = false;
         for change in snapshot.changes_since(previous) {
             if change.id != self.id
@@ -925,10 +950,7 @@ impl Node {
         self: &Arc<Self>,
         req: WriteRequest,
     ) -> Result<WriteOutcome, CoordinatorError> {
-        if !self
-            .heard_from_cluster
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
+        if !self.has_heard_from_cluster() {
             return Err(CoordinatorError::Starting);
         }
         let (view, _inflight) = self.enter_view();
@@ -1304,6 +1326,9 @@ impl Node {
         sloppy: bool,
         deadline: Instant,
     ) -> Result<ReadOutcome, CoordinatorError> {
+        if !self.has_heard_from_cluster() {
+            return Err(CoordinatorError::Starting);
+        }
         let (view, _inflight) = self.enter_view();
         let (primaries, fallbacks) = view.read_walk(key_position(&key), self.n());
         let mut fallbacks = fallbacks.into_iter();

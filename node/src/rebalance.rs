@@ -136,6 +136,11 @@ pub async fn run(node: Arc<Node>, rebalance: Arc<Rebalance>, mut stop: watch::Re
 }
 
 async fn step(node: &Arc<Node>, rebalance: &Rebalance, d: &mut Driver) -> Result<(), StorageError> {
+    if !node.has_heard_from_cluster() {
+        // Its view may be a ring of its own (see `Node::wait_for_cluster`): no proposal, ack
+        // or sweep on it.
+        return Ok(());
+    }
     let view = node.view();
     let rings = &view.rings;
     let n = node.n();

@@ -155,7 +155,7 @@ where
         .map(|i| view.ring.nodes()[i].tokens.clone())
         .unwrap_or_default();
     // A node that stopped while it took part in a ring change must hear how far the change got
-    // before it coordinates a write (see `Node::wait_for_cluster_before_writes`).
+    // before it coordinates a write (see `Node::wait_for_cluster`).
     let restarted_mid_change =
         crate::rebalance::load_metadata(&store).is_some_and(|m| m.change.ack.is_some());
     let metadata = crate::rebalance::initial_metadata(
@@ -216,8 +216,18 @@ where
         )
         .map_err(|e| ServeError::Config(e.to_string()))?,
     );
-    if restarted_mid_change {
-        node.wait_for_cluster_before_writes();
+    // A node joining through seeds with no ring but its own (a first start, or a restart before
+    // it heard from anyone) must hear from the cluster before it serves (see
+    // `Node::wait_for_cluster`).
+    let lone_joiner = !raw.seeds.is_empty()
+        && node
+            .view()
+            .ring
+            .nodes()
+            .iter()
+            .all(|m| m.id == config.node_id);
+    if restarted_mid_change || lone_joiner {
+        node.wait_for_cluster();
     }
     let keys = node.rebuild_trees()?;
     tracing::info!(keys, "merkle trees rebuilt from storage");

@@ -510,10 +510,37 @@ impl RingState {
                     settle_without_change(&mut next, progress);
                 }
             }
-            None => {}
+            None => {
+                // A change under way waits for every participant, so a member gone for good
+                // blocks it for good: its removal is proposed at once, and wins (removals sort
+                // first). The blocked change stays visible (still written to) and runs again
+                // on the ring the removal commits.
+                if !self
+                    .changes
+                    .iter()
+                    .any(|c| c.proposal.kind == ChangeKind::Remove)
+                {
+                    next.change.proposal = self.propose_removal(progress);
+                }
+            }
         }
         next.lifecycle = lifecycle_of(&next);
         (next != *mine).then_some(next)
+    }
+
+    /// The removal this node was asked for and should propose, if any.
+    fn propose_removal(&self, progress: &LocalProgress) -> Option<Proposal> {
+        let subject = progress
+            .remove_requested
+            .iter()
+            .find(|s| !self.removed.contains(*s) && **s != self.me)?;
+        Some(Proposal {
+            kind: ChangeKind::Remove,
+            subject: subject.clone(),
+            weight: 0,
+            tokens: Vec::new(),
+            base: self.committed.version(),
+        })
     }
 
     /// The change this node should propose now that the ring is free, if any.
@@ -526,18 +553,8 @@ impl RingState {
     ) -> Option<Proposal> {
         let base = self.committed.version();
         // Removals first: a member gone for good blocks every other change.
-        if let Some(subject) = progress
-            .remove_requested
-            .iter()
-            .find(|s| !self.removed.contains(*s) && **s != self.me)
-        {
-            return Some(Proposal {
-                kind: ChangeKind::Remove,
-                subject: subject.clone(),
-                weight: 0,
-                tokens: Vec::new(),
-                base,
-            });
+        if let Some(removal) = self.propose_removal(progress) {
+            return Some(removal);
         }
         // One at a time, in id order among the live members that wait, so that two nodes rarely
         // propose at the same moment (when they do, the winner rule settles it).

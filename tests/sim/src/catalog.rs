@@ -23,10 +23,7 @@ pub const STATIC_PROFILES: &[&str] = &["nemesis-mixed", "nemesis-lww", "nemesis-
 /// Hand-written scenarios left out of the CI set because a known node bug makes them fail (each
 /// has an `#[ignore]`d test that names the bug; docs/testing.md, "Known product bugs"). Take a
 /// name out of here once its bug is fixed.
-pub const BLOCKED_BY_KNOWN_BUGS: &[&str] = &[
-    "node-dies-for-good-mid-change-and-is-removed",
-    "joiner-that-finds-no-seed-waits-for-the-cluster",
-];
+pub const BLOCKED_BY_KNOWN_BUGS: &[&str] = &[];
 
 /// Every hand-written scenario, by name.
 pub fn hand_written() -> Vec<Scenario> {

@@ -239,21 +239,19 @@ fn new_owner_serves_what_was_written_before_it_joined() {
     hand_written("new-owner-serves-what-was-written-before-it-joined");
 }
 
-/// A member that dies for good mid-change blocks that change, and its removal is queued behind
-/// it: neither ever completes (docs/testing.md, known bug `removal-queued-behind-a-change-that-
-/// waits-for-the-removed`). Out of the CI set until the node is fixed; a failing run takes
-/// minutes (it waits the whole settle bound for a ring that never settles).
+/// A member that dies for good mid-change blocks that change until its removal preempts it.
+/// Before the fix of `removal-queued-behind-a-change-that-waits-for-the-removed`
+/// (docs/testing.md) the removal queued behind the change and neither ever completed.
 #[test]
-#[ignore = "known node bug: removal-queued-behind-a-change-that-waits-for-the-removed"]
 fn node_dies_for_good_mid_change_and_is_removed() {
     hand_written("node-dies-for-good-mid-change-and-is-removed");
 }
 
-/// A spare that starts while every seed is down commits a ring of its own and later enters the
-/// cluster's ring without a handoff: reads through it miss acknowledged writes (docs/testing.md,
-/// known bug `lone-joiner-commits-its-own-ring`). Out of the CI set until the node is fixed.
+/// A spare that starts while every seed is down must wait for the cluster: before the fix of
+/// `lone-joiner-commits-its-own-ring` (docs/testing.md) it committed a ring of its own and
+/// later entered the cluster's ring without a handoff, and reads through it missed
+/// acknowledged writes.
 #[test]
-#[ignore = "known node bug: lone-joiner-commits-its-own-ring"]
 fn joiner_that_finds_no_seed_waits_for_the_cluster() {
     hand_written("joiner-that-finds-no-seed-waits-for-the-cluster");
 }

@@ -169,12 +169,16 @@ impl Cluster {
         self.truth.insert(node, m);
     }
 
-    /// The safety property: whatever ring a live node reads from, every node writes to it.
+    /// The safety property: whatever ring a live node reads from, every node writes to it
+    /// (down nodes write nothing; in these tests they never come back).
     fn check_reads_see_writes(&self) -> Result<(), String> {
         let states: Vec<(NodeId, RingState)> = self
-            .truth
-            .keys()
-            .map(|n| (n.clone(), self.state(n)))
+            .live()
+            .into_iter()
+            .map(|n| {
+                let state = self.state(&n);
+                (n, state)
+            })
             .collect();
         for (r, rs) in &states {
             let read = rs.read_ring().version();
@@ -489,6 +493,41 @@ fn removal_forgets_the_subject_and_waits_for_nobody_else() {
     assert!(state.committed().node_index("n2").is_none());
     assert!(!state.participants().contains(&id("n2")));
     assert!(state.current().is_none());
+}
+
+#[test]
+fn a_removal_preempts_a_change_that_waits_for_the_removed_member() {
+    let mut c = Cluster::new(&[100, 100, 100, 100, 0]);
+    c.set_target("n5", 100);
+    c.settle(2);
+    let join = c.state(&id("n1")).current().expect("n5's join runs").id;
+    // n4 dies for good mid-change: the join waits for its ack forever.
+    c.down.insert(id("n4"));
+    c.settle(12);
+    let state = c.state(&id("n1"));
+    assert_eq!(state.current().map(|ch| ch.id), Some(join));
+    assert!(state.waiting_for().contains(&id("n4")));
+    // Its removal is proposed although the join is visible, wins, and commits; the join then
+    // runs again on the ring without n4.
+    c.remove_requests.insert(id("n1"), vec![id("n4")]);
+    c.settle(1);
+    let state = c.state(&id("n2"));
+    let current = state.current().expect("a change runs");
+    assert_eq!(current.proposal.kind, ChangeKind::Remove);
+    assert!(
+        state.changes().iter().any(|ch| ch.id == join),
+        "the blocked join stays visible, so writes still reach its ring"
+    );
+    for _ in 0..40 {
+        c.settle(1);
+        c.check_reads_see_writes().unwrap();
+        c.check_reads_only_synced_rings().unwrap();
+    }
+    let state = c.state(&id("n1"));
+    assert!(state.removed().contains(&id("n4")));
+    assert!(state.current().is_none());
+    assert_eq!(c.truth[&id("n5")].weight, 100);
+    assert!(state.committed().node_index("n4").is_none());
 }
 
 #[test]
