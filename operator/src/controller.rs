@@ -487,6 +487,17 @@ async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> 
     }
 
     // 4. Events: every step taken, and a refusal or invalid spec when it starts.
+    if let Some((also, action)) = &plan.also {
+        publish(
+            &ctx,
+            &kvc,
+            EventType::Normal,
+            also.code.as_str(),
+            action.clone(),
+            also.message.clone(),
+        )
+        .await;
+    }
     if plan.reason.code.is_action() {
         publish(
             &ctx,

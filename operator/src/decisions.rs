@@ -258,6 +258,10 @@ pub struct Plan {
     /// A pod to delete so that the StatefulSet recreates it from the current template.
     pub restart_pod: Option<String>,
     pub reason: Reason,
+    /// A step this plan takes besides the one `reason` names: lowering the StatefulSet past
+    /// drained nodes while the next drain starts or is waited for. It gets its own Event, and
+    /// its message leads the status message.
+    pub also: Option<(Reason, String)>,
     pub work: Work,
     /// Set when `spec.replicas` is below N: the operator keeps N nodes and says so.
     pub refusal: Option<String>,
@@ -321,6 +325,17 @@ fn unhealthy(c: &ClusterView, except: &str) -> Vec<String> {
         .collect()
 }
 
+/// `plan` (a drain step) with the StatefulSet lowered in the same plan reported beside it.
+fn with_removal(mut plan: Plan, removing: Option<(Reason, String)>) -> Plan {
+    if let Some((removal, action)) = removing
+        && plan.reason.code != ReasonCode::RemovingNodes
+    {
+        plan.reason.message = format!("{}; {}", removal.message, plan.reason.message);
+        plan.also = Some((removal, action));
+    }
+    plan
+}
+
 /// The next step for one cluster.
 pub fn decide(o: &Observed) -> Plan {
     let mut plan = next_step_of(o);
@@ -341,6 +356,7 @@ fn next_step_of(o: &Observed) -> Plan {
         admin: Vec::new(),
         restart_pod: None,
         reason: reason(ReasonCode::Settled, ""),
+        also: None,
         work: Work::None,
         refusal: None,
         in_progress: true,
@@ -515,8 +531,11 @@ fn next_step_of(o: &Observed) -> Plan {
         );
     }
     let shrinking = keep < current;
+    let removing = shrinking.then(|| (plan.reason.clone(), format!("StatefulSet({keep})")));
 
     // 4. Drain the highest ordinal above the target that still owns data, one at a time.
+    //    When the StatefulSet is lowered in the same plan, whatever this step says keeps that
+    //    removal in the report (`also`).
     let mut unsafe_drain = None;
     if keep > target {
         let i = keep - 1;
@@ -530,7 +549,7 @@ fn next_step_of(o: &Observed) -> Plan {
                         m.weight
                     ),
                 );
-                return plan;
+                return with_removal(plan, removing);
             }
             let remaining = c
                 .members
@@ -561,19 +580,19 @@ fn next_step_of(o: &Observed) -> Plan {
                     )
                     .to_lowercase(),
                 );
-                return plan;
+                return with_removal(plan, removing);
             } else if let Some(busy) = busy_except(c, &name) {
                 plan.reason = reason(
                     ReasonCode::WaitingForRebalance,
                     format!("{name} drains after {busy}'s change is done"),
                 );
-                return plan;
+                return with_removal(plan, removing);
             } else if let Some(down) = unhealthy(c, &name).first() {
                 plan.reason = reason(
                     ReasonCode::WaitingForHealthy,
                     format!("{name} drains once {down} is alive again"),
                 );
-                return plan;
+                return with_removal(plan, removing);
             } else {
                 plan.admin.push(AdminAction::Leave { node: name.clone() });
                 plan.reason = reason(
@@ -583,7 +602,7 @@ fn next_step_of(o: &Observed) -> Plan {
                         m.weight
                     ),
                 );
-                return plan;
+                return with_removal(plan, removing);
             }
         }
     }

@@ -327,6 +327,7 @@ mod tests {
                 code,
                 message: format!("{code:?}"),
             },
+            also: None,
             work,
             refusal: None,
             in_progress,

@@ -221,6 +221,17 @@ fn scale_down_lowers_the_statefulset_only_past_drained_nodes() {
     let p = decide(&members(obs(3, Some(5)), "100 100 100 100 0x"));
     assert_eq!(p.sts_replicas, Some(4));
     assert_eq!(p.admin, vec![leave("kv-3")]);
+    // Both steps are reported: the drain as the reason, the removal of kv-4 beside it.
+    assert_eq!(p.reason.code, ReasonCode::Draining);
+    let (removal, action) = p.also.as_ref().expect("the removal is reported too");
+    assert_eq!(removal.code, ReasonCode::RemovingNodes);
+    assert_eq!(action, "StatefulSet(4)");
+    assert!(removal.message.contains("kv-4"), "{}", removal.message);
+    assert!(
+        p.reason.message.starts_with(&removal.message),
+        "{}",
+        p.reason.message
+    );
 
     let p = decide(&members(obs(3, Some(4)), "100 100 100 0>0l 0x"));
     assert_eq!(
