@@ -488,6 +488,39 @@ pub fn receipt_proto(r: &Receipt) -> proto::Receipt {
 
 #[tonic::async_trait]
 impl Kv for KvService {
+    async fn ring(
+        &self,
+        _request: Request<proto::RingRequest>,
+    ) -> Result<Response<proto::RingResponse>, Status> {
+        if !self.node.has_heard_from_cluster() {
+            return Err(status(CoordinatorError::Starting));
+        }
+        let view = self.node.view();
+        let ring = view.rings.read_ring();
+        let addresses: std::collections::HashMap<NodeId, String> =
+            view.peer_addresses().into_iter().collect();
+        let nodes = ring
+            .nodes()
+            .iter()
+            .map(|spec| proto::RingNode {
+                id: spec.id.to_string(),
+                address: if spec.id == self.node.id {
+                    self.node.config.advertise.clone()
+                } else {
+                    addresses.get(&spec.id).cloned().unwrap_or_default()
+                },
+                weight: spec.weight,
+                zone: spec.zone.clone(),
+                tokens: spec.tokens.clone(),
+            })
+            .collect();
+        Ok(Response::new(proto::RingResponse {
+            ring_version: ring.version(),
+            n: self.node.n() as u32,
+            nodes,
+        }))
+    }
+
     async fn put(
         &self,
         request: Request<proto::PutRequest>,

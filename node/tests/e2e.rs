@@ -1141,3 +1141,68 @@ fn a_client_gives_up_on_a_frozen_endpoint_within_its_timeout() {
     });
     assert!(out.code == 0 || out.code == 5, "{out:?}");
 }
+
+/// `KV.Ring` tells a client where each key lives: `dynakv bench` sends every key straight to one
+/// of its replicas, so no node forwards anything; with `--no-routing` the nodes forward the
+/// writes that reach a non-replica (with 5 nodes and n = 3, about two in five).
+#[test]
+fn the_bench_routes_each_key_to_a_replica_and_no_node_forwards() {
+    let c = ClusterSpec::new(5).n(3).start();
+    let forwarded = |c: &Cluster| -> f64 {
+        (0..5)
+            .map(|i| metric_value(&c.metrics(i), "dynakv_forwarded_requests_total", &[]).unwrap())
+            .sum()
+    };
+    let eps = c.endpoints();
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "-W",
+            "W",
+            "-k",
+            "2000",
+            "--ops",
+            "1500",
+            "--warmup",
+            "0s",
+            "-c",
+            "8",
+            "--no-progress",
+            "-e",
+            &eps,
+            "-o",
+            "json",
+        ];
+        args.extend(extra);
+        let out = dynakv_within(&args, b"", Duration::from_secs(120))
+            .unwrap_or_else(|o| panic!("bench timed out: {o:?}"));
+        assert_eq!(out.code, 0, "bench failed: {out:?}");
+        let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(report["run"]["ops"], 1500, "{report}");
+        assert_eq!(report["run"]["errors"], 0, "{report}");
+        report
+    };
+
+    let before = forwarded(&c);
+    let routed = bench(&[]);
+    assert!(
+        routed["target"]["consistency"]
+            .as_str()
+            .unwrap()
+            .contains("token-aware"),
+        "{routed}"
+    );
+    let after_routed = forwarded(&c);
+    assert_eq!(
+        after_routed, before,
+        "a routed bench had requests forwarded: {routed}"
+    );
+
+    bench(&["--no-routing"]);
+    let after_plain = forwarded(&c);
+    assert!(
+        after_plain - after_routed >= 200.0,
+        "without routing, about 600 of 1500 writes should be forwarded; {} were",
+        after_plain - after_routed
+    );
+}

@@ -6,12 +6,14 @@
 //!   warm-up, duration or operation count, HdrHistogram latencies per operation and outcome,
 //!   errors by gRPC code, the live progress line.
 //! - [`report`]: the final table and `-o json`.
+//! - [`route`]: token-aware routing (each key to one of its replicas among the endpoints).
 //! - this file: the DynaKV driver and the command itself.
 //!
 //! Peer databases (etcd) have their drivers in the `dynakv-peers` crate under `tests/peers`, run
 //! by the same [`runner::run`], so a comparison is one client harness under one workload.
 
 pub mod report;
+pub mod route;
 pub mod runner;
 pub mod workload;
 
@@ -62,6 +64,12 @@ pub struct BenchArgs {
     /// of adding a sibling; blind updates of existing keys pile up siblings.
     #[arg(long)]
     pub blind_writes: bool,
+    /// Send each request on the client's own connection and let the node forward it to a
+    /// replica of the key, as a client that knows no ring does. By default the bench asks a node
+    /// for the ring (`KV.Ring`) and sends each key straight to one of its replicas among the
+    /// endpoints.
+    #[arg(long)]
+    pub no_routing: bool,
     /// Report format (the progress line always goes to standard error).
     #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
@@ -72,6 +80,7 @@ pub struct DynaKvDriver {
     channels: Vec<Channel>,
     consistency: proto::Consistency,
     contexts: Option<Arc<ContextCache>>,
+    router: Option<Arc<route::Router>>,
 }
 
 impl DynaKvDriver {
@@ -90,7 +99,22 @@ impl DynaKvDriver {
             channels,
             consistency,
             contexts,
+            router: None,
         })
+    }
+
+    /// Sends each key straight to one of its replicas among `endpoints` ([`route`]).
+    pub async fn with_routing(
+        mut self,
+        endpoints: &[String],
+        request_timeout: Duration,
+    ) -> Result<DynaKvDriver, tonic::Status> {
+        self.router = Some(
+            route::Router::start(endpoints, request_timeout)
+                .await
+                .map_err(tonic::Status::invalid_argument)?,
+        );
+        Ok(self)
     }
 }
 
@@ -217,15 +241,49 @@ impl Driver for DynaKvDriver {
                 .max_encoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES),
             consistency: self.consistency,
             contexts: self.contexts.clone(),
+            router: self.router.clone(),
+            task,
         }
     }
 }
 
-/// One client task on one connection.
+/// One client task on one connection (and, when routing, the router's connections).
 pub struct DynaKvSession {
     client: KvClient<Channel>,
     consistency: proto::Consistency,
     contexts: Option<Arc<ContextCache>>,
+    router: Option<Arc<route::Router>>,
+    task: usize,
+}
+
+impl DynaKvSession {
+    /// The client to send `key` with: a replica's connection when routing knows one, else the
+    /// session's own; with the endpoint it goes to, if routed.
+    fn client_for(&self, key: &[u8]) -> (KvClient<Channel>, Option<usize>) {
+        if let Some(router) = &self.router
+            && let Some(endpoint) = router.pick(key, self.task)
+        {
+            return (router.client(endpoint), Some(endpoint));
+        }
+        (self.client.clone(), None)
+    }
+
+    /// Lets the router learn from an answer: its receipt, or the failure of a routed request.
+    fn learn(
+        &self,
+        endpoint: Option<usize>,
+        result: Result<Option<&proto::Receipt>, &tonic::Status>,
+    ) {
+        let Some(router) = &self.router else { return };
+        match result {
+            Ok(receipt) => router.note(receipt),
+            Err(status) => {
+                if let Some(e) = endpoint {
+                    router.failed(e, status);
+                }
+            }
+        }
+    }
 }
 
 impl Session for DynaKvSession {
@@ -234,7 +292,13 @@ impl Session for DynaKvSession {
             key: key.clone(),
             consistency: Some(self.consistency),
         };
-        match self.client.get(request).await {
+        let (mut client, endpoint) = self.client_for(&key);
+        let answer = client.get(request).await;
+        self.learn(
+            endpoint,
+            answer.as_ref().map(|r| r.get_ref().receipt.as_ref()),
+        );
+        match answer {
             Ok(r) => {
                 let r = r.into_inner();
                 if let Some(cache) = &self.contexts {
@@ -261,7 +325,13 @@ impl Session for DynaKvSession {
             context,
             consistency: Some(self.consistency),
         };
-        match self.client.put(request).await {
+        let (mut client, endpoint) = self.client_for(&key);
+        let answer = client.put(request).await;
+        self.learn(
+            endpoint,
+            answer.as_ref().map(|r| r.get_ref().receipt.as_ref()),
+        );
+        match answer {
             Ok(r) => {
                 if let Some(cache) = &self.contexts {
                     cache.put(key, r.into_inner().context);
@@ -280,7 +350,13 @@ impl Session for DynaKvSession {
             key: key.clone(),
             consistency: Some(self.consistency),
         };
-        let got = match self.client.get(read).await {
+        let (mut client, endpoint) = self.client_for(&key);
+        let answer = client.get(read).await;
+        self.learn(
+            endpoint,
+            answer.as_ref().map(|r| r.get_ref().receipt.as_ref()),
+        );
+        let got = match answer {
             Ok(r) => r.into_inner(),
             Err(s) => return Outcome::Error(s),
         };
@@ -291,7 +367,12 @@ impl Session for DynaKvSession {
             context: got.context,
             consistency: Some(self.consistency),
         };
-        match self.client.put(write).await {
+        let answer = client.put(write).await;
+        self.learn(
+            endpoint,
+            answer.as_ref().map(|r| r.get_ref().receipt.as_ref()),
+        );
+        match answer {
             Ok(_) => Outcome::Ok,
             Err(s) => Outcome::Error(s),
         }
@@ -368,6 +449,14 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             Ok(d) => d,
             Err(s) => return fail(args.output, s.code(), s.message()),
         };
+    let driver = if args.no_routing {
+        driver
+    } else {
+        match driver.with_routing(&endpoints, client_timeout).await {
+            Ok(d) => d,
+            Err(s) => return fail(args.output, s.code(), s.message()),
+        }
+    };
     let quorum = |q: Option<QuorumSetting>| q.map_or("default".to_string(), |q| q.to_string());
     let target = Target {
         driver: "dynakv".into(),
@@ -383,7 +472,11 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             } else {
                 "updates carry the newest context seen"
             }
-        ),
+        ) + if args.no_routing {
+            "; sent on the connection's own node (forwarded by it)"
+        } else {
+            "; sent to a replica of the key (token-aware)"
+        },
     };
     run_and_print(driver, &args.workload, target, args.output).await
 }
