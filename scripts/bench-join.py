@@ -15,6 +15,8 @@ foreground p99 during the handoff against before it (issue: membership change, p
   KEYS=200000 scripts/bench-join.py           # a quicker run
   RATE=134217728 scripts/bench-join.py        # handoff.max_bytes_per_sec (default: the node's)
   CLIENTS=0 scripts/bench-join.py             # the handoff alone, no foreground load
+  PROFILE=/tmp/join.perf scripts/bench-join.py # `perf record -a -g` for PROFILE_S (5) seconds
+                                               # from the first "streaming" sample
 """
 import json
 import os
@@ -32,6 +34,8 @@ VALUE_SIZE = int(os.environ.get("VALUE_SIZE", "1024"))
 CLIENTS = int(os.environ.get("CLIENTS", "16"))
 CHUNK_S = int(os.environ.get("CHUNK_S", "10"))
 RATE = os.environ.get("RATE")
+PROFILE = os.environ.get("PROFILE")
+PROFILE_S = os.environ.get("PROFILE_S", "5")
 BASE = "127.0.4."
 EP = ",".join(f"{BASE}{i}:7100" for i in (2, 3, 4))
 
@@ -124,11 +128,18 @@ def main():
         samples = []
         done = threading.Event()
 
+        profiler = []
+
         def sample():
             while not done.is_set():
                 s = status(dynakv)
                 if s:
                     r = s["rebalance"]
+                    if PROFILE and not profiler and r["phase"] == "streaming":
+                        profiler.append(subprocess.Popen(
+                            ["perf", "record", "-a", "-g", "-F", "999", "-o", PROFILE,
+                             "--", "sleep", PROFILE_S],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                     samples.append((time.time(), r["active"], r["phase"], r["bytes_done"],
                                     r["keys_done"], r["bytes_total"]))
                 time.sleep(0.5)
@@ -150,6 +161,8 @@ def main():
         t1 = time.time()
         done.set()
         sampler.join()
+        for p in profiler:
+            p.wait()
         after = [dict(bench_chunk(dynakv), phase="after")] if CLIENTS else []
 
         streaming = [s for s in samples if s[2] == "streaming"]
