@@ -867,6 +867,27 @@ pub struct Membership {
     local_key: Arc<std::sync::Mutex<(NodeId, u64, u64)>>,
     encodes_seen: u64,
     stats: MembershipStats,
+    /// The token of foca's latest timer. foca bumps it whenever it changes identity (a rejoin,
+    /// new metadata) or loses its connection, and ignores every timer that carries an older one:
+    /// its pending suspect-to-down timers included, which it never arms again. See
+    /// [`Membership::rearm_suspicions`].
+    foca_token: Option<foca::TimerToken>,
+    /// Since when each member the mirror holds suspect has been (for re-armed timers).
+    suspect_since: BTreeMap<NodeId, Duration>,
+}
+
+/// The token a foca timer carries, if any.
+fn token_of(timer: &Timer<GossipId>) -> Option<foca::TimerToken> {
+    match timer {
+        Timer::ProbeRandomMember(t)
+        | Timer::PeriodicAnnounce(t)
+        | Timer::PeriodicAnnounceDown(t)
+        | Timer::PeriodicGossip(t) => Some(*t),
+        Timer::SendIndirectProbe { token, .. } | Timer::ChangeSuspectToDown { token, .. } => {
+            Some(*token)
+        }
+        Timer::RemoveDown(_) => None,
+    }
 }
 
 /// What the current input is, to tell suspicions this node raised from ones it heard of.
@@ -938,6 +959,8 @@ impl Membership {
             local_key,
             encodes_seen: 0,
             stats: MembershipStats::default(),
+            foca_token: None,
+            suspect_since: BTreeMap::new(),
         };
         engine.snapshot = Arc::new(engine.build_snapshot(0));
         Ok(engine)
@@ -1123,6 +1146,7 @@ impl Membership {
     /// publishes a snapshot if anything a snapshot shows may have changed.
     fn drain(&mut self, cause: Cause, out: &mut Vec<Effect>) {
         let mut may_have_changed = false;
+        let mut token_changed = false;
         loop {
             while let Some((to, packet)) = self.runtime.to_send() {
                 self.stats.packets_sent += 1;
@@ -1133,6 +1157,10 @@ impl Membership {
                 });
             }
             while let Some((after, timer)) = self.runtime.to_schedule() {
+                if let Some(t) = token_of(&timer) {
+                    token_changed |= self.foca_token.is_some_and(|was| was != t);
+                    self.foca_token = Some(t);
+                }
                 let token = self.schedule(after, TimerKind::Foca(timer));
                 out.push(Effect::ScheduleTimer { after, token });
             }
@@ -1176,7 +1204,47 @@ impl Membership {
             self.snapshot = snapshot.clone();
             out.push(Effect::MembershipChanged(snapshot));
         }
+        if token_changed {
+            self.rearm_suspicions(out);
+        }
         self.resize();
+    }
+
+    /// Arms a suspect-to-down timer, under foca's current token, for every member foca holds
+    /// suspect. foca drops its pending ones when it bumps its token (a rejoin, new metadata),
+    /// and a member whose suspicion never reached it (the updates were spent on packets that
+    /// were dropped) never refutes it: without this the member would stay suspect here for
+    /// good, although it answers every probe (found by the simulation:
+    /// `suspicion-outlives-rejoin`, docs/testing.md). The timer is due when the suspicion's
+    /// first one was; a member that refuted meanwhile has a new incarnation, and foca ignores
+    /// the timer.
+    fn rearm_suspicions(&mut self, out: &mut Vec<Effect>) {
+        let Some(token) = self.foca_token else { return };
+        let timeout = self.config.suspicion_timeout(self.foca.num_members() + 1);
+        let suspects: Vec<(GossipId, foca::Incarnation)> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() == State::Suspect)
+            .map(|m| (m.id().clone(), m.incarnation()))
+            .collect();
+        for (member_id, incarnation) in suspects {
+            // The deadline stays where the suspicion put it, so that identity changes faster
+            // than the timeout (acks of a ring change) cannot put a failed member's "down" off
+            // for good.
+            let since = self
+                .suspect_since
+                .get(&member_id.id)
+                .copied()
+                .unwrap_or(self.now);
+            let after = since.saturating_add(timeout).saturating_sub(self.now);
+            let timer = Timer::ChangeSuspectToDown {
+                member_id,
+                incarnation,
+                token,
+            };
+            let token = self.schedule(after, TimerKind::Foca(timer));
+            out.push(Effect::ScheduleTimer { after, token });
+        }
     }
 
     /// Re-derives the cluster-size-dependent settings (retransmissions, suspicion timeout).
@@ -1245,6 +1313,17 @@ impl Membership {
                     changed = true;
                 }
             }
+        }
+        let now = self.now;
+        let suspects: BTreeSet<&NodeId> = self
+            .view
+            .iter()
+            .filter(|(_, k)| k.info.state == MemberState::Suspect)
+            .map(|(id, _)| id)
+            .collect();
+        self.suspect_since.retain(|id, _| suspects.contains(id));
+        for id in suspects {
+            self.suspect_since.entry(id.clone()).or_insert(now);
         }
         changed
     }
