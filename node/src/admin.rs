@@ -267,10 +267,15 @@ impl Admin for AdminService {
                     && m.metadata.lifecycle == Lifecycle::Normal
                     && m.metadata.change.proposal.is_none()
             });
-            if let Some(free) = free {
-                let mut client = self.client(&free.id)?;
-                return client.remove(self.forwarded(req)).await;
-            }
+            let Some(free) = free else {
+                return Err(Status::unavailable(format!(
+                    "{} has a ring change of its own under way and no other member can take \
+                     the removal now; retry, or send it to another node",
+                    self.node.id
+                )));
+            };
+            let mut client = self.client(&free.id)?;
+            return client.remove(self.forwarded(req)).await;
         }
         let _one = self.rebalance.admin.lock().await;
         let mut removals = rebalance::load_removals(&self.node.store);

@@ -515,7 +515,7 @@ impl Kv for KvService {
             })
             .collect();
         Ok(Response::new(proto::RingResponse {
-            ring_version: ring.version(),
+            ring_version: view.ring.version(),
             n: self.node.n() as u32,
             nodes,
         }))

@@ -540,6 +540,9 @@ impl crate::handoff::HandoffHost for Node {
 pub async fn follow_gossip(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut snapshots = node.gossip.subscribe();
     let mut previous = snapshots.borrow_and_update().clone();
+    // Take in the snapshot gossip holds now too: it may have met the cluster already (gossip
+    // starts before this task), and a quiet cluster publishes no new one soon.
+    snapshots.mark_changed();
     loop {
         tokio::select! {
             biased;
@@ -752,18 +755,20 @@ impl Node {
             .iter()
             .any(|m| m.id != self.id && m.state == MemberState::Alive);
         let changed = self.follow_snapshot(previous, snapshot);
-        if heard {
+        if heard && changed.is_some() {
             self.heard_from_cluster
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        changed
+        changed.unwrap_or(false)
     }
 
+    /// Installs the view of `snapshot`. Returns whether the committed ring changed, or `None`
+    /// when the snapshot makes no ring (the view stays as it was).
     fn follow_snapshot(
         &self,
         previous: &MembershipSnapshot,
         snapshot: &MembershipSnapshot,
-    ) -> bool {
+    ) -> Option<bool> {
         let mut returned = false;
         for change in snapshot.changes_since(previous) {
             if change.id != self.id
@@ -788,14 +793,14 @@ impl Node {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %e, "gossiped membership does not make a ring; keeping the current one");
-                return false;
+                return None;
             }
         };
         if view.ring.version() == current.ring.version() {
             // Proposals, acks and liveness change the rings reads and writes use, not the
             // committed ring: install the new view, keep the trees.
             self.set_view(view);
-            return false;
+            return Some(false);
         }
         tracing::info!(
             from = format!("{:016x}", current.ring.version()),
@@ -804,7 +809,7 @@ impl Node {
             "ring changed"
         );
         self.set_view(view);
-        true
+        Some(true)
     }
 
     fn set_view(&self, mut view: ClusterView) {

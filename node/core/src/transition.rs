@@ -34,15 +34,17 @@
 //!
 //! # Concurrent changes
 //!
-//! Proposals are made only when no other is visible, but two nodes may propose at the same
-//! moment. Every node then takes the same *winner* ([`RingState::current`]): the first eligible
+//! Proposals are made only when no other is visible (except a removal of a member the change
+//! under way waits for, which overtakes it), but two nodes may propose at the same moment. Every node then takes the same *winner* ([`RingState::current`]): the first eligible
 //! proposal (made against the committed ring every node agrees on) by (kind: removals first,
 //! subject, id). A node acks only the winner; the others stay queued, and are still written to
 //! (writing to more replicas than needed is always safe). A queued proposal whose base is no
 //! longer the committed ring is withdrawn by its proposer and made anew. A node that had
 //! switched its reads to a proposal that then lost switches back to the committed ring, which
-//! every writer still writes to; and a losing proposal is withdrawn only after the winner
-//! committed, by which time every participant reads from the winner's ring. The simulation's
+//! every writer still writes to: the loser cannot commit (an overtaking removal is proposed
+//! only by a node that has not acked reading from the change it overtakes, and a loser at
+//! the start of its run has no reading acks). A losing proposal is withdrawn only after the
+//! winner committed, by which time every participant reads from the winner's ring. The simulation's
 //! concurrent-change scenarios exercise this.
 //!
 //! # Invariants
@@ -511,14 +513,23 @@ impl RingState {
                 }
             }
             None => {
-                // A change under way waits for every participant, so a member gone for good
-                // blocks it for good: its removal is proposed at once, and wins (removals sort
-                // first). The blocked change stays visible (still written to) and runs again
-                // on the ring the removal commits.
-                if !self
-                    .changes
-                    .iter()
-                    .any(|c| c.proposal.kind == ChangeKind::Remove)
+                // A change under way waits for every participant (and its new owners for
+                // every old replica), so a member gone for good blocks it for good: a
+                // requested removal is proposed at once, and wins (removals sort first). The
+                // overtaken change stays visible (still written to) and runs again, under a
+                // new id, on the ring the removal commits. Only a node that has not acked
+                // *reading* from it overtakes it: that change can then never commit (its
+                // commit needs this node's reading ack, and this node's ack moves to the
+                // removal), so nobody can come to write to its ring alone while others went
+                // back to reading from the committed ring.
+                let acked_reading = next.change.ack.is_some_and(|a| {
+                    self.current().is_some_and(|c| c.id == a.change) && a.level >= AckLevel::Reading
+                });
+                if !acked_reading
+                    && !self
+                        .changes
+                        .iter()
+                        .any(|c| c.proposal.kind == ChangeKind::Remove)
                 {
                     next.change.proposal = self.propose_removal(progress);
                 }

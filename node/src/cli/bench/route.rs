@@ -5,9 +5,11 @@
 //! The ring comes from `KV.Ring` on any endpoint, refreshed at most once a second while
 //! requests say it moved (an answer's ring version differs, or it was forwarded). A key whose
 //! replicas are none of the endpoints, or before the first ring arrives, goes to the session's
-//! own connection as before, and the node it reaches forwards it. An endpoint whose request
-//! failed with UNAVAILABLE or DEADLINE_EXCEEDED is passed over for [`AVOID_FOR`], while a
-//! replica of the key remains among the others.
+//! own connection as before, and the node it reaches forwards it (so does a route that is out
+//! of date, or an endpoint written differently from the address the node gossips). An
+//! endpoint whose request failed with UNAVAILABLE, DEADLINE_EXCEEDED or UNKNOWN (a broken
+//! connection) is passed over for [`AVOID_FOR`], while a replica of the key remains among the
+//! others.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
