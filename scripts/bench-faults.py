@@ -14,6 +14,7 @@ per op, and a summary of the worst fault-window and healthy-window figures.
   WORKLOAD=cart CLIENTS=8 scripts/bench-faults.py
   CYCLES=2 KEYS=20000 scripts/bench-faults.py    # quicker
   KINDS=pause scripts/bench-faults.py            # skip the iptables part (needs root + iptables)
+  BENCH_ARGS=--no-routing scripts/bench-faults.py # clients that know no ring (nodes forward)
 """
 import json
 import os
@@ -33,6 +34,7 @@ PERIOD_S = int(os.environ.get("PERIOD_S", "15"))
 FAULT_S = int(os.environ.get("FAULT_S", "5"))
 CYCLES = int(os.environ.get("CYCLES", "4"))
 KINDS = os.environ.get("KINDS", "pause,cut").split(",")
+BENCH_ARGS = os.environ.get("BENCH_ARGS", "").split()
 BASE = "127.0.5."
 NODES = 5
 FAULTY = NODES  # n5
@@ -60,7 +62,8 @@ def status(dynakv):
 def bench(dynakv, endpoints, clients, seconds):
     return subprocess.Popen(
         [dynakv, "bench", "-e", endpoints, "-W", WORKLOAD, "-k", str(KEYS), "-s", str(VALUE_SIZE),
-         "-c", str(clients), "-t", f"{seconds}s", "--warmup", "0s", "--no-progress", "-o", "json"],
+         "-c", str(clients), "-t", f"{seconds}s", "--warmup", "0s", "--no-progress", "-o", "json"]
+        + BENCH_ARGS,
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
