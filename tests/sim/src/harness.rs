@@ -876,12 +876,15 @@ impl Harness {
     /// Waits until every admin request has been answered (they give up after
     /// [`crate::client::ADMIN_RETRY_MS`]).
     fn wait_admin_idle(&mut self) -> Result<(), String> {
+        self.tick_until("admin requests", Self::admin_idle)
+    }
+
+    /// Lets simulated time pass until `done` holds, at most [`IDLE_CAP_MS`].
+    fn tick_until(&mut self, what: &str, done: fn(&Self) -> bool) -> Result<(), String> {
         let start = self.now_ms();
-        while !self.admin_idle() {
+        while !done(self) {
             if self.now_ms() - start > IDLE_CAP_MS {
-                return Err(format!(
-                    "admin requests did not finish within {IDLE_CAP_MS} ms"
-                ));
+                return Err(format!("{what} did not finish within {IDLE_CAP_MS} ms"));
             }
             self.tick()?;
         }
@@ -1000,16 +1003,7 @@ impl Harness {
     }
 
     fn wait_idle(&mut self) -> Result<(), String> {
-        let start = self.now_ms();
-        while !self.queues_idle() {
-            if self.now_ms() - start > IDLE_CAP_MS {
-                return Err(format!(
-                    "client operations did not finish within {IDLE_CAP_MS} ms"
-                ));
-            }
-            self.tick()?;
-        }
-        Ok(())
+        self.tick_until("client operations", Self::queues_idle)
     }
 
     fn node_index(&self, name: &str) -> Result<usize, String> {
