@@ -241,6 +241,25 @@ live_pids() {
   done <"$dir/pids"
 }
 
+# Whether the process NAME that this shell spawned in DIR is still running. It asks the kernel
+# about the recorded pid (a child of this shell, so not reused before this shell reaps it), not
+# the command line: while a process execs, /proc/PID/cmdline reads empty for a moment, and a
+# freshly spawned server would look dead.
+spawned_alive() {
+  local dir=$1 want=$2 name pid state
+  [[ -f "$dir/pids" ]] || return 1
+  while read -r name pid; do
+    [[ $name == "$want" ]] || continue
+    kill -0 "$pid" 2>/dev/null || return 1
+    state=$(<"/proc/$pid/stat") 2>/dev/null || return 1
+    state=${state##*) }
+    state=${state%% *}
+    [[ $state != Z && $state != X ]]
+    return
+  done <"$dir/pids"
+  return 1
+}
+
 # TERM a process, wait up to 10 s for it to exit, then KILL it.
 stop_pid() {
   local pid=$1
@@ -286,7 +305,7 @@ wait_for() {
   while ((SECONDS < deadline)); do
     out=$(curl -sf --max-time 5 "$@" 2>/dev/null || true)
     [[ "$out" == *"$want"* ]] && return 0
-    if ! live_pids "$dir" | grep -q "^$name "; then
+    if ! spawned_alive "$dir" "$name"; then
       log "$name exited; last lines of $dir/logs/$name.log:"
       tail -n 30 "$dir/logs/$name.log" >&2 || true
       return 1
