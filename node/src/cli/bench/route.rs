@@ -342,6 +342,72 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_failed_endpoint_is_passed_over_and_a_moved_ring_marks_the_route_stale() {
+        let addresses = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"];
+        let r = answer(3, &addresses);
+        let endpoints: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+        let route = Route::from_proto(&r, &endpoints).unwrap();
+        let router = Router {
+            channels: endpoints
+                .iter()
+                .map(|e| {
+                    tonic::transport::Endpoint::from_shared(format!("http://{e}"))
+                        .unwrap()
+                        .connect_lazy()
+                })
+                .collect(),
+            avoid_until: endpoints.iter().map(|_| AtomicU64::new(0)).collect(),
+            endpoints,
+            route: RwLock::new(Some(Arc::new(route))),
+            stale: AtomicBool::new(false),
+            started: Instant::now(),
+        };
+        let stale = || router.stale.load(Ordering::Relaxed);
+        let picks =
+            |key: &[u8]| -> Vec<Option<usize>> { (0..6).map(|t| router.pick(key, t)).collect() };
+
+        // n = 3 over three endpoints: every endpoint replicates every key, and the sessions
+        // spread over all three.
+        let mut spread: Vec<usize> = picks(b"k").into_iter().map(Option::unwrap).collect();
+        spread.sort_unstable();
+        spread.dedup();
+        assert_eq!(spread, vec![0, 1, 2]);
+
+        // A refusal of bad input says nothing about the endpoint.
+        router.failed(0, &tonic::Status::invalid_argument("key too long"));
+        assert!(picks(b"k").contains(&Some(0)));
+        assert!(!stale());
+
+        // A broken connection: the endpoint is passed over, and the ring is to be asked again.
+        router.failed(0, &tonic::Status::unavailable("connection refused"));
+        assert!(stale());
+        for pick in picks(b"k") {
+            assert!(matches!(pick, Some(1) | Some(2)), "{pick:?}");
+        }
+        // With every replica passed over, the session's own connection takes the key.
+        router.failed(1, &tonic::Status::deadline_exceeded("timed out"));
+        router.failed(2, &tonic::Status::unknown("connection reset"));
+        assert_eq!(picks(b"k"), vec![None; 6]);
+
+        // Answers: the same ring and no forward leave the route alone; a forward or another
+        // ring version mark it stale.
+        router.stale.store(false, Ordering::Relaxed);
+        let receipt = |ring_version, forwarded| Receipt {
+            ring_version,
+            forwarded,
+            ..Default::default()
+        };
+        router.note(None);
+        router.note(Some(&receipt(r.ring_version, false)));
+        assert!(!stale());
+        router.note(Some(&receipt(r.ring_version, true)));
+        assert!(stale());
+        router.stale.store(false, Ordering::Relaxed);
+        router.note(Some(&receipt(r.ring_version ^ 1, false)));
+        assert!(stale());
+    }
+
     #[test]
     fn a_node_without_an_address_or_a_bad_answer_routes_nothing_to_it() {
         let mut r = answer(3, &["127.0.0.1:1", "", "127.0.0.1:3"]);
