@@ -14,6 +14,7 @@ foreground p99 during the handoff against before it (issue: membership change, p
   scripts/bench-join.py                       # KEYS=1000000 VALUE_SIZE=1024 by default
   KEYS=200000 scripts/bench-join.py           # a quicker run
   RATE=134217728 scripts/bench-join.py        # handoff.max_bytes_per_sec (default: the node's)
+  SETS="handoff.parallel_ranges=4" scripts/bench-join.py  # more `--set`s for every node
   CLIENTS=0 scripts/bench-join.py             # the handoff alone, no foreground load
   PROFILE=/tmp/join.perf scripts/bench-join.py # `perf record -a -g` for PROFILE_S (5) seconds
                                                # from the first "streaming" sample
@@ -34,6 +35,7 @@ VALUE_SIZE = int(os.environ.get("VALUE_SIZE", "1024"))
 CLIENTS = int(os.environ.get("CLIENTS", "16"))
 CHUNK_S = int(os.environ.get("CHUNK_S", "10"))
 RATE = os.environ.get("RATE")
+SETS = os.environ.get("SETS", "")
 PROFILE = os.environ.get("PROFILE")
 PROFILE_S = os.environ.get("PROFILE_S", "5")
 BASE = "127.0.4."
@@ -52,16 +54,23 @@ def dynakv_path():
     return os.path.join(target, "release", "dynakv")
 
 
-def status(dynakv):
+def status(dynakv, quiet=False):
     out = subprocess.run(
         [dynakv, "cluster", "status", "-o", "json", "-e", EP],
         capture_output=True,
         text=True,
     )
     try:
-        return json.loads(out.stdout)
+        s = json.loads(out.stdout)
     except json.JSONDecodeError:
+        s = None
+    if out.returncode != 0 or not isinstance(s, dict) or "rebalance" not in s:
+        # A sample missed (a node busy or restarting): say why and go on with the next one.
+        if not quiet:
+            print(f"bench-join: cluster status failed (exit {out.returncode}): "
+                  f"{(out.stdout or out.stderr).strip()[:300]}", file=sys.stderr)
         return None
+    return s
 
 
 def bench_chunk(dynakv):
@@ -87,6 +96,8 @@ def main():
     procs = []
     try:
         sets = ["--set", f"handoff.max_bytes_per_sec={RATE}"] if RATE else []
+        for kv in SETS.split():
+            sets += ["--set", kv]
         dev = subprocess.Popen(
             [dynakv, "dev", "--nodes", "3", "--data-dir", os.path.join(work, "dev"),
              "--base-ip", BASE + "2", *sets],
@@ -95,7 +106,7 @@ def main():
         )
         procs.append(dev)
         for _ in range(200):
-            s = status(dynakv)
+            s = status(dynakv, quiet=True)
             if s and sum(m["state"] == "alive" for m in s.get("members", [])) == 3:
                 break
             time.sleep(0.2)
@@ -120,7 +131,7 @@ def main():
         )
         procs.append(n4)
         for _ in range(200):
-            s = status(dynakv)
+            s = status(dynakv, quiet=True)
             if s and any(m["id"] == "n4" and m["state"] == "alive" for m in s.get("members", [])):
                 break
             time.sleep(0.2)
@@ -141,7 +152,8 @@ def main():
                              "--", "sleep", PROFILE_S],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                     samples.append((time.time(), r["active"], r["phase"], r["bytes_done"],
-                                    r["keys_done"], r["bytes_total"]))
+                                    r["keys_done"], r["bytes_total"],
+                                    sum(t["retries"] for t in r["transfers"])))
                 time.sleep(0.5)
 
         sampler = threading.Thread(target=sample)
@@ -179,9 +191,14 @@ def main():
             "streaming_seconds": round(stream_s, 1) if stream_s else None,
             "streaming_mb_per_s": round(moved / stream_s / 1e6, 1) if stream_s else None,
             "seconds_until_n4_serves_its_share": round(t1 - t0, 1),
+            "pull_retries": max((s[6] for s in samples), default=0),
             "n4_replica_ownership": next(
                 (m["replica_ownership"] for m in (final or {}).get("members", [])
                  if m["id"] == "n4"), None),
+            # (seconds since the request, phase, MB moved) about once a second: where the time
+            # went when a run is slow.
+            "timeline": [(round(s[0] - t0, 1), s[2], round(s[3] / 1e6, 1))
+                         for i, s in enumerate(samples) if i % 2 == 0 or i == len(samples) - 1],
             "bench": before + during + after,
         }
         print(json.dumps(result, indent=2))
