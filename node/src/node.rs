@@ -537,33 +537,56 @@ impl crate::handoff::HandoffHost for Node {
 
 /// Follows gossip for the node: every new snapshot goes to [`Node::apply_membership`], and a
 /// changed ring rebuilds the Merkle trees (their peer sets follow the ring). Stops with `stop`.
+///
+/// The rebuild scans all of storage (seconds at a million keys), so on a multi-threaded runtime
+/// it runs on a blocking thread while views go on being applied: a view that waited for it would
+/// hold back the next ring change's acks and every liveness change for as long. Rebuilds run one
+/// at a time; ring changes during one are folded into one more rebuild after it.
 pub async fn follow_gossip(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut snapshots = node.gossip.subscribe();
     let mut previous = snapshots.borrow_and_update().clone();
     // Take in the snapshot gossip holds now too: it may have met the cluster already (gossip
     // starts before this task), and a quiet cluster publishes no new one soon.
     snapshots.mark_changed();
+    let background = matches!(
+        tokio::runtime::Handle::current().runtime_flavor(),
+        tokio::runtime::RuntimeFlavor::MultiThread
+    );
+    let mut rebuilding: Option<tokio::task::JoinHandle<()>> = None;
+    let mut rebuild_due = false;
     loop {
         tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => return,
-            changed = snapshots.changed() => if changed.is_err() { return },
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let snapshot = snapshots.borrow_and_update().clone();
+                rebuild_due |= node.apply_membership(&previous, &snapshot);
+                previous = snapshot;
+            }
+            _ = async { rebuilding.as_mut().expect("guarded").await }, if rebuilding.is_some() => {
+                rebuilding = None;
+            }
         }
-        let snapshot = snapshots.borrow_and_update().clone();
-        if node.apply_membership(&previous, &snapshot) {
-            // A ring change is an administrative event, not a per-request one; the scan is
-            // synchronous, so keep it off the other tasks' worker where the runtime allows.
-            let rebuild = || node.rebuild_trees();
-            let rebuilt = match tokio::runtime::Handle::current().runtime_flavor() {
-                tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(rebuild),
-                _ => rebuild(),
-            };
-            match rebuilt {
+        if !rebuild_due || rebuilding.is_some() {
+            continue;
+        }
+        rebuild_due = false;
+        let rebuild = {
+            let node = node.clone();
+            move || match node.rebuild_trees() {
                 Ok(keys) => tracing::info!(keys, "merkle trees rebuilt for the new ring"),
                 Err(e) => tracing::error!(error = %e, "merkle trees not rebuilt for the new ring"),
             }
+        };
+        if background {
+            rebuilding = Some(tokio::task::spawn_blocking(rebuild));
+        } else {
+            // A current-thread runtime (the simulation): inline, so the run stays deterministic.
+            rebuild();
         }
-        previous = snapshot;
     }
 }
 
