@@ -29,7 +29,13 @@ use crate::storage::{ScanLimit, Table};
 pub use crate::config::TombstoneGcConfig;
 
 /// Tombstones old enough to be purged, with the stored bytes, where this node is a primary.
-fn candidates(node: &Node, now_ms: u64, limit: usize) -> Vec<(Vec<u8>, Vec<u8>, Vec<NodeId>)> {
+/// The pass reads all of storage; it yields after each page, so that it never holds a worker of
+/// the runtime for longer than one page (seconds at a million keys otherwise).
+async fn candidates(
+    node: &Node,
+    now_ms: u64,
+    limit: usize,
+) -> Vec<(Vec<u8>, Vec<u8>, Vec<NodeId>)> {
     let view = node.view();
     // While the ring changes, a key's replicas are those of several rings, and a new owner may
     // not hold the tombstone yet: purge nothing until the ring settles.
@@ -79,6 +85,7 @@ fn candidates(node: &Node, now_ms: u64, limit: usize) -> Vec<(Vec<u8>, Vec<u8>, 
             Some(n) => after = Some(n),
             None => return out,
         }
+        tokio::task::yield_now().await;
     }
 }
 
@@ -127,7 +134,7 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
             _ = tick.tick() => {}
         }
         let now = (node.wall)();
-        for (k, v, peers) in candidates(&node, now, cfg.max_per_pass) {
+        for (k, v, peers) in candidates(&node, now, cfg.max_per_pass).await {
             if purge(&node, &k, &v, &peers).await {
                 node.metrics.tombstones_purged.inc();
             }

@@ -394,6 +394,8 @@ async fn drop_unowned(node: &Node) -> Result<u64, StorageError> {
             Some(k) => after = Some(k),
             None => return Ok(dropped),
         }
+        // A page with nothing to drop awaits nothing: give the worker back between pages.
+        tokio::task::yield_now().await;
     }
 }
 
