@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every test of the workspace, on a fresh machine too: installs what the tests need, then runs
 #   cargo nextest run --workspace --no-fail-fast [ARGS...]
+# and, when no ARGS narrow the run, a short fuzz of every decoder that takes outside bytes
+# (scripts/fuzz.sh: 10 s per target; it installs cargo-fuzz when missing).
 #
 # What it installs (each step is skipped when already done, so a second run starts testing at
 # once):
@@ -42,4 +44,9 @@ fi
 step "tools ready after $((SECONDS - t0)) s"
 
 eval "$(scripts/k8s-testenv.sh env)"
-exec cargo nextest run --workspace --no-fail-fast "$@"
+status=0
+cargo nextest run --workspace --no-fail-fast "$@" || status=$?
+if (($# == 0)); then
+  scripts/fuzz.sh || status=1
+fi
+exit "$status"
