@@ -251,7 +251,8 @@ spawned_alive() {
   while read -r name pid; do
     [[ $name == "$want" ]] || continue
     kill -0 "$pid" 2>/dev/null || return 1
-    state=$(<"/proc/$pid/stat") 2>/dev/null || return 1
+    # `$(<file)` on a file that is gone ends the whole script under `set -e`; `cat` only fails.
+    state=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
     state=${state##*) }
     state=${state%% *}
     [[ $state != Z && $state != X ]]

@@ -28,19 +28,27 @@ use crate::storage::{ScanLimit, Table};
 
 pub use crate::config::TombstoneGcConfig;
 
-/// Tombstones old enough to be purged, with the stored bytes, where this node is a primary.
-/// The pass reads all of storage; it yields after each page, so that it never holds a worker of
-/// the runtime for longer than one page (seconds at a million keys otherwise).
+/// Whether the ring is still the settled ring of version `version`: no change under way (while
+/// the ring changes, a key's replicas are those of several rings, and a new owner may not hold
+/// the tombstone yet) and none committed since.
+fn settled_on(node: &Node, version: u64) -> bool {
+    let view = node.view();
+    view.rings.changes().is_empty() && view.ring.version() == version
+}
+
+/// Tombstones old enough to be purged, with the stored bytes, where this node is a primary, and
+/// the ring version they were chosen on. The pass reads all of storage; it yields after each
+/// page, so that it never holds a worker of the runtime for longer than one page (seconds at a
+/// million keys otherwise), and gives up when the ring moved meanwhile.
 async fn candidates(
     node: &Node,
     now_ms: u64,
     limit: usize,
-) -> Vec<(Vec<u8>, Vec<u8>, Vec<NodeId>)> {
+) -> (u64, Vec<(Vec<u8>, Vec<u8>, Vec<NodeId>)>) {
     let view = node.view();
-    // While the ring changes, a key's replicas are those of several rings, and a new owner may
-    // not hold the tombstone yet: purge nothing until the ring settles.
-    if !view.rings.changes().is_empty() {
-        return Vec::new();
+    let version = view.ring.version();
+    if !settled_on(node, version) {
+        return (version, Vec::new());
     }
     let grace = node.config.raw.tombstone_gc.grace_ms;
     let mut out = Vec::new();
@@ -56,7 +64,7 @@ async fn candidates(
             Bound::Unbounded,
             ScanLimit::entries(1024),
         ) else {
-            return out;
+            return (version, out);
         };
         for (k, v) in page.entries {
             let Ok(clock) = Clock::decode(&v) else {
@@ -77,15 +85,18 @@ async fn candidates(
             if primary {
                 out.push((k, v, peers));
                 if out.len() >= limit {
-                    return out;
+                    return (version, out);
                 }
             }
         }
         match page.next {
             Some(n) => after = Some(n),
-            None => return out,
+            None => return (version, out),
         }
         tokio::task::yield_now().await;
+        if !settled_on(node, version) {
+            return (version, Vec::new());
+        }
     }
 }
 
@@ -134,7 +145,12 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
             _ = tick.tick() => {}
         }
         let now = (node.wall)();
-        for (k, v, peers) in candidates(&node, now, cfg.max_per_pass).await {
+        let (version, found) = candidates(&node, now, cfg.max_per_pass).await;
+        for (k, v, peers) in found {
+            // Each purge awaits its peers: a ring change may start meanwhile.
+            if !settled_on(&node, version) {
+                break;
+            }
             if purge(&node, &k, &v, &peers).await {
                 node.metrics.tombstones_purged.inc();
             }

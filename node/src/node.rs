@@ -552,41 +552,60 @@ pub async fn follow_gossip(node: Arc<Node>, mut stop: tokio::sync::watch::Receiv
         tokio::runtime::Handle::current().runtime_flavor(),
         tokio::runtime::RuntimeFlavor::MultiThread
     );
-    let mut rebuilding: Option<tokio::task::JoinHandle<()>> = None;
+    let mut rebuilding: Option<tokio::task::JoinHandle<bool>> = None;
     let mut rebuild_due = false;
+    // A rebuild failed: the next one waits for the next snapshot, not a tight loop.
+    let mut held = false;
     loop {
         tokio::select! {
             biased;
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.wait_for(|s| *s) => break,
             changed = snapshots.changed() => {
                 if changed.is_err() {
-                    return;
+                    break;
                 }
                 let snapshot = snapshots.borrow_and_update().clone();
                 rebuild_due |= node.apply_membership(&previous, &snapshot);
                 previous = snapshot;
+                held = false;
             }
-            _ = async { rebuilding.as_mut().expect("guarded").await }, if rebuilding.is_some() => {
+            done = async { rebuilding.as_mut().expect("guarded").await }, if rebuilding.is_some() => {
                 rebuilding = None;
+                // A storage error or a panic leaves the trees cleared or half built.
+                if !matches!(done, Ok(true)) {
+                    rebuild_due = true;
+                    held = true;
+                }
             }
         }
-        if !rebuild_due || rebuilding.is_some() {
+        if !rebuild_due || held || rebuilding.is_some() {
             continue;
         }
         rebuild_due = false;
         let rebuild = {
             let node = node.clone();
             move || match node.rebuild_trees() {
-                Ok(keys) => tracing::info!(keys, "merkle trees rebuilt for the new ring"),
-                Err(e) => tracing::error!(error = %e, "merkle trees not rebuilt for the new ring"),
+                Ok(keys) => {
+                    tracing::info!(keys, "merkle trees rebuilt for the new ring");
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "merkle trees not rebuilt for the new ring");
+                    false
+                }
             }
         };
         if background {
             rebuilding = Some(tokio::task::spawn_blocking(rebuild));
-        } else {
-            // A current-thread runtime (the simulation): inline, so the run stays deterministic.
-            rebuild();
+        // A current-thread runtime (the simulation): inline, so the run stays deterministic.
+        } else if !rebuild() {
+            rebuild_due = true;
+            held = true;
         }
+    }
+    // As when the rebuild ran inside this task: stopped means no scan still running.
+    if let Some(running) = rebuilding.take() {
+        let _ = running.await;
     }
 }
 
