@@ -47,7 +47,7 @@ async fn candidates(
 ) -> (u64, Vec<(Vec<u8>, Vec<u8>, Vec<NodeId>)>) {
     let view = node.view();
     let version = view.ring.version();
-    if !settled_on(node, version) {
+    if !view.rings.changes().is_empty() {
         return (version, Vec::new());
     }
     let grace = node.config.raw.tombstone_gc.grace_ms;

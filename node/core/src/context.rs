@@ -105,30 +105,28 @@ pub fn encode_context(vv: &VersionVector, cluster_tag: u32) -> Vec<u8> {
         wire::put_bytes(&mut body, id.as_str().as_bytes());
         wire::put_varint(&mut body, counter);
     }
+    seal(&body)
+}
+
+/// Frames a body as a token: version, length and its check byte, the body, the checksum.
+fn seal(body: &[u8]) -> Vec<u8> {
     // A body over 4 GiB cannot exist in memory; saturating keeps this infallible.
     let len = u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes();
     let mut out = Vec::with_capacity(HEADER_LEN + body.len() + CHECKSUM_LEN);
     out.push(CONTEXT_VERSION);
     out.extend_from_slice(&len);
     out.push(length_check(len));
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     let sum = checksum(&out);
     out.extend_from_slice(&sum.to_le_bytes());
     out
 }
 
-/// Frames any `body` as a token (header and checksum), so that a fuzzer reaches the body's
-/// decoder past the checksum. Exists only in fuzzing builds.
+/// Frames any `body` as a token, so that a fuzzer reaches the body's decoder past the checksum.
+/// Exists only in fuzzing builds.
 #[cfg(fuzzing)]
 pub fn seal_body_for_fuzzing(body: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes();
-    let mut out = vec![CONTEXT_VERSION];
-    out.extend_from_slice(&len);
-    out.push(length_check(len));
-    out.extend_from_slice(body);
-    let sum = checksum(&out);
-    out.extend_from_slice(&sum.to_le_bytes());
-    out
+    seal(body)
 }
 
 /// Opens a context token of the cluster `cluster_tag`. The empty token is the empty vector.
@@ -229,18 +227,6 @@ mod tests {
         [(node("kv-0"), 3), (node("kv-1"), 1), (node("kv-12"), 300)]
             .into_iter()
             .collect()
-    }
-
-    /// Wraps a body in a valid envelope, to reach the body checks with hand-made bodies.
-    fn seal(body: &[u8]) -> Vec<u8> {
-        let len = (body.len() as u32).to_le_bytes();
-        let mut out = vec![CONTEXT_VERSION];
-        out.extend_from_slice(&len);
-        out.push(length_check(len));
-        out.extend_from_slice(body);
-        let sum = checksum(&out);
-        out.extend_from_slice(&sum.to_le_bytes());
-        out
     }
 
     fn body(tag: u32, count: u64, entries: &[(&[u8], u64)]) -> Vec<u8> {
