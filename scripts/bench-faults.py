@@ -98,7 +98,7 @@ def main():
     dynakv = dynakv_path()
     work = tempfile.mkdtemp(prefix="dynakv-faults-")
     dev = subprocess.Popen(
-        [dynakv, "dev", "--nodes", str(NODES), "--data-dir", os.path.join(work, "dev"),
+        [dynakv, "dev", "--insecure", "--nodes", str(NODES), "--data-dir", os.path.join(work, "dev"),
          "--base-ip", ADDR[1]],
         stdout=open(os.path.join(work, "dev.out"), "w"), stderr=subprocess.STDOUT)
     chunks = []

@@ -99,7 +99,7 @@ def main():
         for kv in SETS.split():
             sets += ["--set", kv]
         dev = subprocess.Popen(
-            [dynakv, "dev", "--nodes", "3", "--data-dir", os.path.join(work, "dev"),
+            [dynakv, "dev", "--insecure", "--nodes", "3", "--data-dir", os.path.join(work, "dev"),
              "--base-ip", BASE + "2", *sets],
             stdout=open(os.path.join(work, "dev.out"), "w"),
             stderr=subprocess.STDOUT,

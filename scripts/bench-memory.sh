@@ -63,7 +63,7 @@ exec > >(tee "$OUT/memory.txt") 2>&1
 echo "date_utc: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo "machine: $($LIB machine)"
 rm -rf "$BENCH_DIR/dynakv"
-"$DYNAKV" dev --data-dir "$BENCH_DIR/dynakv" >"$OUT/dynakv-dev.log" 2>&1 &
+"$DYNAKV" dev --insecure --data-dir "$BENCH_DIR/dynakv" >"$OUT/dynakv-dev.log" 2>&1 &
 DEV_PID=$!
 for _ in $(seq 600); do
   grep -q '^ready:' "$OUT/dynakv-dev.log" && break

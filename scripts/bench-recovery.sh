@@ -23,7 +23,7 @@ run() { # label, extra dev args...
   shift
   local dir
   dir=$(mktemp -d -t dynakv-recovery.XXXXXX)
-  "$DYNAKV" dev --nodes 5 --data-dir "$dir" --base-ip $BASE "$@" >"$dir/dev.out" 2>&1 &
+  "$DYNAKV" dev --insecure --nodes 5 --data-dir "$dir" --base-ip $BASE "$@" >"$dir/dev.out" 2>&1 &
   local dev=$!
   trap "kill -TERM $dev 2>/dev/null; pkill -f '$dir/n5/config.yaml' 2>/dev/null" EXIT
   for _ in $(seq 1 100); do grep -q '^ready' "$dir/dev.out" && break; sleep 0.2; done

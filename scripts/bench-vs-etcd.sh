@@ -98,7 +98,7 @@ for round in $(seq "$ROUNDS"); do
 
   # --- DynaKV: a fresh 3-node dev cluster -----------------------------------------------------
   rm -rf "$BENCH_DIR/dynakv"
-  "$DYNAKV" dev --data-dir "$BENCH_DIR/dynakv" >"$R/dynakv-dev.log" 2>&1 &
+  "$DYNAKV" dev --insecure --data-dir "$BENCH_DIR/dynakv" >"$R/dynakv-dev.log" 2>&1 &
   DEV_PID=$!
   for _ in $(seq 600); do
     grep -q '^ready:' "$R/dynakv-dev.log" && break

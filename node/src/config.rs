@@ -57,7 +57,84 @@ pub struct Config {
     pub gossip: GossipOptions,
     pub tombstone_gc: TombstoneGcConfig,
     pub handoff: HandoffConfig,
+    /// TLS on the gRPC port, for clients and peers alike. Unset: plain text (a loud warning at
+    /// start; only for trying DynaKV out on one machine).
+    pub tls: Option<TlsConfig>,
+    pub auth: AuthConfig,
     pub log: LogConfig,
+}
+
+/// Certificate files (PEM). They are re-read every `reload_interval_ms`; a change takes effect
+/// for new connections without a restart, and a file that does not load keeps the previous ones
+/// in use (with an error in the log).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// This node's certificate chain: the node's serving certificate, also presented as its
+    /// client certificate to peers. It must name the node with the URI SAN `urn:dynakv:node:<id>`
+    /// and carry the DNS names or IPs peers and clients dial.
+    pub cert: PathBuf,
+    /// The private key of `cert`.
+    pub key: PathBuf,
+    /// The CA (one or more certificates) that signs node and client certificates.
+    pub ca: PathBuf,
+    /// How often the files are checked for changes. Default 10 s.
+    #[serde(default = "default_tls_reload_ms")]
+    pub reload_interval_ms: u64,
+    /// Most TLS handshakes in progress at once; connections beyond it are closed at once. A
+    /// handshake not done within `handshake_timeout_ms` is dropped. Defaults 256 and 5 s.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for TlsConfig {
+    /// Empty paths and the default limits (for `..TlsConfig::default()`).
+    fn default() -> Self {
+        TlsConfig {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            ca: PathBuf::new(),
+            reload_interval_ms: default_tls_reload_ms(),
+            max_handshakes: default_max_handshakes(),
+            handshake_timeout_ms: default_handshake_timeout_ms(),
+        }
+    }
+}
+
+fn default_tls_reload_ms() -> u64 {
+    10_000
+}
+fn default_max_handshakes() -> usize {
+    256
+}
+fn default_handshake_timeout_ms() -> u64 {
+    5_000
+}
+
+/// Who may call what. With `required`, every call but the health check needs a principal:
+/// a client certificate (signed by `tls.ca`, with the URI SAN `urn:dynakv:role:<role>`) or a
+/// bearer token listed here; peers need a node certificate. Roles: `read` (Get, Ring), `write`
+/// (also Put, Delete), `admin` (also the Admin service).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Default: true when `tls` is set, false otherwise. Needs `tls`.
+    pub required: Option<bool>,
+    /// Bearer tokens, stored as SHA-256 digests (`dynakv token new` makes one).
+    pub tokens: Vec<TokenConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds the token (in logs and errors; never the token itself).
+    pub name: String,
+    /// `read`, `write` or `admin`.
+    pub role: String,
+    /// Lower-case hex SHA-256 of the token.
+    pub sha256: String,
 }
 
 /// One member of the static membership list.
@@ -259,6 +336,8 @@ impl Default for Config {
             gossip: Default::default(),
             tombstone_gc: Default::default(),
             handoff: Default::default(),
+            tls: None,
+            auth: AuthConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -335,6 +414,8 @@ pub struct ValidConfig {
     pub advertise: String,
     pub read_quorum: u32,
     pub write_quorum: u32,
+    /// Every call but the health check needs a principal (see [`AuthConfig`]).
+    pub auth_required: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -403,6 +484,38 @@ impl Config {
         }
         if let Err(e) = self.handoff.validate() {
             return err(e);
+        }
+        let auth_required = self.auth.required.unwrap_or(self.tls.is_some());
+        if let Some(tls) = &self.tls {
+            if tls.reload_interval_ms == 0
+                || tls.max_handshakes == 0
+                || tls.handshake_timeout_ms == 0
+            {
+                return err(
+                    "tls.reload_interval_ms, max_handshakes and handshake_timeout_ms must be above 0"
+                        .into(),
+                );
+            }
+        } else if auth_required || !self.auth.tokens.is_empty() {
+            return err(
+                "auth needs tls: without it, tokens and identities would cross the \
+                 network in clear text and peers could not prove who they are"
+                    .into(),
+            );
+        }
+        for token in &self.auth.tokens {
+            if crate::auth::Role::parse(&token.role).is_none() {
+                return err(format!(
+                    "auth.tokens {:?}: role {:?} is not read, write or admin",
+                    token.name, token.role
+                ));
+            }
+            if crate::auth::parse_digest(&token.sha256).is_none() {
+                return err(format!(
+                    "auth.tokens {:?}: sha256 must be 64 hex digits (`dynakv token new` prints one)",
+                    token.name
+                ));
+            }
         }
         let l = &self.limits;
         if l.max_key_bytes == 0 || l.max_key_bytes > 64 * 1024 {
@@ -530,6 +643,7 @@ impl Config {
             advertise,
             read_quorum,
             write_quorum,
+            auth_required,
             raw: self,
         })
     }
@@ -747,6 +861,57 @@ impl HandoffConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auth_needs_tls_and_well_formed_tokens() {
+        let token = |role: &str, sha256: &str| TokenConfig {
+            name: "app".into(),
+            role: role.into(),
+            sha256: sha256.into(),
+        };
+        let digest = crate::auth::digest_hex("t");
+        let mut c = Config::default();
+        assert!(!c.clone().validate().unwrap().auth_required, "no TLS: open");
+        c.auth.required = Some(true);
+        assert!(
+            c.clone()
+                .validate()
+                .unwrap_err()
+                .0
+                .contains("auth needs tls")
+        );
+        c.auth.required = None;
+        c.auth.tokens = vec![token("read", &digest)];
+        assert!(
+            c.clone()
+                .validate()
+                .unwrap_err()
+                .0
+                .contains("auth needs tls")
+        );
+        c.tls = Some(TlsConfig::default());
+        let v = c.clone().validate().unwrap();
+        assert!(v.auth_required, "TLS: credentials required by default");
+        c.auth.tokens = vec![token("root", &digest)];
+        assert!(
+            c.clone()
+                .validate()
+                .unwrap_err()
+                .0
+                .contains("not read, write or admin")
+        );
+        c.auth.tokens = vec![token("write", "abc")];
+        assert!(
+            c.clone()
+                .validate()
+                .unwrap_err()
+                .0
+                .contains("64 hex digits")
+        );
+        c.auth.tokens = Vec::new();
+        c.auth.required = Some(false);
+        assert!(!c.validate().unwrap().auth_required, "TLS without auth");
+    }
 
     #[test]
     fn defaults_are_valid() {

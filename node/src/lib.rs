@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod antientropy;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod gc;
@@ -33,4 +34,5 @@ pub mod rebalance;
 pub mod replica;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod trees;

@@ -14,6 +14,12 @@ fn main() -> ExitCode {
     if let Command::Ring(args) = cli.command {
         return commands::ring(args);
     }
+    if let Command::Token(args) = cli.command {
+        return commands::token(args);
+    }
+    if let Command::Cert(args) = cli.command {
+        return commands::cert(args);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -56,7 +62,7 @@ fn main() -> ExitCode {
             Command::Cluster {
                 command: ClusterCommand::Remove(args),
             } => cluster::remove(args).await,
-            Command::Ring(_) => ExitCode::SUCCESS,
+            Command::Ring(_) | Command::Token(_) | Command::Cert(_) => ExitCode::SUCCESS,
         }
     })
 }

@@ -53,6 +53,9 @@ pub struct Metrics {
     pub hedges: IntCounterVec,
     /// Requests refused at once because too few replicas were reachable, by op.
     pub fast_unavailable: IntCounterVec,
+    /// Calls checked against the node's auth settings, by outcome (`ok`, `unauthenticated`,
+    /// `permission_denied`). Nothing is counted on a node that does not require auth.
+    pub auth_requests: IntCounterVec,
     /// Per peer: smoothed round trip of replica calls and forwards (seconds), the hedge delay in
     /// use (seconds), and whether the peer is silent (1) to this node (set at scrape time).
     pub peer_rtt: GaugeVec,
@@ -299,6 +302,14 @@ impl Metrics {
             &["op"],
         )
         .expect("static metric definition");
+        let auth_requests = IntCounterVec::new(
+            Opts::new(
+                "dynakv_auth_requests_total",
+                "Calls checked for credentials, by outcome (ok, unauthenticated, permission_denied)",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric definition");
         let peer_rtt = GaugeVec::new(
             Opts::new(
                 "dynakv_peer_rtt_seconds",
@@ -396,6 +407,7 @@ impl Metrics {
             forwarded,
             hedges,
             fast_unavailable,
+            auth_requests,
             peer_rtt,
             peer_hedge_delay,
             peer_silent,
@@ -415,6 +427,7 @@ impl Metrics {
             Box::new(m.forwarded.clone()),
             Box::new(m.hedges.clone()),
             Box::new(m.fast_unavailable.clone()),
+            Box::new(m.auth_requests.clone()),
             Box::new(m.peer_rtt.clone()),
             Box::new(m.peer_hedge_delay.clone()),
             Box::new(m.peer_silent.clone()),

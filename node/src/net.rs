@@ -30,17 +30,24 @@ pub fn never_sent(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::Unavailable && status.message().starts_with(NOT_CONNECTED)
 }
 
-/// Dials `uri` over TCP from `local_ip` (when given) within `timeout`.
-async fn dial_tcp(
+/// A connection's byte stream: plain TCP or TLS over it.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// Where a dialler gets the TLS client configuration of each new connection (a node's is
+/// re-read from its files; the CLI's is fixed).
+pub type TlsSource = Arc<dyn Fn() -> Arc<rustls::ClientConfig> + Send + Sync>;
+
+/// Dials `uri` over TCP from `local_ip` (when given), then runs the TLS handshake when `tls` is
+/// given, all within `timeout`. A failed handshake is a [`NotConnected`] too: nothing was sent.
+pub async fn dial(
     uri: Uri,
     local_ip: Option<IpAddr>,
     timeout: Duration,
-) -> Result<TokioIo<tokio::net::TcpStream>, NotConnected> {
-    let address = format!(
-        "{}:{}",
-        uri.host().unwrap_or_default(),
-        uri.port_u16().unwrap_or(80)
-    );
+    tls: Option<TlsSource>,
+) -> Result<TokioIo<Box<dyn Io>>, NotConnected> {
+    let host = uri.host().unwrap_or_default().to_string();
+    let address = format!("{host}:{}", uri.port_u16().unwrap_or(80));
     let fail = |source| NotConnected {
         address: address.clone(),
         source,
@@ -59,10 +66,18 @@ async fn dial_tcp(
         }
         let stream = socket.connect(target).await?;
         stream.set_nodelay(true)?;
-        Ok(stream)
+        let io: Box<dyn Io> = match &tls {
+            Some(config) => Box::new(
+                crate::tls::connect(config(), &host, stream)
+                    .await
+                    .map_err(|e| std::io::Error::other(format!("TLS handshake: {e}")))?,
+            ),
+            None => Box::new(stream),
+        };
+        Ok(io)
     };
     match tokio::time::timeout(timeout, connect).await {
-        Ok(Ok(stream)) => Ok(TokioIo::new(stream)),
+        Ok(Ok(io)) => Ok(TokioIo::new(io)),
         Ok(Err(e)) => Err(fail(e)),
         Err(_) => Err(fail(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -85,11 +100,21 @@ impl Connector {
     /// Real TCP; outgoing connections are bound to `local_ip` when given. A failed connection
     /// attempt is a [`NotConnected`].
     pub fn tcp(local_ip: Option<IpAddr>, connect_timeout: Duration) -> Connector {
+        Self::tcp_tls(local_ip, connect_timeout, None)
+    }
+
+    /// Real TCP with TLS when `tls` is given (see [`dial`]).
+    pub fn tcp_tls(
+        local_ip: Option<IpAddr>,
+        connect_timeout: Duration,
+        tls: Option<TlsSource>,
+    ) -> Connector {
         Connector {
             connect_timeout: None,
             make: Arc::new(move |endpoint: Endpoint| {
+                let tls = tls.clone();
                 endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
-                    dial_tcp(uri, local_ip, connect_timeout)
+                    dial(uri, local_ip, connect_timeout, tls.clone())
                 }))
             }),
         }

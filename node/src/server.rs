@@ -26,6 +26,7 @@ use crate::replica::ReplicaService;
 use crate::storage::{
     Backend, MemoryBackend, RedbBackend, RedbOptions, StorageError, Store, StoreConfig, WriterMode,
 };
+use crate::tls::{HandshakeLimits, NodeTls};
 
 /// How long a stopping node lets in-flight requests finish before it closes connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -43,25 +44,39 @@ pub struct Env {
     pub wall: WallClock,
     pub connector: Connector,
     pub storage: StorageChoice,
+    /// The node's TLS material when its configuration asks for TLS; `connector` must then use
+    /// it for peer connections.
+    pub tls: Option<Arc<NodeTls>>,
 }
 
 impl Env {
-    /// Real time, real TCP leaving from the listen IP, redb.
-    pub fn real(config: &ValidConfig) -> Env {
+    /// Real time, real TCP leaving from the listen IP (with TLS when configured), redb.
+    pub fn real(config: &ValidConfig) -> Result<Env, ServeError> {
         let ip = config.raw.listen.ip();
-        Env {
+        let tls = match &config.raw.tls {
+            Some(files) => {
+                Some(NodeTls::load(files).map_err(|e| ServeError::Config(format!("tls: {e}")))?)
+            }
+            None => None,
+        };
+        let source = tls
+            .clone()
+            .map(|t| -> crate::net::TlsSource { Arc::new(move || t.client_config()) });
+        Ok(Env {
             wall: Arc::new(|| {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as u64)
                     .unwrap_or(0)
             }),
-            connector: Connector::tcp(
+            connector: Connector::tcp_tls(
                 (!ip.is_unspecified()).then_some(ip),
                 Duration::from_millis(config.raw.limits.peer_connect_timeout_ms),
+                source,
             ),
             storage: StorageChoice::Redb,
-        }
+            tls,
+        })
     }
 }
 
@@ -100,6 +115,28 @@ where
 {
     let raw = &config.raw;
     let metrics = Metrics::new();
+    let tls = match (&raw.tls, env.tls) {
+        (Some(files), Some(tls)) => Some((
+            tls,
+            HandshakeLimits {
+                max_in_progress: files.max_handshakes,
+                timeout: Duration::from_millis(files.handshake_timeout_ms),
+            },
+        )),
+        (None, None) => {
+            tracing::warn!(
+                "TLS is off: clients and peers talk in plain text and anyone who can reach \
+                 this port can read and write every key. Use it only to try DynaKV out; \
+                 set `tls` (see docs/security.md) for anything else"
+            );
+            None
+        }
+        _ => {
+            return Err(ServeError::Config(
+                "the configuration's `tls` and the environment's TLS material disagree".into(),
+            ));
+        }
+    };
     let (backend, writer): (Arc<dyn Backend>, WriterMode) = match env.storage {
         StorageChoice::Redb => {
             std::fs::create_dir_all(&raw.data_dir).map_err(|source| ServeError::DataDir {
@@ -252,6 +289,14 @@ where
     let admin = AdminServer::new(AdminService::new(node.clone(), rebalance.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tls_watch = tls
+        .as_ref()
+        .map(|(t, _)| tokio::spawn(t.clone().watch(stop_rx.clone())));
+    let auth = crate::auth::AuthLayer::new(crate::auth::AuthSettings {
+        required: config.auth_required,
+        tokens: Arc::new(crate::auth::Tokens::new(&raw.auth.tokens)),
+        outcomes: metrics.auth_requests.clone(),
+    });
     let metrics_task = metrics_listener.map(|listener| {
         let node = node.clone();
         let mut stop = stop_rx.clone();
@@ -312,6 +357,7 @@ where
         ))
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .layer(auth)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(kv)
@@ -328,6 +374,7 @@ where
     });
     let mut graceful = signal_rx.clone();
     let mut hard = signal_rx;
+    let incoming = crate::tls::incoming(incoming, tls);
     let serving = server.serve_with_incoming_shutdown(incoming, async move {
         let _ = graceful.wait_for(|s| *s).await;
     });
@@ -357,6 +404,9 @@ where
     }
     let _ = stop_tx.send(true);
     if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    if let Some(t) = tls_watch {
         let _ = t.await;
     }
     for t in background {

@@ -21,9 +21,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::client::{Conn, Credentials};
 use bytes::Bytes;
 use clap::Args;
-use tonic::transport::{Channel, Endpoint};
 
 pub use report::{Report, Target};
 pub use runner::{Driver, Outcome, Session, run as run_workload};
@@ -47,6 +47,8 @@ pub struct BenchArgs {
     /// Nodes to talk to, comma-separated host:port; connections are spread over them.
     #[arg(long, short = 'e', env = "DYNAKV_ENDPOINT", default_value = DEFAULT_ENDPOINTS)]
     pub endpoint: String,
+    #[command(flatten)]
+    pub credentials: super::CredentialArgs,
     /// Read quorum of every Get: ONE, QUORUM, ALL or a number (default: the cluster's).
     #[arg(long, short = 'r')]
     pub r: Option<QuorumSetting>,
@@ -77,7 +79,8 @@ pub struct BenchArgs {
 
 /// DynaKV under test: `channels` connections spread over the endpoints.
 pub struct DynaKvDriver {
-    channels: Vec<Channel>,
+    channels: Vec<Conn>,
+    credentials: Credentials,
     consistency: proto::Consistency,
     contexts: Option<Arc<ContextCache>>,
     router: Option<Arc<route::Router>>,
@@ -93,10 +96,12 @@ impl DynaKvDriver {
         request_timeout: Duration,
         consistency: proto::Consistency,
         contexts: Option<Arc<ContextCache>>,
+        credentials: &Credentials,
     ) -> Result<DynaKvDriver, tonic::Status> {
-        let channels = connect_channels(endpoints, channels, request_timeout).await?;
+        let channels = connect_channels(endpoints, channels, request_timeout, credentials).await?;
         Ok(DynaKvDriver {
             channels,
+            credentials: credentials.clone(),
             consistency,
             contexts,
             router: None,
@@ -110,7 +115,7 @@ impl DynaKvDriver {
         request_timeout: Duration,
     ) -> Result<DynaKvDriver, tonic::Status> {
         self.router = Some(
-            route::Router::start(endpoints, request_timeout)
+            route::Router::start(endpoints, request_timeout, &self.credentials)
                 .await
                 .map_err(tonic::Status::invalid_argument)?,
         );
@@ -173,7 +178,8 @@ pub async fn connect_channels(
     endpoints: &[String],
     count: usize,
     request_timeout: Duration,
-) -> Result<Vec<Channel>, tonic::Status> {
+    credentials: &Credentials,
+) -> Result<Vec<Conn>, tonic::Status> {
     if endpoints.is_empty() {
         return Err(tonic::Status::invalid_argument("no endpoint given"));
     }
@@ -183,24 +189,12 @@ pub async fn connect_channels(
         let mut connected = None;
         for k in 0..endpoints.len() {
             let ep = &endpoints[(j + k) % endpoints.len()];
-            let uri = if ep.contains("://") {
-                ep.clone()
-            } else {
-                format!("http://{ep}")
-            };
-            let endpoint = match Endpoint::from_shared(uri) {
+            let endpoint = match credentials.endpoint(ep) {
                 Ok(e) => e,
-                Err(e) => {
-                    return Err(tonic::Status::invalid_argument(format!(
-                        "endpoint {ep:?}: {e}"
-                    )));
-                }
+                Err(e) => return Err(tonic::Status::invalid_argument(e)),
             };
-            let endpoint = endpoint
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(request_timeout)
-                .tcp_nodelay(true);
-            match endpoint.connect().await {
+            let endpoint = endpoint.timeout(request_timeout).tcp_nodelay(true);
+            match credentials.connect(endpoint, Duration::from_secs(2)).await {
                 Ok(ch) => {
                     connected = Some(ch);
                     break;
@@ -249,7 +243,7 @@ impl Driver for DynaKvDriver {
 
 /// One client task on one connection (and, when routing, the router's connections).
 pub struct DynaKvSession {
-    client: KvClient<Channel>,
+    client: KvClient<Conn>,
     consistency: proto::Consistency,
     contexts: Option<Arc<ContextCache>>,
     router: Option<Arc<route::Router>>,
@@ -259,7 +253,7 @@ pub struct DynaKvSession {
 impl DynaKvSession {
     /// The client to send `key` with: a replica's connection when routing knows one, else the
     /// session's own; with the endpoint it goes to, if routed.
-    fn client_for(&self, key: &[u8]) -> (KvClient<Channel>, Option<usize>) {
+    fn client_for(&self, key: &[u8]) -> (KvClient<Conn>, Option<usize>) {
         if let Some(router) = &self.router
             && let Some(endpoint) = router.pick(key, self.task)
         {
@@ -442,13 +436,23 @@ pub async fn run(args: BenchArgs) -> ExitCode {
     // (or --timeout-ms) is the one that applies.
     let client_timeout = Duration::from_millis(u64::from(args.timeout_ms.unwrap_or(0)) + 30_000);
     let contexts = (!args.blind_writes).then(|| Arc::new(ContextCache::new(args.workload.keys)));
-    let driver =
-        match DynaKvDriver::connect(&endpoints, channels, client_timeout, consistency, contexts)
-            .await
-        {
-            Ok(d) => d,
-            Err(s) => return fail(args.output, s.code(), s.message()),
-        };
+    let credentials = match Credentials::from_args(&args.credentials, &args.endpoint) {
+        Ok(c) => c,
+        Err(e) => return fail(args.output, e.code, &e.message),
+    };
+    let driver = match DynaKvDriver::connect(
+        &endpoints,
+        channels,
+        client_timeout,
+        consistency,
+        contexts,
+        &credentials,
+    )
+    .await
+    {
+        Ok(d) => d,
+        Err(s) => return fail(args.output, s.code(), s.message()),
+    };
     let driver = if args.no_routing {
         driver
     } else {

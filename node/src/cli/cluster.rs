@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use clap::Args;
 use serde_json::json;
-use tonic::transport::Channel;
 
-use super::client::{self, ClientError};
+use super::client::{self, ClientError, Conn};
 use super::{ClientArgs, OutputFormat};
 use crate::proto::admin_client::AdminClient;
 use crate::proto::{
@@ -97,8 +96,8 @@ impl Goal<'_> {
     }
 }
 
-async fn admin(args: &ClientArgs) -> Result<AdminClient<Channel>, ClientError> {
-    let (channel, _) = client::connect(&args.endpoint).await?;
+async fn admin(args: &ClientArgs) -> Result<AdminClient<Conn>, ClientError> {
+    let (channel, _) = client::connect_args(args).await?;
     Ok(AdminClient::new(channel))
 }
 
@@ -277,7 +276,7 @@ fn done(format: OutputFormat, s: &ClusterStatusResponse) {
 
 /// Polls the cluster's status until `goal` holds, showing progress; the status that met it.
 async fn wait(
-    client: &mut AdminClient<Channel>,
+    client: &mut AdminClient<Conn>,
     goal: Goal<'_>,
     format: OutputFormat,
     opts: &WaitArgs,

@@ -86,6 +86,14 @@ pub fn serve_config(args: &ServeArgs) -> anyhow::Result<Config> {
     set!(config.limits.max_value_bytes, args.max_value_bytes);
     set!(config.limits.request_timeout_ms, args.request_timeout_ms);
     set!(config.log.format, args.log_format);
+    if let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        config.tls = Some(crate::config::TlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+            ..config.tls.unwrap_or_default()
+        });
+    }
     Ok(config)
 }
 
@@ -124,9 +132,67 @@ pub async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let env = crate::server::Env::real(&config);
+    let env = crate::server::Env::real(&config)?;
     crate::server::run(incoming, metrics, config, env, shutdown_signal()).await?;
     Ok(())
+}
+
+/// `dynakv cert`: a node certificate from the CA in `args.dir`.
+pub fn cert(args: super::CertArgs) -> ExitCode {
+    if let Err(e) = dynakv_core::NodeId::new(&args.node) {
+        eprintln!("error: --node {:?}: {e}", args.node);
+        return ExitCode::from(2);
+    }
+    let dir = std::path::absolute(&args.dir).unwrap_or(args.dir.clone());
+    match crate::tls::write_dev_pki(&dir, &[(args.node.clone(), args.ip)]) {
+        Ok(pki) => {
+            // Client commands on this machine find the CA for this address from now on.
+            if let Err(e) = super::client::record_dev_tls_dir(&args.ip.to_string(), Some(&dir)) {
+                eprintln!("warning: cannot record the CA for {}: {e}", args.ip);
+            }
+            println!(
+                "{} {} (CA {})",
+                pki.node_cert(&args.node).display(),
+                pki.node_key(&args.node).display(),
+                pki.ca.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `dynakv token`: 32 random bytes from the operating system, base64url, and its digest.
+pub fn token(args: super::TokenArgs) -> ExitCode {
+    use base64::Engine as _;
+    let mut bytes = [0u8; 32];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        eprintln!("error: the operating system's random source failed");
+        return ExitCode::FAILURE;
+    }
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let sha256 = crate::auth::digest_hex(&token);
+    match args.output {
+        OutputFormat::Json => println!(
+            "{}",
+            json!({ "token": token, "name": args.name, "role": args.role, "sha256": sha256 })
+        ),
+        OutputFormat::Text => {
+            println!(
+                "token (give it to {}; it is not stored anywhere): {token}",
+                args.name
+            );
+            println!("config entry for every node:");
+            println!(
+                "auth:\n  tokens:\n    - name: {:?}\n      role: {}\n      sha256: {sha256}",
+                args.name, args.role
+            );
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
@@ -166,7 +232,7 @@ fn fail(format: OutputFormat, e: ClientError) -> ExitCode {
     ExitCode::from(e.exit_code())
 }
 
-async fn kv(args: &ClientArgs) -> Result<KvClient<tonic::transport::Channel>, ClientError> {
+async fn kv(args: &ClientArgs) -> Result<KvClient<client::Conn>, ClientError> {
     // The node enforces --timeout-ms; the channel bound only guards against a node that never
     // answers at all.
     let bound = args
@@ -174,7 +240,12 @@ async fn kv(args: &ClientArgs) -> Result<KvClient<tonic::transport::Channel>, Cl
         .map_or(client::DEFAULT_REQUEST_TIMEOUT, |ms| {
             std::time::Duration::from_millis(u64::from(ms) + 1000)
         });
-    let (channel, _) = client::connect_with_timeout(&args.endpoint, bound).await?;
+    let (channel, _) = client::connect_with_timeout(
+        &args.endpoint,
+        &client::Credentials::from_args(&args.credentials, &args.endpoint)?,
+        bound,
+    )
+    .await?;
     Ok(KvClient::new(channel)
         .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES))
@@ -350,7 +421,7 @@ pub async fn delete(args: DeleteArgs) -> ExitCode {
 pub async fn cluster_status(args: StatusArgs) -> ExitCode {
     let format = args.client.output;
     let result = async {
-        let (channel, endpoint) = client::connect(&args.client.endpoint).await?;
+        let (channel, endpoint) = client::connect_args(&args.client).await?;
         let resp = AdminClient::new(channel)
             .cluster_status(ClusterStatusRequest {})
             .await?
@@ -405,8 +476,13 @@ pub async fn cluster_status(args: StatusArgs) -> ExitCode {
 /// Asks every member for its Merkle roots and compares each pair both ways.
 pub async fn cluster_roots(args: StatusArgs) -> ExitCode {
     let format = args.client.output;
+    let credentials =
+        match client::Credentials::from_args(&args.client.credentials, &args.client.endpoint) {
+            Ok(c) => c,
+            Err(e) => return fail(format, e),
+        };
     let status = async {
-        let (channel, _) = client::connect(&args.client.endpoint).await?;
+        let (channel, _) = client::connect(&args.client.endpoint, &credentials).await?;
         Ok::<_, ClientError>(
             AdminClient::new(channel)
                 .cluster_status(ClusterStatusRequest {})
@@ -422,7 +498,7 @@ pub async fn cluster_roots(args: StatusArgs) -> ExitCode {
     let mut nodes = Vec::new();
     for m in &status.members {
         let answer = async {
-            let (channel, _) = client::connect(&m.address).await?;
+            let (channel, _) = client::connect(&m.address, &credentials).await?;
             Ok::<_, ClientError>(
                 AdminClient::new(channel)
                     .node_status(NodeStatusRequest {})

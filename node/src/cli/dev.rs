@@ -13,7 +13,9 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::config::{Config, ConflictMode, MemberConfig, QuorumSetting};
+use super::client::{Credentials, record_dev_tls_dir};
+use crate::config::{Config, ConflictMode, MemberConfig, QuorumSetting, TlsConfig};
+use crate::tls::DevPki;
 
 #[derive(Args, Debug, Clone)]
 pub struct DevArgs {
@@ -48,6 +50,12 @@ pub struct DevArgs {
     /// docs/configuration.md).
     #[arg(long = "set", value_name = "FIELD=VALUE")]
     pub set: Vec<String>,
+    /// Plain text and no authentication. By default the cluster uses TLS everywhere, with a
+    /// throwaway CA, node certificates and an admin client certificate written to
+    /// `<data-dir>/tls`, and requires credentials; client commands on this machine find them on
+    /// their own.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// Applies `field.path=value` overrides to a config through its serialized form, so every field
@@ -117,6 +125,7 @@ fn plan(args: &DevArgs) -> Result<(Vec<DevNode>, Vec<Config>), String> {
             zone: None,
         })
         .collect();
+    let pki = tls_dir(args).map(|dir| DevPki::at(&dir));
     let configs = nodes
         .iter()
         .map(|n| {
@@ -133,6 +142,12 @@ fn plan(args: &DevArgs) -> Result<(Vec<DevNode>, Vec<Config>), String> {
             c.replication.conflict_mode = conflict_mode;
             c.replication.read_quorum = args.read_quorum;
             c.replication.write_quorum = args.write_quorum;
+            c.tls = pki.as_ref().map(|pki| TlsConfig {
+                cert: pki.node_cert(&n.id),
+                key: pki.node_key(&n.id),
+                ca: pki.ca.clone(),
+                ..TlsConfig::default()
+            });
             apply_overrides(&c, &args.set)
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -140,6 +155,15 @@ fn plan(args: &DevArgs) -> Result<(Vec<DevNode>, Vec<Config>), String> {
         c.clone().validate().map_err(|e| e.to_string())?;
     }
     Ok((nodes, configs))
+}
+
+/// Where the cluster's certificates go (absolute, as client commands find it from anywhere), or
+/// `None` with `--insecure`.
+fn tls_dir(args: &DevArgs) -> Option<PathBuf> {
+    (!args.insecure).then(|| {
+        let dir = args.data_dir.join("tls");
+        std::path::absolute(&dir).unwrap_or(dir)
+    })
 }
 
 fn write_config(path: &Path, config: &Config) -> std::io::Result<()> {
@@ -154,10 +178,10 @@ fn write_config(path: &Path, config: &Config) -> std::io::Result<()> {
     std::fs::write(path, text)
 }
 
-async fn wait_serving(addr: SocketAddr, timeout: Duration) -> bool {
+async fn wait_serving(addr: SocketAddr, credentials: &Credentials, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
-        if serving(addr).await {
+        if serving(addr, credentials).await {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -165,15 +189,11 @@ async fn wait_serving(addr: SocketAddr, timeout: Duration) -> bool {
     false
 }
 
-async fn serving(addr: SocketAddr) -> bool {
-    let Ok(ep) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+async fn serving(addr: SocketAddr, credentials: &Credentials) -> bool {
+    let Ok(ep) = credentials.endpoint(&addr.to_string()) else {
         return false;
     };
-    let Ok(ch) = ep
-        .connect_timeout(Duration::from_millis(300))
-        .connect()
-        .await
-    else {
+    let Ok(ch) = credentials.connect(ep, Duration::from_millis(300)).await else {
         return false;
     };
     let check = HealthClient::new(ch)
@@ -215,6 +235,13 @@ pub async fn run(args: DevArgs) -> ExitCode {
         args.n,
         args.data_dir.display()
     );
+    let credentials = match prepare_tls(&args, &nodes) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     for (node, config) in nodes.iter().zip(&configs) {
         if let Err(e) = write_config(&node.config_path, config) {
             eprintln!("error: cannot write {}: {e}", node.config_path.display());
@@ -275,7 +302,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
         }
     }
     for node in &nodes {
-        if !wait_serving(node.grpc, Duration::from_secs(30)).await {
+        if !wait_serving(node.grpc, &credentials, Duration::from_secs(30)).await {
             eprintln!(
                 "error: {} did not become ready within 30 s; see {}",
                 node.id,
@@ -316,8 +343,49 @@ pub async fn run(args: DevArgs) -> ExitCode {
     }
     println!("stopping {} nodes...", children.len());
     stop_all(&mut children).await;
+    for node in &nodes {
+        let _ = record_dev_tls_dir(&node.grpc.to_string(), None);
+    }
     println!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Writes the throwaway CA and certificates (unless `--insecure`), records where they are for
+/// client commands on this machine, and returns the credentials to check the nodes with.
+fn prepare_tls(args: &DevArgs, nodes: &[DevNode]) -> Result<Credentials, String> {
+    let Some(dir) = tls_dir(args) else {
+        eprintln!(
+            "WARNING: --insecure: TLS and authentication are OFF. Anyone who can reach these \
+             addresses can read and write every key. Use it only on a machine of your own."
+        );
+        for node in nodes {
+            record_dev_tls_dir(&node.grpc.to_string(), None)
+                .map_err(|e| format!("cannot clear the dev cluster registry: {e}"))?;
+        }
+        return Ok(Credentials::default());
+    };
+    let ids: Vec<(String, IpAddr)> = nodes.iter().map(|n| (n.id.clone(), n.grpc.ip())).collect();
+    let pki = crate::tls::write_dev_pki(&dir, &ids).map_err(|e| e.to_string())?;
+    for node in nodes {
+        record_dev_tls_dir(&node.grpc.to_string(), Some(&dir)).map_err(|e| {
+            format!(
+                "cannot record the cluster's TLS directory in {}: {e}",
+                super::client::dev_registry().display()
+            )
+        })?;
+    }
+    println!(
+        "  TLS on, credentials required: CA {}, admin client certificate {} (client commands on \
+         this machine use them on their own; elsewhere pass --ca, --cert and --key)",
+        pki.ca.display(),
+        pki.client_cert.display()
+    );
+    Credentials::from_files(
+        Some(&pki.ca),
+        Some((&pki.client_cert, &pki.client_key)),
+        None,
+    )
+    .map_err(|e| e.message)
 }
 
 async fn stop_all(children: &mut Vec<(String, Child)>) {
@@ -352,6 +420,7 @@ mod tests {
             read_quorum: QuorumSetting::Quorum,
             write_quorum: QuorumSetting::Quorum,
             set: Vec::new(),
+            insecure: false,
         }
     }
 
@@ -372,6 +441,12 @@ mod tests {
         let ips: Vec<String> = nodes.iter().map(|n| n.grpc.ip().to_string()).collect();
         assert_eq!(ips, ["127.0.0.2", "127.0.0.3", "127.0.0.4"]);
         assert!(configs.iter().all(|c| c.members.len() == 3));
+        let tls = configs[1].tls.as_ref().expect("TLS by default");
+        assert_eq!(tls.cert, PathBuf::from("/tmp/x/tls/n2.pem"));
+        assert_eq!(tls.ca, PathBuf::from("/tmp/x/tls/ca.pem"));
+        let mut insecure = args();
+        insecure.insecure = true;
+        assert!(plan(&insecure).unwrap().1.iter().all(|c| c.tls.is_none()));
     }
 
     #[test]

@@ -26,7 +26,8 @@ pub const DEFAULT_ENDPOINTS: &str = "127.0.0.2:7100,127.0.0.3:7100,127.0.0.4:710
         Start a local cluster with `dynakv dev`, then `dynakv put KEY VALUE` and `dynakv get KEY`.",
     after_help = "Exit codes of client commands: 0 ok, 1 other error, 2 usage, 3 invalid argument, \
         4 unavailable (quorum not reached or no node reachable), 5 deadline exceeded, \
-        6 resource exhausted (overloaded or too many siblings)."
+        6 resource exhausted (overloaded or too many siblings), 7 unauthenticated or permission \
+        denied."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -54,6 +55,25 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Print the ring's ownership table for a set of nodes (no cluster needed).
     Ring(RingArgs),
+    /// Issue a node certificate from a local throwaway CA (the one `dynakv dev` made), for a
+    /// node added to a dev cluster by hand: writes `<dir>/<node>.pem` and `<dir>/<node>-key.pem`.
+    Cert(CertArgs),
+    /// Make a bearer token for a client: prints the token (give it to the client) and the
+    /// `auth.tokens` entry that holds only its SHA-256 (put it in every node's config).
+    Token(TokenArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// Who holds the token (shown in errors and logs, never the token itself).
+    #[arg(long)]
+    pub name: String,
+    /// read, write or admin.
+    #[arg(long, value_parser = ["read", "write", "admin"])]
+    pub role: String,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -75,11 +95,35 @@ pub enum ClusterCommand {
     Roots(StatusArgs),
 }
 
+/// How a client proves who it is and checks whom it talks to.
+#[derive(Args, Debug, Clone, Default)]
+pub struct CredentialArgs {
+    /// CA certificate (PEM) that signed the nodes' certificates; turns TLS on. Default: the CA
+    /// of the `dynakv dev` cluster serving the endpoint on this machine, if any.
+    #[arg(long, env = "DYNAKV_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) naming a role (URI SAN urn:dynakv:role:<role>). Default with
+    /// a dev cluster's CA and no --token: that cluster's admin certificate.
+    #[arg(long, env = "DYNAKV_CERT", requires = "cert_key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long = "key", id = "cert_key", env = "DYNAKV_KEY", requires = "cert")]
+    pub cert_key: Option<PathBuf>,
+    /// Bearer token, sent as `authorization: Bearer <token>`.
+    #[arg(long, env = "DYNAKV_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Plain text, without looking for a dev cluster's CA.
+    #[arg(long, conflicts_with = "ca")]
+    pub plaintext: bool,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
     /// Node(s) to talk to, comma-separated host:port; the next is tried when one is unreachable.
     #[arg(long, short = 'e', env = "DYNAKV_ENDPOINT", default_value = DEFAULT_ENDPOINTS)]
     pub endpoint: String,
+    #[command(flatten)]
+    pub credentials: CredentialArgs,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
@@ -234,4 +278,38 @@ pub struct ServeArgs {
     /// "text" or "json" logs (config: log.format).
     #[arg(long)]
     pub log_format: Option<String>,
+    /// This node's certificate chain, PEM (config: tls.cert); with --tls-key and --tls-ca,
+    /// turns TLS and authentication on.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (config: tls.key).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// CA that signs node and client certificates (config: tls.ca).
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CertArgs {
+    /// Directory of the CA (`ca.pem`, `ca-key.pem`), created with a new throwaway CA if it
+    /// has none; `dynakv dev` keeps its CA in `<data-dir>/tls`.
+    #[arg(long, default_value = ".dynakv/dev/tls")]
+    pub dir: PathBuf,
+    /// Node id the certificate names (URI SAN urn:dynakv:node:<id>).
+    #[arg(long)]
+    pub node: String,
+    /// IP address the node listens on (the certificate is valid for it and for localhost).
+    #[arg(long)]
+    pub ip: std::net::IpAddr,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // Clap checks argument ids, conflicts and requirements only when a command is parsed;
+        // this checks every subcommand at once.
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

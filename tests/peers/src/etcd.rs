@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dynakv_node::cli::bench::{Driver, Outcome, Session, connect_channels};
-use tonic::transport::Channel;
+use dynakv_node::cli::client::{Conn, Credentials};
 
 use crate::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use crate::etcdserverpb::kv_client::KvClient;
@@ -17,7 +17,7 @@ use crate::etcdserverpb::{Compare, PutRequest, RangeRequest, RequestOp, TxnReque
 
 /// An etcd cluster under test: `channels` connections spread over its members.
 pub struct EtcdDriver {
-    channels: Vec<Channel>,
+    channels: Vec<Conn>,
     serializable: bool,
 }
 
@@ -32,7 +32,13 @@ impl EtcdDriver {
         serializable: bool,
     ) -> Result<EtcdDriver, tonic::Status> {
         Ok(EtcdDriver {
-            channels: connect_channels(endpoints, channels, request_timeout).await?,
+            channels: connect_channels(
+                endpoints,
+                channels,
+                request_timeout,
+                &Credentials::default(),
+            )
+            .await?,
             serializable,
         })
     }
@@ -51,7 +57,7 @@ impl Driver for EtcdDriver {
 
 /// One client task on one connection.
 pub struct EtcdSession {
-    client: KvClient<Channel>,
+    client: KvClient<Conn>,
     serializable: bool,
 }
 

@@ -505,6 +505,7 @@ impl Harness {
                             backend,
                             WriterMode::Task(tokio::runtime::Handle::current()),
                         ),
+                        tls: None,
                     };
                     dynakv_node::server::run(
                         crate::net::incoming(listener),

@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use crate::cli::client::{Conn, Credentials};
 use dynakv_core::NodeId;
 use dynakv_core::hash::key_position;
 use dynakv_core::ring::{NodeSpec, Ring};
-use tonic::transport::Channel;
 
 use crate::proto::kv_client::KvClient;
 use crate::proto::{Receipt, RingRequest, RingResponse};
@@ -98,7 +98,7 @@ fn strip_scheme(endpoint: &str) -> &str {
 pub struct Router {
     endpoints: Vec<String>,
     /// One connection per endpoint, for routed requests.
-    channels: Vec<Channel>,
+    channels: Vec<Conn>,
     route: RwLock<Option<Arc<Route>>>,
     stale: AtomicBool,
     started: Instant,
@@ -113,23 +113,17 @@ impl Router {
     pub async fn start(
         endpoints: &[String],
         request_timeout: Duration,
+        credentials: &Credentials,
     ) -> Result<Arc<Router>, String> {
         let channels = endpoints
             .iter()
             .map(|ep| {
-                let uri = if ep.contains("://") {
-                    ep.clone()
-                } else {
-                    format!("http://{ep}")
-                };
-                tonic::transport::Endpoint::from_shared(uri)
-                    .map(|e| {
-                        e.connect_timeout(Duration::from_secs(2))
-                            .timeout(request_timeout)
-                            .tcp_nodelay(true)
-                            .connect_lazy()
-                    })
-                    .map_err(|e| format!("endpoint {ep:?}: {e}"))
+                credentials.endpoint(ep).map(|e| {
+                    credentials.connect_lazy(
+                        e.timeout(request_timeout).tcp_nodelay(true),
+                        Duration::from_secs(2),
+                    )
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let router = Arc::new(Router {
@@ -169,7 +163,7 @@ impl Router {
         Some(replicas[task % replicas.len()])
     }
 
-    pub fn client(&self, endpoint: usize) -> KvClient<Channel> {
+    pub fn client(&self, endpoint: usize) -> KvClient<Conn> {
         KvClient::new(self.channels[endpoint].clone())
             .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
@@ -352,9 +346,8 @@ mod tests {
             channels: endpoints
                 .iter()
                 .map(|e| {
-                    tonic::transport::Endpoint::from_shared(format!("http://{e}"))
-                        .unwrap()
-                        .connect_lazy()
+                    let c = Credentials::default();
+                    c.connect_lazy(c.endpoint(e).unwrap(), Duration::from_secs(1))
                 })
                 .collect(),
             avoid_until: endpoints.iter().map(|_| AtomicU64::new(0)).collect(),
