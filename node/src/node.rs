@@ -321,6 +321,8 @@ pub struct WriteRequest {
 
 /// Background tasks (late replica answers, read repair) a node keeps at once, at most.
 const MAX_BACKGROUND_TASKS: usize = 16 * 1024;
+/// Stray keys remembered one by one; past it a full sweep finds them.
+const MAX_STRAY_KEYS: usize = 4096;
 
 /// Everything one node holds. Shared behind an `Arc` by the services and background tasks.
 pub struct Node {
@@ -352,8 +354,12 @@ pub struct Node {
     /// must (see [`Node::wait_for_cluster`]). Until then the node knows nothing of a ring change
     /// under way, or nothing of the ring at all: it coordinates no request and drives no change.
     heard_from_cluster: std::sync::atomic::AtomicBool,
-    /// Set when a replica write stores a key this node holds in no live ring (a coordinator
-    /// whose view lagged behind a committed change): the rebalance driver drops such keys again.
+    /// Keys a replica write stored although this node holds them in no live ring (a
+    /// coordinator whose view lagged behind a committed change), for the rebalance driver to
+    /// drop within a tick; at most [`MAX_STRAY_KEYS`].
+    stray_keys: Mutex<Vec<Vec<u8>>>,
+    /// Set when a stray key did not fit in `stray_keys`: the rebalance driver sweeps all of
+    /// storage again.
     stray_writes: std::sync::atomic::AtomicBool,
     view: RwLock<Arc<ClusterView>>,
     /// Coordinated requests in flight, by the view seq they started on.
@@ -665,6 +671,7 @@ impl Node {
             unsynced: Default::default(),
             stopping: Default::default(),
             heard_from_cluster: std::sync::atomic::AtomicBool::new(true),
+            stray_keys: Mutex::new(Vec::new()),
             stray_writes: std::sync::atomic::AtomicBool::new(false),
             peers,
             metrics,
@@ -724,8 +731,25 @@ impl Node {
         (view, guard)
     }
 
-    /// Whether a replica write stored a key this node holds in no live ring since the last
-    /// call; clears the mark.
+    /// The stray keys noted since the last call (see [`Node::note_stray`]).
+    pub fn take_stray_keys(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut *self.stray_keys.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Notes a key stored here that this node holds in no live ring, to be dropped; past
+    /// [`MAX_STRAY_KEYS`] only the mark for a full sweep is set.
+    pub fn note_stray(&self, key: Vec<u8>) {
+        let mut keys = self.stray_keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.len() < MAX_STRAY_KEYS {
+            keys.push(key);
+        } else {
+            self.stray_writes
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Whether stray keys overflowed [`MAX_STRAY_KEYS`] since the last call (a full sweep is
+    /// due); clears the mark.
     pub fn take_stray_writes(&self) -> bool {
         self.stray_writes
             .swap(false, std::sync::atomic::Ordering::SeqCst)
@@ -1645,8 +1669,7 @@ impl Node {
             Some((old, new)) => {
                 let view = self.view();
                 if !view.rings.holds(key_position(&key), self.n()) {
-                    self.stray_writes
-                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    self.note_stray(key.clone());
                 }
                 let peers = self.co_replicas(&view, &stored_key);
                 self.trees

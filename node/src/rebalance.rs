@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dynakv_core::NodeId;
+use dynakv_core::hash::key_position;
 use dynakv_core::membership::{ChangeKind, Lifecycle, NodeMetadata};
 use dynakv_core::ring::NodeSpec;
 use dynakv_core::transition::{LocalProgress, Phase};
@@ -28,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::handoff::{self, Live};
 use crate::node::{Node, split_data_key};
-use crate::storage::{ScanLimit, StorageError, Store, Table};
+use crate::storage::{ScanLimit, StorageError, Store, Table, data_key};
 
 const METADATA_KEY: &[u8] = b"ring.own_metadata";
 const COMMITTED_RING_KEY: &[u8] = b"ring.committed";
@@ -252,10 +253,58 @@ async fn step(node: &Arc<Node>, rebalance: &Rebalance, d: &mut Driver) -> Result
             }
         }));
     }
+    // Late replica writes of keys this node holds in no live ring: drop them now, one by one,
+    // rather than at the next full sweep.
+    if d.dropping.as_ref().is_none_or(|t| t.is_finished()) && rings.changes().is_empty() {
+        let keys = node.take_stray_keys();
+        if !keys.is_empty() {
+            let node = node.clone();
+            d.dropping = Some(tokio::spawn(async move {
+                match drop_stray(&node, keys).await {
+                    Ok(0) => {}
+                    Ok(keys) => tracing::info!(
+                        keys,
+                        "dropped late writes of keys this node no longer replicates"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "could not drop late writes"),
+                }
+            }));
+        }
+    }
     node.metrics
         .ring_versions_live
         .set(rings.write_rings().len() as i64);
     Ok(())
+}
+
+/// Deletes each of `keys` this node still holds in no live ring (each only if unchanged since
+/// it was read). A change that appears meanwhile hands the rest back for later.
+async fn drop_stray(node: &Node, keys: Vec<Vec<u8>>) -> Result<u64, StorageError> {
+    let n = node.n();
+    let mut dropped = 0u64;
+    let mut keys = keys.into_iter();
+    while let Some(key) = keys.next() {
+        let view = node.view();
+        if !view.rings.changes().is_empty() {
+            node.note_stray(key);
+            keys.for_each(|k| node.note_stray(k));
+            break;
+        }
+        if view.rings.holds(key_position(&key), n) {
+            continue;
+        }
+        let Some(value) = node.store.get(Table::Data, &data_key(&key))? else {
+            continue;
+        };
+        if node
+            .purge_local(&key, dynakv_core::hash::hash128(&value))
+            .await?
+        {
+            dropped += 1;
+            node.metrics.handoff_dropped_keys.inc();
+        }
+    }
+    Ok(dropped)
 }
 
 /// Starts the handoff of `change` if it is not running, and notes when it finished.
