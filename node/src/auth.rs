@@ -15,9 +15,6 @@ use std::task::{Context, Poll};
 use prometheus::IntCounterVec;
 use tonic::codegen::http;
 
-use crate::config::TokenConfig;
-use crate::tls::{CertIdentity, ConnInfo};
-
 /// A client role. Each includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
@@ -49,6 +46,24 @@ impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// What a verified client certificate says about its holder (read by [`crate::tls`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertIdentity {
+    /// A node of the cluster.
+    Node(String),
+    /// A client with a role; `subject` is the certificate's subject, for logs and errors.
+    Role { subject: String, role: Role },
+    /// Neither (a certificate from the CA for some other purpose).
+    Other(String),
+}
+
+/// What the server side knows about a connection; tonic puts it in each request's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct ConnInfo {
+    /// The verified client certificate's identity, if the client presented one.
+    pub cert: Option<Arc<CertIdentity>>,
 }
 
 /// What a method needs.
@@ -125,15 +140,15 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// From validated configuration entries (entries that do not parse are skipped; config
+    /// From `(name, role, sha256 hex)` entries (entries that do not parse are skipped; config
     /// validation refuses them first).
-    pub fn new(entries: &[TokenConfig]) -> Tokens {
+    pub fn new<'a>(entries: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>) -> Tokens {
         let by_digest = entries
-            .iter()
-            .filter_map(|t| {
+            .into_iter()
+            .filter_map(|(name, role, sha256)| {
                 Some((
-                    parse_digest(&t.sha256)?,
-                    (t.name.clone(), Role::parse(&t.role)?),
+                    parse_digest(sha256)?,
+                    (name.to_string(), Role::parse(role)?),
                 ))
             })
             .collect();
@@ -417,11 +432,7 @@ mod tests {
 
     #[test]
     fn tokens_are_matched_by_digest() {
-        let tokens = Tokens::new(&[TokenConfig {
-            name: "app".into(),
-            role: "write".into(),
-            sha256: digest_hex("s3cret"),
-        }]);
+        let tokens = Tokens::new([("app", "write", digest_hex("s3cret").as_str())]);
         assert_eq!(
             principal(None, Some(b"Bearer s3cret"), &tokens),
             Ok(Some(client(Role::Write)))

@@ -81,12 +81,6 @@ pub struct TlsConfig {
     /// How often the files are checked for changes. Default 10 s.
     #[serde(default = "default_tls_reload_ms")]
     pub reload_interval_ms: u64,
-    /// Most TLS handshakes in progress at once; connections beyond it are closed at once. A
-    /// handshake not done within `handshake_timeout_ms` is dropped. Defaults 256 and 5 s.
-    #[serde(default = "default_max_handshakes")]
-    pub max_handshakes: usize,
-    #[serde(default = "default_handshake_timeout_ms")]
-    pub handshake_timeout_ms: u64,
 }
 
 impl Default for TlsConfig {
@@ -97,20 +91,12 @@ impl Default for TlsConfig {
             key: PathBuf::new(),
             ca: PathBuf::new(),
             reload_interval_ms: default_tls_reload_ms(),
-            max_handshakes: default_max_handshakes(),
-            handshake_timeout_ms: default_handshake_timeout_ms(),
         }
     }
 }
 
 fn default_tls_reload_ms() -> u64 {
     10_000
-}
-fn default_max_handshakes() -> usize {
-    256
-}
-fn default_handshake_timeout_ms() -> u64 {
-    5_000
 }
 
 /// Who may call what. With `required`, every call but the health check needs a principal:
@@ -283,6 +269,15 @@ pub struct LimitsConfig {
     pub sibling_warn: usize,
     /// Live siblings of one key past which writes are refused until a client resolves them.
     pub sibling_max: usize,
+    /// Connections open at once (clients and peers); one more is closed at once. Keep it below
+    /// the process's file descriptor limit (raised to its hard limit at start).
+    pub max_connections: usize,
+    /// Connections still in their TLS handshake or, in plain text, before the HTTP/2 preface;
+    /// one more is closed at once.
+    pub max_handshakes: usize,
+    /// A connection that has not finished its TLS handshake, or in plain text sent the HTTP/2
+    /// preface, by then is closed (a client that connects and sends nothing).
+    pub handshake_timeout_ms: u64,
 }
 
 /// Group commit settings.
@@ -370,6 +365,9 @@ impl Default for LimitsConfig {
             peer_connect_timeout_ms: 1_000,
             sibling_warn: 25,
             sibling_max: 100,
+            max_connections: 4096,
+            max_handshakes: 256,
+            handshake_timeout_ms: 5_000,
         }
     }
 }
@@ -487,14 +485,8 @@ impl Config {
         }
         let auth_required = self.auth.required.unwrap_or(self.tls.is_some());
         if let Some(tls) = &self.tls {
-            if tls.reload_interval_ms == 0
-                || tls.max_handshakes == 0
-                || tls.handshake_timeout_ms == 0
-            {
-                return err(
-                    "tls.reload_interval_ms, max_handshakes and handshake_timeout_ms must be above 0"
-                        .into(),
-                );
+            if tls.reload_interval_ms == 0 {
+                return err("tls.reload_interval_ms must be above 0".into());
             }
         } else if auth_required || !self.auth.tokens.is_empty() {
             return err(
@@ -539,6 +531,12 @@ impl Config {
             ("limits.peer_queue_len", l.peer_queue_len),
             ("limits.max_frame_messages", l.max_frame_messages),
             ("limits.sibling_max", l.sibling_max),
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_handshakes", l.max_handshakes),
+            (
+                "limits.handshake_timeout_ms",
+                l.handshake_timeout_ms as usize,
+            ),
             ("storage.max_batch_ops", self.storage.max_batch_ops),
             ("storage.max_batch_bytes", self.storage.max_batch_bytes),
             ("storage.queue_len", self.storage.queue_len),

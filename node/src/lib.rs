@@ -14,6 +14,7 @@
 //! - [`cli`]: the `dynakv` subcommands; [`proto`]: generated gRPC code.
 #![allow(clippy::result_large_err)]
 
+pub mod accept;
 pub mod admin;
 pub mod antientropy;
 pub mod auth;

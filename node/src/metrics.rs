@@ -56,6 +56,8 @@ pub struct Metrics {
     /// Calls checked against the node's auth settings, by outcome (`ok`, `unauthenticated`,
     /// `permission_denied`). Nothing is counted on a node that does not require auth.
     pub auth_requests: IntCounterVec,
+    /// `dynakv_connections_refused_total{reason}` and `dynakv_connections_open`.
+    pub accept: crate::accept::AcceptMetrics,
     /// Per peer: smoothed round trip of replica calls and forwards (seconds), the hedge delay in
     /// use (seconds), and whether the peer is silent (1) to this node (set at scrape time).
     pub peer_rtt: GaugeVec,
@@ -310,6 +312,22 @@ impl Metrics {
             &["outcome"],
         )
         .expect("static metric definition");
+        let accept = crate::accept::AcceptMetrics {
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "dynakv_connections_refused_total",
+                    "Connections closed before serving, by reason (limit, handshakes, timeout, \
+                     tls, preface)",
+                ),
+                &["reason"],
+            )
+            .expect("static metric definition"),
+            open: IntGauge::new(
+                "dynakv_connections_open",
+                "Connections open on the gRPC port (clients and peers)",
+            )
+            .expect("static metric definition"),
+        };
         let peer_rtt = GaugeVec::new(
             Opts::new(
                 "dynakv_peer_rtt_seconds",
@@ -408,6 +426,7 @@ impl Metrics {
             hedges,
             fast_unavailable,
             auth_requests,
+            accept,
             peer_rtt,
             peer_hedge_delay,
             peer_silent,
@@ -428,6 +447,8 @@ impl Metrics {
             Box::new(m.hedges.clone()),
             Box::new(m.fast_unavailable.clone()),
             Box::new(m.auth_requests.clone()),
+            Box::new(m.accept.refused.clone()),
+            Box::new(m.accept.open.clone()),
             Box::new(m.peer_rtt.clone()),
             Box::new(m.peer_hedge_delay.clone()),
             Box::new(m.peer_silent.clone()),

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::Connected;
 use tonic_health::ServingStatus;
 
+use crate::accept::AcceptLimits;
 use crate::admin::AdminService;
 use crate::config::ValidConfig;
 use crate::gossip::{Gossip, GossipSettings};
@@ -26,7 +27,7 @@ use crate::replica::ReplicaService;
 use crate::storage::{
     Backend, MemoryBackend, RedbBackend, RedbOptions, StorageError, Store, StoreConfig, WriterMode,
 };
-use crate::tls::{HandshakeLimits, NodeTls};
+use crate::tls::NodeTls;
 
 /// How long a stopping node lets in-flight requests finish before it closes connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -116,13 +117,7 @@ where
     let raw = &config.raw;
     let metrics = Metrics::new();
     let tls = match (&raw.tls, env.tls) {
-        (Some(files), Some(tls)) => Some((
-            tls,
-            HandshakeLimits {
-                max_in_progress: files.max_handshakes,
-                timeout: Duration::from_millis(files.handshake_timeout_ms),
-            },
-        )),
+        (Some(_), Some(tls)) => Some(tls),
         (None, None) => {
             tracing::warn!(
                 "TLS is off: clients and peers talk in plain text and anyone who can reach \
@@ -291,10 +286,15 @@ where
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let tls_watch = tls
         .as_ref()
-        .map(|(t, _)| tokio::spawn(t.clone().watch(stop_rx.clone())));
+        .map(|t| tokio::spawn(t.clone().watch(stop_rx.clone())));
     let auth = crate::auth::AuthLayer::new(crate::auth::AuthSettings {
         required: config.auth_required,
-        tokens: Arc::new(crate::auth::Tokens::new(&raw.auth.tokens)),
+        tokens: Arc::new(crate::auth::Tokens::new(
+            raw.auth
+                .tokens
+                .iter()
+                .map(|t| (t.name.as_str(), t.role.as_str(), t.sha256.as_str())),
+        )),
         outcomes: metrics.auth_requests.clone(),
     });
     let metrics_task = metrics_listener.map(|listener| {
@@ -374,7 +374,16 @@ where
     });
     let mut graceful = signal_rx.clone();
     let mut hard = signal_rx;
-    let incoming = crate::tls::incoming(incoming, tls);
+    let incoming = crate::accept::incoming(
+        incoming,
+        tls,
+        AcceptLimits {
+            max_connections: raw.limits.max_connections,
+            max_handshakes: raw.limits.max_handshakes,
+            handshake_timeout: Duration::from_millis(raw.limits.handshake_timeout_ms),
+        },
+        metrics.accept.clone(),
+    );
     let serving = server.serve_with_incoming_shutdown(incoming, async move {
         let _ = graceful.wait_for(|s| *s).await;
     });

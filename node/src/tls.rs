@@ -11,36 +11,22 @@
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tonic::transport::server::Connected;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::auth::Role;
+pub use crate::auth::{CertIdentity, ConnInfo};
 use crate::config::TlsConfig;
 
 /// URI SAN prefix of a node certificate.
 pub const NODE_URI_PREFIX: &str = "urn:dynakv:node:";
 /// URI SAN prefix of a client certificate's role.
 pub const ROLE_URI_PREFIX: &str = "urn:dynakv:role:";
-
-/// What a verified client certificate says about its holder.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CertIdentity {
-    /// A node of the cluster.
-    Node(String),
-    /// A client with a role; `subject` is the certificate's subject, for logs and errors.
-    Role { subject: String, role: Role },
-    /// Neither (a certificate from the CA for some other purpose).
-    Other(String),
-}
 
 /// The identity in a DER certificate (already verified against the CA by rustls). A node URI
 /// wins over a role URI.
@@ -68,13 +54,6 @@ pub fn identity_of(der: &[u8]) -> CertIdentity {
         Some(role) => CertIdentity::Role { subject, role },
         None => CertIdentity::Other(subject),
     }
-}
-
-/// What the server side knows about a connection; tonic puts it in each request's extensions.
-#[derive(Debug, Clone, Default)]
-pub struct ConnInfo {
-    /// The verified client certificate's identity, if the client presented one.
-    pub cert: Option<Arc<CertIdentity>>,
 }
 
 /// Why TLS material did not load.
@@ -273,156 +252,16 @@ impl NodeTls {
     }
 }
 
-/// A server-side connection: plain text, or TLS with the client's identity.
-pub enum ServerConn<IO> {
-    Plain(IO),
-    Tls(Box<tokio_rustls::server::TlsStream<IO>>, ConnInfo),
-}
-
-impl<IO> Connected for ServerConn<IO> {
-    type ConnectInfo = ConnInfo;
-
-    fn connect_info(&self) -> ConnInfo {
-        match self {
-            ServerConn::Plain(_) => ConnInfo::default(),
-            ServerConn::Tls(_, info) => info.clone(),
-        }
-    }
-}
-
-impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerConn<IO> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerConn::Plain(io) => Pin::new(io).poll_read(cx, buf),
-            ServerConn::Tls(io, _) => Pin::new(io.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerConn<IO> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ServerConn::Plain(io) => Pin::new(io).poll_write(cx, buf),
-            ServerConn::Tls(io, _) => Pin::new(io.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ServerConn::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
-            ServerConn::Tls(io, _) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            ServerConn::Plain(io) => io.is_write_vectored(),
-            ServerConn::Tls(io, _) => io.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerConn::Plain(io) => Pin::new(io).poll_flush(cx),
-            ServerConn::Tls(io, _) => Pin::new(io.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerConn::Plain(io) => Pin::new(io).poll_shutdown(cx),
-            ServerConn::Tls(io, _) => Pin::new(io.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-/// Limits of the TLS accept path.
-#[derive(Debug, Clone, Copy)]
-pub struct HandshakeLimits {
-    /// Handshakes in progress at once; a connection beyond it is closed at once.
-    pub max_in_progress: usize,
-    /// A handshake not done by then is dropped (a client that connects and sends nothing).
-    pub timeout: Duration,
-}
-
-/// The connections a node serves: `incoming` as is without TLS; with TLS, each accepted
-/// connection's handshake runs in a task of its own (a slow client never holds up the others),
-/// at most `limits.max_in_progress` at once, each within `limits.timeout`. Failed handshakes
-/// (plain text, a certificate from another CA) are logged at debug level and dropped.
-pub fn incoming<I, IO, IE>(
-    incoming: I,
-    tls: Option<(Arc<NodeTls>, HandshakeLimits)>,
-) -> Pin<Box<dyn Stream<Item = Result<ServerConn<IO>, io::Error>> + Send>>
-where
-    I: Stream<Item = Result<IO, IE>> + Send + 'static,
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    IE: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-{
-    let Some((tls, limits)) = tls else {
-        return Box::pin(incoming.map(|r| r.map(ServerConn::Plain).map_err(io::Error::other)));
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_in_progress.max(1)));
-    tokio::spawn(async move {
-        let mut incoming = std::pin::pin!(incoming);
-        while let Some(accepted) = incoming.next().await {
-            let io = match accepted {
-                Ok(io) => io,
-                Err(e) => {
-                    if tx.send(Err(io::Error::other(e))).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                tracing::warn!(
-                    limit = limits.max_in_progress,
-                    "too many TLS handshakes in progress: connection closed"
-                );
-                continue;
-            };
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let handshake = tokio::time::timeout(limits.timeout, acceptor.accept(io)).await;
-                drop(permit);
-                let stream = match handshake {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!("TLS handshake timed out");
-                        return;
-                    }
-                };
-                let cert = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|der| Arc::new(identity_of(der)));
-                let _ = tx
-                    .send(Ok(ServerConn::Tls(Box::new(stream), ConnInfo { cert })))
-                    .await;
-            });
-        }
-    });
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+/// The identity in the client certificate of a served TLS connection, if it presented one.
+pub fn peer_identity<IO>(
+    stream: &tokio_rustls::server::TlsStream<IO>,
+) -> Option<Arc<CertIdentity>> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|der| Arc::new(identity_of(der)))
 }
 
 /// The TLS server name for a `host` (a DNS name or an IP address).
@@ -595,8 +434,6 @@ mod tests {
             key: pki.node_key(id),
             ca: pki.ca.clone(),
             reload_interval_ms: 1000,
-            max_handshakes: 4,
-            handshake_timeout_ms: 1000,
         }
     }
 
@@ -607,23 +444,11 @@ mod tests {
         client: Arc<ClientConfig>,
     ) -> Result<Option<CertIdentity>, String> {
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let incoming = futures::stream::iter([Ok::<_, io::Error>(a)]);
-        let mut conns = super::incoming(
-            incoming,
-            Some((
-                server.clone(),
-                HandshakeLimits {
-                    max_in_progress: 4,
-                    timeout: Duration::from_secs(2),
-                },
-            )),
-        );
-        let (client, served) = tokio::join!(connect(client, "127.0.0.2", b), conns.next());
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config());
+        let (client, served) = tokio::join!(connect(client, "127.0.0.2", b), acceptor.accept(a));
         client.map_err(|e| e.to_string())?;
-        match served {
-            Some(Ok(conn)) => Ok(conn.connect_info().cert.map(|c| (*c).clone())),
-            _ => Err("the server dropped the connection".into()),
-        }
+        let served = served.map_err(|e| format!("the server refused: {e}"))?;
+        Ok(peer_identity(&served).map(|c| (*c).clone()))
     }
 
     #[tokio::test]

@@ -120,6 +120,7 @@ pub async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     }
     let config = config.validate()?;
     init_logging(&config);
+    raise_fd_limit(config.raw.limits.max_connections);
     let listener = tokio::net::TcpListener::bind(config.raw.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.raw.listen))?;
@@ -193,6 +194,40 @@ pub fn token(args: super::TokenArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Raises the soft limit of open files to the hard limit (connections, the database, the log),
+/// and warns when `max_connections` does not fit under it with room for the rest.
+fn raise_fd_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write to and read from the struct we own.
+    let raised = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let wanted = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+                limit = wanted;
+            }
+        }
+        limit.rlim_cur
+    };
+    if (max_connections as u64).saturating_add(256) > raised {
+        tracing::warn!(
+            open_files = raised,
+            max_connections,
+            "limits.max_connections does not fit under the open file limit: connections past \
+             it fail at accept instead of being refused cleanly; lower the setting or raise \
+             the limit (ulimit -n)"
+        );
+    }
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
