@@ -269,6 +269,9 @@ pub struct LimitsConfig {
     pub sibling_warn: usize,
     /// Live siblings of one key past which writes are refused until a client resolves them.
     pub sibling_max: usize,
+    /// Requests (HTTP/2 streams) open at once on one connection; the client is told to wait
+    /// (HTTP/2 flow control: its next stream is refused until one ends).
+    pub max_streams_per_connection: usize,
     /// Connections open at once (clients and peers); one more is closed at once. Keep it below
     /// the process's file descriptor limit (raised to its hard limit at start).
     pub max_connections: usize,
@@ -365,6 +368,7 @@ impl Default for LimitsConfig {
             peer_connect_timeout_ms: 1_000,
             sibling_warn: 25,
             sibling_max: 100,
+            max_streams_per_connection: 4096,
             max_connections: 4096,
             max_handshakes: 256,
             handshake_timeout_ms: 5_000,
@@ -532,6 +536,10 @@ impl Config {
             ("limits.max_frame_messages", l.max_frame_messages),
             ("limits.sibling_max", l.sibling_max),
             ("limits.max_connections", l.max_connections),
+            (
+                "limits.max_streams_per_connection",
+                l.max_streams_per_connection,
+            ),
             ("limits.max_handshakes", l.max_handshakes),
             (
                 "limits.handshake_timeout_ms",

@@ -345,7 +345,9 @@ where
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .max_concurrent_streams(Some(4096))
+        .max_concurrent_streams(Some(
+            raw.limits.max_streams_per_connection.min(u32::MAX as usize) as u32,
+        ))
         // Streams a client resets before this server accepted them (a caller's timeout on a busy
         // node) count toward h2's rapid-reset guard; past the limit the whole connection is
         // closed with GOAWAY, taking every peer stream on it along. h2's default of 20 was
