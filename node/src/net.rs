@@ -46,6 +46,18 @@ pub async fn dial(
     timeout: Duration,
     tls: Option<TlsSource>,
 ) -> Result<TokioIo<Box<dyn Io>>, NotConnected> {
+    dial_tls(uri, local_ip, timeout, tls)
+        .await
+        .map(|(io, _)| io)
+}
+
+/// [`dial`], also returning the identity in the server's certificate (with TLS).
+async fn dial_tls(
+    uri: Uri,
+    local_ip: Option<IpAddr>,
+    timeout: Duration,
+    tls: Option<TlsSource>,
+) -> Result<(TokioIo<Box<dyn Io>>, Option<Arc<crate::auth::CertIdentity>>), NotConnected> {
     let host = uri.host().unwrap_or_default().to_string();
     let address = format!("{host}:{}", uri.port_u16().unwrap_or(80));
     let fail = |source| NotConnected {
@@ -66,18 +78,20 @@ pub async fn dial(
         }
         let stream = socket.connect(target).await?;
         stream.set_nodelay(true)?;
-        let io: Box<dyn Io> = match &tls {
-            Some(config) => Box::new(
-                crate::tls::connect(config(), &host, stream)
+        let done: (Box<dyn Io>, _) = match &tls {
+            Some(config) => {
+                let stream = crate::tls::connect(config(), &host, stream)
                     .await
-                    .map_err(|e| std::io::Error::other(format!("TLS handshake: {e}")))?,
-            ),
-            None => Box::new(stream),
+                    .map_err(|e| std::io::Error::other(format!("TLS handshake: {e}")))?;
+                let presented = crate::tls::server_identity(&stream);
+                (Box::new(stream), presented)
+            }
+            None => (Box::new(stream), None),
         };
-        Ok(io)
+        Ok(done)
     };
     match tokio::time::timeout(timeout, connect).await {
-        Ok(Ok(io)) => Ok(TokioIo::new(io)),
+        Ok(Ok((io, presented))) => Ok((TokioIo::new(io), presented)),
         Ok(Err(e)) => Err(fail(e)),
         Err(_) => Err(fail(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -86,7 +100,9 @@ pub async fn dial(
     }
 }
 
-type MakeChannel = dyn Fn(Endpoint) -> Channel + Send + Sync;
+/// Makes a channel from a configured endpoint; the second argument is the node id the peer must
+/// prove with its certificate, when known.
+type MakeChannel = dyn Fn(Endpoint, Option<String>) -> Channel + Send + Sync;
 
 /// Opens lazily-connecting gRPC channels to peer addresses.
 #[derive(Clone)]
@@ -111,10 +127,10 @@ impl Connector {
     ) -> Connector {
         Connector {
             connect_timeout: None,
-            make: Arc::new(move |endpoint: Endpoint| {
+            make: Arc::new(move |endpoint: Endpoint, expect: Option<String>| {
                 let tls = tls.clone();
                 endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
-                    dial(uri, local_ip, connect_timeout, tls.clone())
+                    dial_node(uri, local_ip, connect_timeout, tls.clone(), expect.clone())
                 }))
             }),
         }
@@ -128,12 +144,23 @@ impl Connector {
     ) -> Connector {
         Connector {
             connect_timeout: Some(connect_timeout),
-            make: Arc::new(make),
+            make: Arc::new(move |endpoint, _| make(endpoint)),
         }
     }
 
     /// A channel to `address` (host:port). Connects on first use and reconnects after failures.
     pub fn channel(&self, address: &str) -> Channel {
+        self.channel_to(address, None)
+    }
+
+    /// A channel to the node `node` at `address`: with TLS, a connection whose certificate
+    /// names another node is refused (a node certificate shared by every node of a cluster,
+    /// `urn:dynakv:node:*`, names any).
+    pub fn channel_to_node(&self, address: &str, node: &str) -> Channel {
+        self.channel_to(address, Some(node.to_string()))
+    }
+
+    fn channel_to(&self, address: &str, expect: Option<String>) -> Channel {
         let endpoint = match Endpoint::from_shared(format!("http://{address}")) {
             Ok(e) => e,
             // An address that does not parse can never be reached; a channel to a reserved
@@ -150,6 +177,93 @@ impl Connector {
             .keep_alive_while_idle(true)
             .initial_stream_window_size(Some(4 * 1024 * 1024))
             .initial_connection_window_size(Some(16 * 1024 * 1024));
-        (self.make)(endpoint)
+        (self.make)(endpoint, expect)
+    }
+}
+
+/// [`dial`], then, with TLS and an `expect`ed node, the check that the peer's certificate
+/// names that node.
+async fn dial_node(
+    uri: Uri,
+    local_ip: Option<IpAddr>,
+    timeout: Duration,
+    tls: Option<TlsSource>,
+    expect: Option<String>,
+) -> Result<TokioIo<Box<dyn Io>>, NotConnected> {
+    match (&tls, expect) {
+        (Some(_), Some(node)) => {
+            let address = format!(
+                "{}:{}",
+                uri.host().unwrap_or_default(),
+                uri.port_u16().unwrap_or(80)
+            );
+            let (io, presented) = dial_tls(uri, local_ip, timeout, tls).await?;
+            match presented.as_deref() {
+                Some(crate::auth::CertIdentity::Node(id)) if *id == node || id == "*" => Ok(io),
+                other => Err(NotConnected {
+                    address,
+                    source: std::io::Error::other(format!(
+                        "the certificate presented there is not node {node}'s ({other:?})"
+                    )),
+                }),
+            }
+        }
+        _ => dial(uri, local_ip, timeout, tls).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_peer_must_present_the_certificate_of_the_node_it_is_dialled_as() {
+        let dir = tempfile::tempdir().unwrap();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let pki = crate::tls::write_dev_pki(dir.path(), &[("n1".into(), ip)]).unwrap();
+        let tls = crate::tls::NodeTls::load(&crate::config::TlsConfig {
+            cert: pki.node_cert("n1"),
+            key: pki.node_key("n1"),
+            ca: pki.ca.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let uri: Uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut s) = acceptor.accept(tcp).await {
+                        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut [0u8; 1]).await;
+                    }
+                });
+            }
+        });
+        let client = tls.clone();
+        let source: TlsSource = Arc::new(move || client.client_config());
+        let timeout = Duration::from_secs(5);
+        let dial = |expect: Option<&str>| {
+            dial_node(
+                uri.clone(),
+                None,
+                timeout,
+                Some(source.clone()),
+                expect.map(str::to_string),
+            )
+        };
+        assert!(dial(Some("n1")).await.is_ok());
+        assert!(
+            dial(None).await.is_ok(),
+            "an address-only dial checks no id"
+        );
+        let err = dial(Some("n2"))
+            .await
+            .err()
+            .expect("n1's certificate is not n2's");
+        assert!(err.to_string().contains("not node n2's"), "{err}");
     }
 }

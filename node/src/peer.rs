@@ -246,7 +246,7 @@ impl PeerPool {
             if *id == self.inner.settings.self_id || links.contains_key(id) {
                 continue;
             }
-            let channel = self.inner.connector.channel(address);
+            let channel = self.inner.connector.channel_to_node(address, id.as_str());
             let (tx, rx) = mpsc::channel(self.inner.settings.queue_len);
             tokio::spawn(link_task(
                 self.inner.settings.clone(),

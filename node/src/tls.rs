@@ -264,6 +264,18 @@ pub fn peer_identity<IO>(
         .map(|der| Arc::new(identity_of(der)))
 }
 
+/// The identity in the server certificate of a dialled TLS connection.
+pub fn server_identity<IO>(
+    stream: &tokio_rustls::client::TlsStream<IO>,
+) -> Option<Arc<CertIdentity>> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|der| Arc::new(identity_of(der)))
+}
+
 /// The TLS server name for a `host` (a DNS name or an IP address).
 pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
     let host = host.trim_start_matches('[').trim_end_matches(']');

@@ -59,6 +59,8 @@ impl Drop for Dev {
 
 fn token(role: &str) -> (String, String) {
     let out = cli(&["token", "--name", &format!("{role}-app"), "--role", role]).ok();
+    // The prefix keeps a token from starting with '-' (the CLI would read it as a flag).
+    assert!(out.json["token"].as_str().unwrap().starts_with("dkv_"));
     (
         out.json["token"].as_str().unwrap().to_string(),
         out.json["sha256"].as_str().unwrap().to_string(),

@@ -166,7 +166,9 @@ pub fn cert(args: super::CertArgs) -> ExitCode {
     }
 }
 
-/// `dynakv token`: 32 random bytes from the operating system, base64url, and its digest.
+/// `dynakv token`: `dkv_` and 32 random bytes from the operating system in base64url (the prefix
+/// keeps a token from starting with `-`, which would read as a flag, and lets secret scanners
+/// recognise it), and its digest.
 pub fn token(args: super::TokenArgs) -> ExitCode {
     use base64::Engine as _;
     let mut bytes = [0u8; 32];
@@ -174,7 +176,10 @@ pub fn token(args: super::TokenArgs) -> ExitCode {
         eprintln!("error: the operating system's random source failed");
         return ExitCode::FAILURE;
     }
-    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let token = format!(
+        "dkv_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
     let sha256 = crate::auth::digest_hex(&token);
     match args.output {
         OutputFormat::Json => println!(
