@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -303,6 +304,17 @@ async fn apply_objects(
     apply_object(&pdbs, &name, &d.pdb)
         .await
         .map_err(kube_err("apply PodDisruptionBudget"))?;
+    let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    match &d.network_policy {
+        Some(np) => apply_object(&nps, &name, np)
+            .await
+            .map_err(kube_err("apply NetworkPolicy"))?,
+        None => match nps.delete(&name, &Default::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(kube_err("delete NetworkPolicy")(e)),
+        },
+    }
     let mut warnings = Vec::new();
     if let Some(sm) = &d.service_monitor {
         let api: Api<DynamicObject> = Api::namespaced_with(client, ns, &service_monitor_resource());

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Affinity, LocalObjectReference, ResourceRequirements, Toleration,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
@@ -125,6 +126,9 @@ pub struct KVClusterSpec {
     /// Prometheus integration.
     #[serde(default)]
     pub metrics: MetricsSpec,
+    /// The NetworkPolicy that lets only client, peer and metrics traffic reach the nodes.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
     /// Sections merged into each node's `dynakv.yaml` (keys as in docs/configuration.md).
     #[serde(default, skip_serializing_if = "NodeConfigOverrides::is_empty")]
     pub node_config: NodeConfigOverrides,
@@ -174,6 +178,7 @@ impl Default for KVClusterSpec {
             scheduling: SchedulingSpec::default(),
             scaling: ScalingSpec::default(),
             metrics: MetricsSpec::default(),
+            network_policy: NetworkPolicySpec::default(),
             node_config: NodeConfigOverrides::default(),
             tls: None,
             termination_grace_period_seconds: default_grace(),
@@ -542,6 +547,34 @@ impl ScalingSpec {
 pub struct MetricsSpec {
     #[serde(default)]
     pub service_monitor: ServiceMonitorSpec,
+}
+
+/// A `networking.k8s.io/v1` NetworkPolicy for the nodes: ingress only to the gRPC port (from
+/// clients and the cluster's own nodes) and to the metrics port. Enforced only where the
+/// cluster's network plugin enforces NetworkPolicies.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Who may reach the gRPC port besides the cluster's own nodes and the operator (unset:
+    /// any source), as NetworkPolicy peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<Vec<NetworkPolicyPeer>>,
+    /// Who may scrape the metrics port (unset: any source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Vec<NetworkPolicyPeer>>,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        NetworkPolicySpec {
+            enabled: true,
+            clients: None,
+            metrics: None,
+        }
+    }
 }
 
 /// A `monitoring.coreos.com/v1` ServiceMonitor for the nodes (needs the Prometheus Operator).

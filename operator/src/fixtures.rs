@@ -106,6 +106,21 @@ impl KVCluster {
                     interval: Some("15s".into()),
                 },
             },
+            network_policy: crate::crd::NetworkPolicySpec {
+                enabled: true,
+                clients: Some(vec![
+                    serde_json::from_value(
+                        json!({"podSelector": {"matchLabels": {"app": "shop"}}}),
+                    )
+                    .unwrap(),
+                ]),
+                metrics: Some(vec![
+                    serde_json::from_value(json!({"namespaceSelector": {"matchLabels": {
+                        "kubernetes.io/metadata.name": "monitoring"
+                    }}}))
+                    .unwrap(),
+                ]),
+            },
             node_config: NodeConfigOverrides {
                 limits: Some(limits),
                 gossip: Some(gossip),

@@ -18,6 +18,10 @@ use k8s_openapi::api::core::v1::{
     SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume,
     VolumeMount, VolumeResourceRequirements,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -61,6 +65,8 @@ pub struct Desired {
     pub stateful_set: StatefulSet,
     pub pdb: PodDisruptionBudget,
     pub service_monitor: Option<DynamicObject>,
+    /// `None` when `networkPolicy.enabled` is false.
+    pub network_policy: Option<NetworkPolicy>,
 }
 
 /// Names of the objects of a cluster named `name`.
@@ -163,6 +169,7 @@ pub fn build(kvc: &KVCluster, replicas: i32) -> Result<Desired, BuildError> {
         stateful_set: stateful_set(&cx, template, replicas),
         pdb: pdb(&cx),
         service_monitor: service_monitor(&cx),
+        network_policy: network_policy(&cx),
         config_map,
     })
 }
@@ -597,6 +604,71 @@ fn pdb(cx: &Ctx) -> PodDisruptionBudget {
     }
 }
 
+/// Labels of the operator's pods (deploy/operator.yaml and the Helm chart set them).
+pub const OPERATOR_NAME_LABEL: (&str, &str) = ("app.kubernetes.io/name", "dynakv-operator");
+
+/// Ingress to the nodes: the gRPC port from the cluster's own nodes, the operator and the
+/// clients (any source unless `networkPolicy.clients` says), the metrics port from any source
+/// unless `networkPolicy.metrics` says; nothing else. Egress is left open (peers, DNS).
+fn network_policy(cx: &Ctx) -> Option<NetworkPolicy> {
+    let np = &cx.kvc.spec.network_policy;
+    if !np.enabled {
+        return None;
+    }
+    let tcp = |port: i32| NetworkPolicyPort {
+        port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".into()),
+        ..NetworkPolicyPort::default()
+    };
+    let grpc_from = np.clients.as_ref().map(|clients| {
+        let mut from = vec![
+            // The cluster's own nodes (replication, gossip, handoff).
+            NetworkPolicyPeer {
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(selector_labels(&cx.name)),
+                    ..LabelSelector::default()
+                }),
+                ..NetworkPolicyPeer::default()
+            },
+            // The operator, in whatever namespace it runs (the Admin service).
+            NetworkPolicyPeer {
+                namespace_selector: Some(LabelSelector::default()),
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(BTreeMap::from([(
+                        OPERATOR_NAME_LABEL.0.to_string(),
+                        OPERATOR_NAME_LABEL.1.to_string(),
+                    )])),
+                    ..LabelSelector::default()
+                }),
+                ..NetworkPolicyPeer::default()
+            },
+        ];
+        from.extend(clients.iter().cloned());
+        from
+    });
+    Some(NetworkPolicy {
+        metadata: cx.meta(cx.name.clone(), "network"),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&cx.name)),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    ports: Some(vec![tcp(GRPC_PORT)]),
+                    from: grpc_from,
+                },
+                NetworkPolicyIngressRule {
+                    ports: Some(vec![tcp(METRICS_PORT)]),
+                    from: np.metrics.clone(),
+                },
+            ]),
+            ..NetworkPolicySpec::default()
+        }),
+    })
+}
+
 /// The Prometheus Operator's ServiceMonitor kind.
 pub fn service_monitor_resource() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(
@@ -679,6 +751,62 @@ mod tests {
     }
 
     #[test]
+    fn the_network_policy_admits_only_the_grpc_and_metrics_ports() {
+        let kvc = KVCluster::test();
+        let np = build(&kvc, 3)
+            .unwrap()
+            .network_policy
+            .expect("on by default");
+        let spec = np.spec.unwrap();
+        assert_eq!(spec.policy_types, Some(vec!["Ingress".to_string()]));
+        assert_eq!(
+            spec.pod_selector.unwrap().match_labels,
+            Some(selector_labels("test"))
+        );
+        let rules = spec.ingress.unwrap();
+        let ports: Vec<_> = rules
+            .iter()
+            .map(|r| r.ports.as_ref().unwrap()[0].port.clone())
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                Some(IntOrString::Int(GRPC_PORT)),
+                Some(IntOrString::Int(METRICS_PORT))
+            ]
+        );
+        // Unrestricted sources by default.
+        assert!(rules.iter().all(|r| r.from.is_none()));
+
+        // Named clients: the nodes themselves and the operator stay admitted beside them.
+        let mut restricted = kvc.clone();
+        let app = NetworkPolicyPeer {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([("app".into(), "shop".into())])),
+                ..LabelSelector::default()
+            }),
+            ..NetworkPolicyPeer::default()
+        };
+        restricted.spec.network_policy.clients = Some(vec![app.clone()]);
+        let np = build(&restricted, 3).unwrap().network_policy.unwrap();
+        let from = np.spec.unwrap().ingress.unwrap()[0].from.clone().unwrap();
+        assert_eq!(from.len(), 3);
+        assert_eq!(
+            from[0].pod_selector.as_ref().unwrap().match_labels,
+            Some(selector_labels("test"))
+        );
+        assert!(
+            from[1].namespace_selector.is_some(),
+            "the operator, any namespace"
+        );
+        assert_eq!(from[2], app);
+
+        let mut off = kvc;
+        off.spec.network_policy.enabled = false;
+        assert!(build(&off, 3).unwrap().network_policy.is_none());
+    }
+
+    #[test]
     fn ordinals_are_read_back_from_pod_names_only_of_this_cluster() {
         assert_eq!(ordinal_of("kv", "kv-0"), Some(0));
         assert_eq!(ordinal_of("kv", "kv-12"), Some(12));
@@ -751,6 +879,11 @@ mod tests {
             serde_json::to_value(&d.pdb).unwrap(),
         ]
         .into_iter()
+        .chain(
+            d.network_policy
+                .iter()
+                .map(|s| serde_json::to_value(s).unwrap()),
+        )
         .chain(
             d.service_monitor
                 .iter()

@@ -40,6 +40,12 @@ fn applies(kvc: &KVCluster, replicas: i32) -> Vec<Expect> {
             v(&d.pdb),
         ),
     ];
+    if let Some(np) = &d.network_policy {
+        out.push(Expect::apply(
+            "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies/test",
+            v(np),
+        ));
+    }
     if let Some(sm) = &d.service_monitor {
         out.push(Expect::apply(
             "/apis/monitoring.coreos.com/v1/namespaces/default/servicemonitors/test",
