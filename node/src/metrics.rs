@@ -58,6 +58,9 @@ pub struct Metrics {
     pub auth_requests: IntCounterVec,
     /// `dynakv_connections_refused_total{reason}` and `dynakv_connections_open`.
     pub accept: crate::accept::AcceptMetrics,
+    /// Whether the gRPC port serves (what `/readyz` answers): set once storage is open and the
+    /// node is in its ring, cleared when it starts to stop.
+    pub serving: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Per peer: smoothed round trip of replica calls and forwards (seconds), the hedge delay in
     /// use (seconds), and whether the peer is silent (1) to this node (set at scrape time).
     pub peer_rtt: GaugeVec,
@@ -427,6 +430,7 @@ impl Metrics {
             fast_unavailable,
             auth_requests,
             accept,
+            serving: Default::default(),
             peer_rtt,
             peer_hedge_delay,
             peer_silent,
@@ -616,6 +620,12 @@ pub async fn serve(
                                 .body(Full::new(Bytes::from(metrics.render())))
                         }
                         "/healthz" => Response::builder().body(Full::new(Bytes::from("ok\n"))),
+                        "/readyz" if metrics.serving.load(std::sync::atomic::Ordering::Acquire) => {
+                            Response::builder().body(Full::new(Bytes::from("ok\n")))
+                        }
+                        "/readyz" => Response::builder()
+                            .status(StatusCode::SERVICE_UNAVAILABLE)
+                            .body(Full::new(Bytes::from("not serving\n"))),
                         _ => Response::builder()
                             .status(StatusCode::NOT_FOUND)
                             .body(Full::new(Bytes::from("try /metrics\n"))),
@@ -628,5 +638,40 @@ pub async fn serve(
                 .serve_connection(io, service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn status(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.lines().next().unwrap_or_default().to_string()
+    }
+
+    #[tokio::test]
+    async fn readyz_follows_the_grpc_port_and_healthz_always_answers() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Metrics::new();
+        let (_stop, stop) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, metrics.clone(), Arc::new(|| {}), async {
+            let _ = stop.await;
+        }));
+        assert!(status(addr, "/readyz").await.contains("503"));
+        assert!(status(addr, "/healthz").await.contains("200"));
+        metrics
+            .serving
+            .store(true, std::sync::atomic::Ordering::Release);
+        assert!(status(addr, "/readyz").await.contains("200"));
     }
 }

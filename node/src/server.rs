@@ -332,6 +332,9 @@ where
     // Storage is open and the node is in its ring: serve.
     health.set_serving::<KvServer<KvService>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
+    metrics
+        .serving
+        .store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(
         node = %config.node_id,
         cluster = %raw.cluster_id,
@@ -403,6 +406,9 @@ where
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
+    metrics
+        .serving
+        .store(false, std::sync::atomic::Ordering::Release);
     // Tell a few members this node is going, so the cluster routes around it at once instead
     // of after the suspicion timeout.
     let _ = tokio::time::timeout(Duration::from_millis(500), node.gossip.leave()).await;

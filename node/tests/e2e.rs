@@ -674,6 +674,9 @@ fn metrics_endpoint_serves_prometheus_text_with_the_documented_series() {
 
     let (status, _) = http_get(c.nodes[0].metrics, "/no-such-page").unwrap();
     assert_eq!(status, 404);
+    // Liveness and readiness over plain HTTP (probes of a node whose gRPC port speaks TLS).
+    assert_eq!(http_get(c.nodes[0].metrics, "/healthz").unwrap().0, 200);
+    assert_eq!(http_get(c.nodes[0].metrics, "/readyz").unwrap().0, 200);
 }
 
 /// A running `dynakv dev`, whose output lines arrive on a channel. Dropping it stops it with
