@@ -57,7 +57,8 @@ pub struct ServerConn<IO> {
 enum ConnIo<IO> {
     /// Plain text, with the preface read during acceptance played back first.
     Plain(Replay<IO>),
-    Tls(Box<tokio_rustls::server::TlsStream<IO>>),
+    /// TLS, likewise.
+    Tls(Replay<Box<tokio_rustls::server::TlsStream<IO>>>),
 }
 
 /// A connection slot: held for the connection's life, counted in the `open` gauge.
@@ -117,7 +118,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerConn<IO> {
     ) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
             ConnIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
-            ConnIo::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+            ConnIo::Tls(io) => Pin::new(io).poll_read(cx, buf),
         }
     }
 }
@@ -130,7 +131,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerConn<IO> {
     ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().io {
             ConnIo::Plain(io) => Pin::new(&mut io.io).poll_write(cx, buf),
-            ConnIo::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+            ConnIo::Tls(io) => Pin::new(io.io.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -141,28 +142,28 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerConn<IO> {
     ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().io {
             ConnIo::Plain(io) => Pin::new(&mut io.io).poll_write_vectored(cx, bufs),
-            ConnIo::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+            ConnIo::Tls(io) => Pin::new(io.io.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match &self.io {
             ConnIo::Plain(io) => io.io.is_write_vectored(),
-            ConnIo::Tls(io) => io.is_write_vectored(),
+            ConnIo::Tls(io) => io.io.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
             ConnIo::Plain(io) => Pin::new(&mut io.io).poll_flush(cx),
-            ConnIo::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+            ConnIo::Tls(io) => Pin::new(io.io.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
             ConnIo::Plain(io) => Pin::new(&mut io.io).poll_shutdown(cx),
-            ConnIo::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+            ConnIo::Tls(io) => Pin::new(io.io.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -186,7 +187,18 @@ where
         let mut incoming = std::pin::pin!(incoming);
         // Handshakes in progress, oldest first.
         let mut pending: VecDeque<(tokio::task::AbortHandle, Arc<AtomicU8>)> = VecDeque::new();
-        while let Some(accepted) = incoming.next().await {
+        loop {
+            let accepted = tokio::select! {
+                accepted = incoming.next() => accepted,
+                // The server stopped: stop accepting (and close what is still handshaking).
+                _ = tx.closed() => None,
+            };
+            let Some(accepted) = accepted else {
+                for (task, _) in pending {
+                    task.abort();
+                }
+                return;
+            };
             let io = match accepted {
                 Ok(io) => io,
                 Err(e) => {
@@ -265,9 +277,11 @@ where
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-/// The TLS handshake, or the HTTP/2 preface in plain text; the refusal reason on failure.
+/// The TLS handshake (with TLS), then the HTTP/2 preface; the refusal reason on failure. The
+/// preface is read here under TLS too: a client that finishes its handshake and then sends
+/// nothing must not hold a connection slot (hyper waits for the preface without a timer).
 async fn accept<IO>(
-    mut io: IO,
+    io: IO,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<(ConnIo<IO>, ConnInfo), &'static str>
 where
@@ -277,28 +291,29 @@ where
         Some(config) => match tokio_rustls::TlsAcceptor::from(config).accept(io).await {
             Ok(stream) => {
                 let cert = crate::tls::peer_identity(&stream);
-                Ok((ConnIo::Tls(Box::new(stream)), ConnInfo { cert }))
+                let io = preface(Box::new(stream)).await?;
+                Ok((ConnIo::Tls(io), ConnInfo { cert }))
             }
             Err(e) => {
                 tracing::debug!(error = %e, "TLS handshake failed");
                 Err("tls")
             }
         },
-        None => {
-            let mut preface = [0u8; H2_PREFACE.len()];
-            match io.read_exact(&mut preface).await {
-                Ok(_) if preface == *H2_PREFACE => Ok((
-                    ConnIo::Plain(Replay {
-                        prefix: H2_PREFACE,
-                        io,
-                    }),
-                    ConnInfo::default(),
-                )),
-                _ => {
-                    tracing::debug!("connection closed: not an HTTP/2 client");
-                    Err("preface")
-                }
-            }
+        None => Ok((ConnIo::Plain(preface(io).await?), ConnInfo::default())),
+    }
+}
+
+/// Reads the HTTP/2 client preface and returns `io` with it played back.
+async fn preface<IO: AsyncRead + Unpin>(mut io: IO) -> Result<Replay<IO>, &'static str> {
+    let mut preface = [0u8; H2_PREFACE.len()];
+    match io.read_exact(&mut preface).await {
+        Ok(_) if preface == *H2_PREFACE => Ok(Replay {
+            prefix: H2_PREFACE,
+            io,
+        }),
+        _ => {
+            tracing::debug!("connection closed: not an HTTP/2 client");
+            Err("preface")
         }
     }
 }
@@ -334,14 +349,19 @@ mod tests {
         }
     }
 
+    type Served = Vec<ServerConn<tokio::io::DuplexStream>>;
+    type Conns =
+        Pin<Box<dyn Stream<Item = Result<ServerConn<tokio::io::DuplexStream>, io::Error>> + Send>>;
+
     /// Feeds `clients` (their server ends) through the accept path; returns the connections
-    /// served, in order, until `served` of them came out.
+    /// served, in order, until `served` of them came out, and the stream (while it lives, the
+    /// accept path runs: a server that is gone stops it).
     async fn serve(
         limits: AcceptLimits,
         m: &AcceptMetrics,
         servers: Vec<tokio::io::DuplexStream>,
         served: usize,
-    ) -> Vec<ServerConn<tokio::io::DuplexStream>> {
+    ) -> (Served, Conns) {
         let stream = futures::stream::iter(servers.into_iter().map(Ok::<_, io::Error>))
             .chain(futures::stream::pending());
         let mut conns = incoming(stream, None, limits, m.clone());
@@ -349,7 +369,7 @@ mod tests {
         while out.len() < served {
             out.push(conns.next().await.unwrap().unwrap());
         }
-        out
+        (out, conns)
     }
 
     #[tokio::test]
@@ -364,7 +384,7 @@ mod tests {
             .unwrap();
         good.write_all(H2_PREFACE).await.unwrap();
         good.write_all(b"rest").await.unwrap();
-        let mut served = serve(limits(8, 8), &m, vec![s1, s2, s3], 1).await;
+        let (mut served, _conns) = serve(limits(8, 8), &m, vec![s1, s2, s3], 1).await;
         // The good one comes out with its preface played back.
         let mut bytes = [0u8; 28];
         served[0].read_exact(&mut bytes).await.unwrap();
@@ -398,7 +418,7 @@ mod tests {
         let (mut real, s) = tokio::io::duplex(1024);
         real.write_all(H2_PREFACE).await.unwrap();
         servers.push(s);
-        let served = serve(limits(8, 2), &m, servers, 1).await;
+        let (served, _conns) = serve(limits(8, 2), &m, servers, 1).await;
         assert_eq!(served.len(), 1);
         eventually("three evictions", || {
             m.refused.with_label_values(&["handshakes"]).get() == 3
@@ -416,7 +436,7 @@ mod tests {
         let (mut b, sb) = tokio::io::duplex(1024);
         a.write_all(H2_PREFACE).await.unwrap();
         b.write_all(H2_PREFACE).await.unwrap();
-        let served = serve(limits(1, 8), &m, vec![sa, sb], 1).await;
+        let (served, _conns) = serve(limits(1, 8), &m, vec![sa, sb], 1).await;
         eventually("a refusal", || {
             m.refused.with_label_values(&["limit"]).get() == 1
         })
@@ -428,5 +448,33 @@ mod tests {
             0,
             "the second one is closed"
         );
+    }
+
+    #[tokio::test]
+    async fn a_tls_client_silent_after_its_handshake_holds_no_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let ip: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+        let pki = crate::tls::write_dev_pki(dir.path(), &[("n1".into(), ip)]).unwrap();
+        let tls = NodeTls::load(&crate::config::TlsConfig {
+            cert: pki.node_cert("n1"),
+            key: pki.node_key("n1"),
+            ca: pki.ca.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+        let m = metrics();
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let stream =
+            futures::stream::iter([Ok::<_, io::Error>(server)]).chain(futures::stream::pending());
+        let _conns = incoming(stream, Some(tls.clone()), limits(8, 8), m.clone());
+        // The handshake completes; then the client sends nothing.
+        let _held = crate::tls::connect(tls.client_config(), "127.0.0.2", client)
+            .await
+            .unwrap();
+        eventually("the silent client refused", || {
+            m.refused.with_label_values(&["timeout"]).get() == 1
+        })
+        .await;
+        assert_eq!(m.open.get(), 0);
     }
 }

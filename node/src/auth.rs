@@ -69,7 +69,7 @@ pub struct ConnInfo {
 /// What a method needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
-    /// Anyone (the gRPC health check: probes and load balancers carry no credentials).
+    /// Anyone (the gRPC health check, `Check`: probes and load balancers carry no credentials).
     Nothing,
     /// A client with at least this role (or a node).
     Role(Role),
@@ -85,7 +85,9 @@ pub fn need(path: &str) -> Need {
         .and_then(|p| p.split_once('/'))
         .map_or("", |(service, _)| service);
     match (service, path.rsplit('/').next().unwrap_or("")) {
-        ("grpc.health.v1.Health", _) => Need::Nothing,
+        // Check only: Watch streams stay open, and anonymous ones would have no bound.
+        ("grpc.health.v1.Health", "Check") => Need::Nothing,
+        ("grpc.health.v1.Health", _) => Need::Role(Role::Read),
         ("dynakv.v1.KV", "Get" | "Ring") => Need::Role(Role::Read),
         ("dynakv.v1.KV", "Put" | "Delete") => Need::Role(Role::Write),
         ("grpc.reflection.v1.ServerReflection", _)
@@ -362,7 +364,7 @@ mod tests {
     fn each_method_needs_what_the_docs_say() {
         let table = [
             ("/grpc.health.v1.Health/Check", Need::Nothing),
-            ("/grpc.health.v1.Health/Watch", Need::Nothing),
+            ("/grpc.health.v1.Health/Watch", Need::Role(Role::Read)),
             ("/dynakv.v1.KV/Get", Need::Role(Role::Read)),
             ("/dynakv.v1.KV/Ring", Need::Role(Role::Read)),
             ("/dynakv.v1.KV/Put", Need::Role(Role::Write)),

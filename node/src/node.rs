@@ -740,6 +740,9 @@ impl Node {
     /// [`MAX_STRAY_KEYS`] only the mark for a full sweep is set.
     pub fn note_stray(&self, key: Vec<u8>) {
         let mut keys = self.stray_keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.contains(&key) {
+            return;
+        }
         if keys.len() < MAX_STRAY_KEYS {
             keys.push(key);
         } else {

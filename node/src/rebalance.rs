@@ -293,15 +293,26 @@ async fn drop_stray(node: &Node, keys: Vec<Vec<u8>>) -> Result<u64, StorageError
         if view.rings.holds(key_position(&key), n) {
             continue;
         }
-        let Some(value) = node.store.get(Table::Data, &data_key(&key))? else {
-            continue;
+        let purged = match node.store.get(Table::Data, &data_key(&key)) {
+            Ok(None) => Ok(false),
+            Ok(Some(value)) => {
+                node.purge_local(&key, dynakv_core::hash::hash128(&value))
+                    .await
+            }
+            Err(e) => Err(e),
         };
-        if node
-            .purge_local(&key, dynakv_core::hash::hash128(&value))
-            .await?
-        {
-            dropped += 1;
-            node.metrics.handoff_dropped_keys.inc();
+        match purged {
+            Ok(true) => {
+                dropped += 1;
+                node.metrics.handoff_dropped_keys.inc();
+            }
+            Ok(false) => {}
+            Err(e) => {
+                // Nothing is forgotten: this key and the rest wait for the next try.
+                node.note_stray(key);
+                keys.for_each(|k| node.note_stray(k));
+                return Err(e);
+            }
         }
     }
     Ok(dropped)

@@ -373,8 +373,11 @@ where
     // connection to close would wait for them forever: give in-flight requests a grace period,
     // then drop what is left.
     let (signal_tx, signal_rx) = tokio::sync::watch::channel(false);
+    let serving = metrics.serving.clone();
     tokio::spawn(async move {
         shutdown.await;
+        // Not ready from the first moment of the stop, grace period included.
+        serving.store(false, std::sync::atomic::Ordering::Release);
         let _ = signal_tx.send(true);
     });
     let mut graceful = signal_rx.clone();

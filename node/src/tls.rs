@@ -338,12 +338,35 @@ pub fn write_dev_pki(dir: &Path, nodes: &[(String, IpAddr)]) -> Result<DevPki, T
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyPair, KeyUsagePurpose, SanType,
     };
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let fail = |what: &str, e: &dyn std::fmt::Display| TlsError(format!("{what}: {e}"));
-    std::fs::create_dir_all(dir).map_err(|e| fail(&dir.display().to_string(), &e))?;
+    for id in nodes.iter().map(|(id, _)| id.as_str()) {
+        if matches!(id, "ca" | "client") {
+            return Err(TlsError(format!(
+                "node id {id:?} is reserved: its files would be the CA's or the client's"
+            )));
+        }
+    }
+    // Private keys live here: the directory is the user's alone.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| fail(&dir.display().to_string(), &e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| fail(&dir.display().to_string(), &e))?;
     let pki = DevPki::at(dir);
     let ca_key_path = dir.join("ca-key.pem");
     let write = |path: &Path, text: &str| -> Result<(), TlsError> {
-        std::fs::write(path, text).map_err(|e| fail(&path.display().to_string(), &e))
+        use std::io::Write;
+        let _ = std::fs::remove_file(path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| fail(&path.display().to_string(), &e))
     };
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(|e| fail("CA", &e))?;
     ca_params

@@ -558,11 +558,11 @@ pub struct NetworkPolicySpec {
     /// Default true.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Who may reach the gRPC port besides the cluster's own nodes and the operator (unset:
-    /// any source), as NetworkPolicy peers.
+    /// Who may reach the gRPC port besides the cluster's own nodes (unset: any source), as
+    /// NetworkPolicy peers. Include the operator's namespace (it calls the nodes' Admin service).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clients: Option<Vec<NetworkPolicyPeer>>,
-    /// Who may scrape the metrics port (unset: any source).
+    /// Who may scrape the metrics port (unset: any source; empty: nobody).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Vec<NetworkPolicyPeer>>,
 }

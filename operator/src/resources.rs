@@ -604,12 +604,10 @@ fn pdb(cx: &Ctx) -> PodDisruptionBudget {
     }
 }
 
-/// Labels of the operator's pods (deploy/operator.yaml and the Helm chart set them).
-pub const OPERATOR_NAME_LABEL: (&str, &str) = ("app.kubernetes.io/name", "dynakv-operator");
-
-/// Ingress to the nodes: the gRPC port from the cluster's own nodes, the operator and the
-/// clients (any source unless `networkPolicy.clients` says), the metrics port from any source
-/// unless `networkPolicy.metrics` says; nothing else. Egress is left open (peers, DNS).
+/// Ingress to the nodes: the gRPC port from the clients (any source unless
+/// `networkPolicy.clients` says, and then the cluster's own nodes too), the metrics port from any
+/// source unless `networkPolicy.metrics` says (an empty list: nobody); nothing else. Egress is
+/// left open (peers, DNS).
 fn network_policy(cx: &Ctx) -> Option<NetworkPolicy> {
     let np = &cx.kvc.spec.network_policy;
     if !np.enabled {
@@ -620,32 +618,31 @@ fn network_policy(cx: &Ctx) -> Option<NetworkPolicy> {
         protocol: Some("TCP".into()),
         ..NetworkPolicyPort::default()
     };
+    // Named clients: the cluster's own nodes stay admitted beside them (replication, gossip,
+    // handoff). The operator is not added by label (any pod may carry any label): name its
+    // namespace among the clients.
     let grpc_from = np.clients.as_ref().map(|clients| {
-        let mut from = vec![
-            // The cluster's own nodes (replication, gossip, handoff).
-            NetworkPolicyPeer {
-                pod_selector: Some(LabelSelector {
-                    match_labels: Some(selector_labels(&cx.name)),
-                    ..LabelSelector::default()
-                }),
-                ..NetworkPolicyPeer::default()
-            },
-            // The operator, in whatever namespace it runs (the Admin service).
-            NetworkPolicyPeer {
-                namespace_selector: Some(LabelSelector::default()),
-                pod_selector: Some(LabelSelector {
-                    match_labels: Some(BTreeMap::from([(
-                        OPERATOR_NAME_LABEL.0.to_string(),
-                        OPERATOR_NAME_LABEL.1.to_string(),
-                    )])),
-                    ..LabelSelector::default()
-                }),
-                ..NetworkPolicyPeer::default()
-            },
-        ];
+        let mut from = vec![NetworkPolicyPeer {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&cx.name)),
+                ..LabelSelector::default()
+            }),
+            ..NetworkPolicyPeer::default()
+        }];
         from.extend(clients.iter().cloned());
         from
     });
+    let mut ingress = vec![NetworkPolicyIngressRule {
+        ports: Some(vec![tcp(GRPC_PORT)]),
+        from: grpc_from,
+    }];
+    // An empty list would read as "from anywhere": it means nobody, so no rule.
+    if np.metrics.as_ref().is_none_or(|m| !m.is_empty()) {
+        ingress.push(NetworkPolicyIngressRule {
+            ports: Some(vec![tcp(METRICS_PORT)]),
+            from: np.metrics.clone(),
+        });
+    }
     Some(NetworkPolicy {
         metadata: cx.meta(cx.name.clone(), "network"),
         spec: Some(NetworkPolicySpec {
@@ -654,16 +651,7 @@ fn network_policy(cx: &Ctx) -> Option<NetworkPolicy> {
                 ..LabelSelector::default()
             }),
             policy_types: Some(vec!["Ingress".into()]),
-            ingress: Some(vec![
-                NetworkPolicyIngressRule {
-                    ports: Some(vec![tcp(GRPC_PORT)]),
-                    from: grpc_from,
-                },
-                NetworkPolicyIngressRule {
-                    ports: Some(vec![tcp(METRICS_PORT)]),
-                    from: np.metrics.clone(),
-                },
-            ]),
+            ingress: Some(ingress),
             ..NetworkPolicySpec::default()
         }),
     })
@@ -778,7 +766,7 @@ mod tests {
         // Unrestricted sources by default.
         assert!(rules.iter().all(|r| r.from.is_none()));
 
-        // Named clients: the nodes themselves and the operator stay admitted beside them.
+        // Named clients: the nodes themselves stay admitted beside them.
         let mut restricted = kvc.clone();
         let app = NetworkPolicyPeer {
             pod_selector: Some(LabelSelector {
@@ -790,16 +778,16 @@ mod tests {
         restricted.spec.network_policy.clients = Some(vec![app.clone()]);
         let np = build(&restricted, 3).unwrap().network_policy.unwrap();
         let from = np.spec.unwrap().ingress.unwrap()[0].from.clone().unwrap();
-        assert_eq!(from.len(), 3);
+        assert_eq!(from.len(), 2);
         assert_eq!(
             from[0].pod_selector.as_ref().unwrap().match_labels,
             Some(selector_labels("test"))
         );
-        assert!(
-            from[1].namespace_selector.is_some(),
-            "the operator, any namespace"
-        );
-        assert_eq!(from[2], app);
+        assert_eq!(from[1], app);
+        // An empty metrics list admits nobody (an empty `from` would admit everyone).
+        restricted.spec.network_policy.metrics = Some(Vec::new());
+        let np = build(&restricted, 3).unwrap().network_policy.unwrap();
+        assert_eq!(np.spec.unwrap().ingress.unwrap().len(), 1);
 
         let mut off = kvc;
         off.spec.network_policy.enabled = false;

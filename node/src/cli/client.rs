@@ -35,9 +35,22 @@ fn host_of(address: &str) -> &str {
     address.rsplit_once(':').map_or(address, |(host, _)| host)
 }
 
+/// Whether the registry is a real directory of this user's that nobody else may write (a
+/// directory someone else made in the shared temp dir must not point this user at their CA).
+fn registry_is_ours(registry: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: getuid(2) cannot fail and touches no memory.
+    let uid = unsafe { libc::getuid() };
+    std::fs::symlink_metadata(registry)
+        .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o077 == 0)
+}
+
 /// The TLS directory of the `dynakv dev` cluster whose CA issued the certificate of the node at
 /// `address` (host:port) on this machine, if one was recorded and still holds a CA.
 pub fn dev_tls_dir(address: &str) -> Option<std::path::PathBuf> {
+    if !registry_is_ours(&dev_registry()) {
+        return None;
+    }
     let entry = registry_entry(host_of(address));
     let dir = std::path::PathBuf::from(std::fs::read_to_string(entry).ok()?.trim());
     dir.join("ca.pem").exists().then_some(dir)
@@ -46,15 +59,21 @@ pub fn dev_tls_dir(address: &str) -> Option<std::path::PathBuf> {
 /// Records (`Some`) or forgets (`None`) the TLS directory of the dev node at `address`
 /// (host:port or host).
 pub fn record_dev_tls_dir(address: &str, dir: Option<&Path>) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let registry = dev_registry();
+    match std::fs::DirBuilder::new().mode(0o700).create(&registry) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    if !registry_is_ours(&registry) {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory of this user's that only this user may write",
+            registry.display()
+        )));
+    }
     let entry = registry_entry(host_of(address));
     match dir {
-        Some(dir) => {
-            let registry = dev_registry();
-            std::fs::create_dir_all(&registry)?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&registry, std::fs::Permissions::from_mode(0o700))?;
-            std::fs::write(entry, dir.display().to_string())
-        }
+        Some(dir) => std::fs::write(entry, dir.display().to_string()),
         None => match std::fs::remove_file(entry) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -148,6 +167,12 @@ impl Credentials {
             }
             None => None,
         };
+        if token.is_some() && tls.is_none() {
+            return Err(ClientError::invalid(
+                "--token needs TLS (--ca): nodes accept tokens only over TLS, and one sent in \
+                 plain text can be read on the way",
+            ));
+        }
         let token = match token {
             Some(t) => Some(
                 format!("Bearer {}", t.trim())
