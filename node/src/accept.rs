@@ -290,7 +290,7 @@ where
     match tls {
         Some(config) => match tokio_rustls::TlsAcceptor::from(config).accept(io).await {
             Ok(stream) => {
-                let cert = crate::tls::peer_identity(&stream);
+                let cert = crate::tls::presented_identity(stream.get_ref().1.peer_certificates());
                 let io = preface(Box::new(stream)).await?;
                 Ok((ConnIo::Tls(io), ConnInfo { cert }))
             }

@@ -83,7 +83,8 @@ async fn dial_tls(
                 let stream = crate::tls::connect(config(), &host, stream)
                     .await
                     .map_err(|e| std::io::Error::other(format!("TLS handshake: {e}")))?;
-                let presented = crate::tls::server_identity(&stream);
+                let presented =
+                    crate::tls::presented_identity(stream.get_ref().1.peer_certificates());
                 (Box::new(stream), presented)
             }
             None => (Box::new(stream), None),

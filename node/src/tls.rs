@@ -252,26 +252,12 @@ impl NodeTls {
     }
 }
 
-/// The identity in the client certificate of a served TLS connection, if it presented one.
-pub fn peer_identity<IO>(
-    stream: &tokio_rustls::server::TlsStream<IO>,
+/// The identity in the certificate the other side of a TLS connection presented, if any:
+/// `peer_certificates()` of a served connection (the client's) or a dialled one (the server's).
+pub fn presented_identity(
+    certificates: Option<&[CertificateDer<'_>]>,
 ) -> Option<Arc<CertIdentity>> {
-    stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|der| Arc::new(identity_of(der)))
-}
-
-/// The identity in the server certificate of a dialled TLS connection.
-pub fn server_identity<IO>(
-    stream: &tokio_rustls::client::TlsStream<IO>,
-) -> Option<Arc<CertIdentity>> {
-    stream
-        .get_ref()
-        .1
-        .peer_certificates()
+    certificates
         .and_then(|c| c.first())
         .map(|der| Arc::new(identity_of(der)))
 }
@@ -483,7 +469,7 @@ mod tests {
         let (client, served) = tokio::join!(connect(client, "127.0.0.2", b), acceptor.accept(a));
         client.map_err(|e| e.to_string())?;
         let served = served.map_err(|e| format!("the server refused: {e}"))?;
-        Ok(peer_identity(&served).map(|c| (*c).clone()))
+        Ok(presented_identity(served.get_ref().1.peer_certificates()).map(|c| (*c).clone()))
     }
 
     #[tokio::test]

@@ -805,13 +805,7 @@ fn dev_cluster_starts_serves_stops_cleanly_on_sigterm_and_keeps_its_data() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("dev");
     let ips = random_loopback_block(3);
-    let port = free_port_on_all(&ips);
-    let metrics_port = loop {
-        let p = free_port_on_all(&ips);
-        if p != port {
-            break p;
-        }
-    };
+    let (port, metrics_port) = free_port_pair_on_all(&ips);
     let args: Vec<String> = [
         "--data-dir",
         data.to_str().unwrap(),

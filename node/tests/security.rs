@@ -72,13 +72,7 @@ fn tls_and_roles_refuse_what_they_must_and_allow_the_rest() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("dev");
     let ips = random_loopback_block(3);
-    let port = free_port_on_all(&ips);
-    let metrics_port = loop {
-        let p = free_port_on_all(&ips);
-        if p != port {
-            break p;
-        }
-    };
+    let (port, metrics_port) = free_port_pair_on_all(&ips);
     let (read_token, read_digest) = token("read");
     let (write_token, write_digest) = token("write");
     let tokens = format!(
@@ -242,13 +236,7 @@ fn dev_insecure_serves_plain_text_and_says_so() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("dev");
     let ips = random_loopback_block(1);
-    let port = free_port_on_all(&ips);
-    let metrics_port = loop {
-        let p = free_port_on_all(&ips);
-        if p != port {
-            break p;
-        }
-    };
+    let (port, metrics_port) = free_port_pair_on_all(&ips);
     let dev = Dev::start(
         &data,
         ips[0],

@@ -184,10 +184,6 @@ impl Credentials {
         Ok(Credentials { tls, token })
     }
 
-    pub fn tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
     /// An endpoint for `address` (`host:port`, `http://host:port` or, with a CA,
     /// `https://host:port`). TLS is this client's, not the scheme's: the connection is made by
     /// [`Credentials::connect`].
@@ -419,4 +415,35 @@ pub fn decode_context(text: &str) -> Result<bytes::Bytes, ClientError> {
     B64.decode(text.trim())
         .map(bytes::Bytes::from)
         .map_err(|e| ClientError::invalid(format!("--context is not base64: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_never_sent_without_tls() {
+        let e = Credentials::from_files(None, None, Some("dkv_x")).unwrap_err();
+        assert!(e.message.contains("--token needs TLS"), "{}", e.message);
+        let e = Credentials::from_files(None, Some((Path::new("c"), Path::new("k"))), None)
+            .unwrap_err();
+        assert!(e.message.contains("--cert needs --ca"), "{}", e.message);
+    }
+
+    #[test]
+    fn the_dev_registry_is_trusted_only_when_nobody_else_may_write_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let registry = dir.path().join("registry");
+        std::fs::create_dir(&registry).unwrap();
+        std::fs::set_permissions(&registry, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(registry_is_ours(&registry));
+        std::fs::set_permissions(&registry, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(!registry_is_ours(&registry), "writable by others");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&registry, &link).unwrap();
+        std::fs::set_permissions(&registry, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(!registry_is_ours(&link), "a symlink");
+        assert!(!registry_is_ours(&dir.path().join("missing")));
+    }
 }

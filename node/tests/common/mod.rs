@@ -84,6 +84,17 @@ pub fn free_port_on_all(ips: &[Ipv4Addr]) -> u16 {
     panic!("no port free on all of {ips:?}");
 }
 
+/// Two distinct ports free on every one of `ips` (a gRPC and a metrics port).
+pub fn free_port_pair_on_all(ips: &[Ipv4Addr]) -> (u16, u16) {
+    let first = free_port_on_all(ips);
+    loop {
+        let second = free_port_on_all(ips);
+        if second != first {
+            return (first, second);
+        }
+    }
+}
+
 /// Polls `f` every 50 ms until it returns `Some` or `timeout` passes; then panics with `what`.
 pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
