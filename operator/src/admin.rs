@@ -8,7 +8,7 @@
 //! scripted implementation instead (`fixtures.rs`).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -26,6 +26,62 @@ use crate::resources::{GRPC_PORT, pod_host};
 pub struct ClusterRef {
     pub name: String,
     pub namespace: String,
+    /// How to reach a cluster with TLS; `None`: plain text.
+    pub credentials: Option<AdminCredentials>,
+}
+
+impl ClusterRef {
+    /// A cluster served in plain text.
+    pub fn plain(name: impl Into<String>, namespace: impl Into<String>) -> Self {
+        ClusterRef {
+            name: name.into(),
+            namespace: namespace.into(),
+            credentials: None,
+        }
+    }
+}
+
+/// What the operator presents to a TLS cluster: the CA its node certificates chain to and the
+/// first admin's bearer token (both from the cluster's Secrets).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminCredentials {
+    pub ca_pem: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for AdminCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminCredentials")
+            .field("ca_pem", &format_args!("{} bytes", self.ca_pem.len()))
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+impl AdminCredentials {
+    /// A TLS client configuration trusting only the cluster's CA.
+    fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            let cert = cert.map_err(|e| format!("the cluster's ca.crt: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("the cluster's ca.crt: {e}"))?;
+        }
+        if roots.is_empty() {
+            return Err("the cluster's ca.crt holds no certificate".into());
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
 }
 
 /// A failed Admin request.
@@ -113,11 +169,55 @@ impl Addressing {
     }
 }
 
-/// The Admin client over gRPC, one lazily connected channel per address.
+/// The Admin client over gRPC, one lazily connected channel per address (and credentials).
+/// With TLS, the node's certificate must chain to the cluster's CA and name the pod's DNS name
+/// (`<pod>.<name>-peers.<namespace>.svc`), whatever address the pod is dialled at.
 pub struct GrpcAdmin {
     addressing: Addressing,
     timeout: Duration,
     channels: Mutex<BTreeMap<String, Channel>>,
+}
+
+/// A client and the bearer token its requests carry.
+struct Client {
+    admin: AdminClient<Channel>,
+    token: Option<String>,
+}
+
+impl Client {
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(value) = self
+            .token
+            .as_ref()
+            .and_then(|t| format!("Bearer {t}").parse().ok())
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    }
+}
+
+/// TCP to `address`, then TLS with `server_name` as the name the certificate must carry.
+async fn dial_tls(
+    address: String,
+    server_name: rustls_pki_types::ServerName<'static>,
+    config: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> std::io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>
+{
+    let connect = async {
+        let tcp = tokio::net::TcpStream::connect(&address).await?;
+        tcp.set_nodelay(true)?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| std::io::Error::other(format!("TLS handshake with {address}: {e}")))?;
+        Ok(hyper_util::rt::TokioIo::new(tls))
+    };
+    tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 impl GrpcAdmin {
@@ -129,19 +229,33 @@ impl GrpcAdmin {
         }
     }
 
-    fn client(&self, cluster: &ClusterRef, pod: &str) -> Result<AdminClient<Channel>, AdminError> {
+    fn client(&self, cluster: &ClusterRef, pod: &str) -> Result<Client, AdminError> {
         let Some(address) = self.addressing.address(cluster, pod) else {
             return Err(AdminError::Unavailable {
                 pod: pod.to_string(),
                 status: tonic::Status::unavailable("no address known for this pod"),
             });
         };
+        let token = cluster.credentials.as_ref().map(|c| c.token.clone());
+        // New credentials (a rotated CA) mean new connections.
+        let key = match &cluster.credentials {
+            Some(c) => {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                c.ca_pem.hash(&mut h);
+                format!("{address} tls {:016x}", h.finish())
+            }
+            None => address.clone(),
+        };
         let mut channels = self
             .channels
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(ch) = channels.get(&address) {
-            return Ok(AdminClient::new(ch.clone()));
+        if let Some(ch) = channels.get(&key) {
+            return Ok(Client {
+                admin: AdminClient::new(ch.clone()),
+                token,
+            });
         }
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|source| AdminError::Address {
@@ -150,14 +264,40 @@ impl GrpcAdmin {
             })?
             .connect_timeout(Duration::from_secs(2))
             .timeout(self.timeout);
-        let ch = endpoint.connect_lazy();
+        let ch = match &cluster.credentials {
+            None => endpoint.connect_lazy(),
+            Some(c) => {
+                let unavailable = |message: String| AdminError::Unavailable {
+                    pod: pod.to_string(),
+                    status: tonic::Status::unavailable(message),
+                };
+                let config = c.client_config().map_err(unavailable)?;
+                let host = pod_host(&cluster.name, &cluster.namespace, pod);
+                let name = rustls_pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| unavailable(format!("{host:?} is not a TLS server name: {e}")))?;
+                let dial_address = address.clone();
+                endpoint.connect_with_connector_lazy(tower::service_fn(
+                    move |_: tonic::codegen::http::Uri| {
+                        dial_tls(
+                            dial_address.clone(),
+                            name.clone(),
+                            config.clone(),
+                            Duration::from_secs(2),
+                        )
+                    },
+                ))
+            }
+        };
         // Bounded: one entry per pod address ever seen; a long-lived operator over many
         // clusters starts over rather than grow without limit.
         if channels.len() > 4096 {
             channels.clear();
         }
-        channels.insert(address, ch.clone());
-        Ok(AdminClient::new(ch))
+        channels.insert(key, ch.clone());
+        Ok(Client {
+            admin: AdminClient::new(ch),
+            token,
+        })
     }
 }
 
@@ -169,8 +309,10 @@ impl NodeAdmin for GrpcAdmin {
     ) -> BoxFuture<'a, Result<ClusterStatusResponse, AdminError>> {
         Box::pin(async move {
             let mut client = self.client(cluster, pod)?;
+            let request = client.request(ClusterStatusRequest {});
             client
-                .cluster_status(ClusterStatusRequest {})
+                .admin
+                .cluster_status(request)
                 .await
                 .map(|r| r.into_inner())
                 .map_err(|s| AdminError::from_status(pod, "ClusterStatus".into(), s))
@@ -187,15 +329,15 @@ impl NodeAdmin for GrpcAdmin {
             let mut client = self.client(cluster, pod)?;
             let result = match action {
                 AdminAction::SetWeight { node, weight } => {
-                    client
-                        .set_weight(SetWeightRequest {
-                            node: node.clone(),
-                            weight: *weight,
-                        })
-                        .await
+                    let request = client.request(SetWeightRequest {
+                        node: node.clone(),
+                        weight: *weight,
+                    });
+                    client.admin.set_weight(request).await
                 }
                 AdminAction::Leave { node } => {
-                    client.leave(LeaveRequest { node: node.clone() }).await
+                    let request = client.request(LeaveRequest { node: node.clone() });
+                    client.admin.leave(request).await
                 }
             };
             result
@@ -211,10 +353,7 @@ mod tests {
 
     #[test]
     fn cluster_dns_names_the_pod_through_the_headless_service() {
-        let c = ClusterRef {
-            name: "kv".into(),
-            namespace: "prod".into(),
-        };
+        let c = ClusterRef::plain("kv", "prod");
         assert_eq!(
             Addressing::ClusterDns.address(&c, "kv-2").as_deref(),
             Some("kv-2.kv-peers.prod.svc:7070")
@@ -323,10 +462,7 @@ mod tests {
             Addressing::Static(BTreeMap::from([("kv-0".to_string(), addr.to_string())])),
             Duration::from_secs(5),
         );
-        let c = ClusterRef {
-            name: "kv".into(),
-            namespace: "default".into(),
-        };
+        let c = ClusterRef::plain("kv", "default");
         let status = admin.cluster_status(&c, "kv-0").await.unwrap();
         assert_eq!(status.members[0].lifecycle, "normal");
         let resp = admin
@@ -373,10 +509,7 @@ mod tests {
             )])),
             Duration::from_millis(500),
         );
-        let c = ClusterRef {
-            name: "kv".into(),
-            namespace: "default".into(),
-        };
+        let c = ClusterRef::plain("kv", "default");
         let err = admin.cluster_status(&c, "kv-0").await.unwrap_err();
         assert!(matches!(err, AdminError::Unavailable { .. }), "{err:?}");
         let err = admin.cluster_status(&c, "kv-9").await.unwrap_err();

@@ -4,6 +4,8 @@
 //! the Admin requests, a pod replacement, Events, and the status.
 //!
 //! Order of the calls in one reconcile (the flow tests assert it):
+//! 0. With TLS: GET (and when missing, POST) the admin token Secret, then the certificate
+//!    Secrets ([`tls`]); a Secret still missing holds every later step but the status.
 //! 1. GET the StatefulSet, LIST its pods (by label).
 //! 2. Admin `ClusterStatus` through the first pod that answers (ordinal order, ready first).
 //! 3. PATCH (apply) ConfigMap, headless Service, client Service, StatefulSet, PDB,
@@ -68,6 +70,9 @@ pub enum Error {
     /// A node could not be reached for a change; the change may or may not be recorded.
     #[error("Admin request failed: {0}")]
     Admin(#[source] AdminError),
+    /// A certificate, key or token could not be made, or the operator's CA Secret is broken.
+    #[error("TLS: {0}")]
+    Pki(String),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -78,6 +83,7 @@ impl Error {
             Error::Kube { .. } => "kube",
             Error::Build(_) => "build",
             Error::Admin(_) => "admin",
+            Error::Pki(_) => "pki",
             Error::Finalizer(e) => match e.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(inner)
                 | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.metric_label(),
@@ -86,6 +92,8 @@ impl Error {
         }
     }
 }
+
+mod tls;
 
 fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     let what = what.into();
@@ -277,9 +285,10 @@ async fn apply_objects(
     kvc: &KVCluster,
     ns: &str,
     replicas: i32,
+    admin_token_sha256: Option<&str>,
 ) -> Result<Vec<String>, Error> {
     let name = kvc.name_any();
-    let d = resources::build(kvc, replicas)?;
+    let d = resources::build(kvc, replicas, admin_token_sha256)?;
     let client = ctx.client.clone();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     apply_object(&cms, &resources::config_map_name(&name), &d.config_map)
@@ -367,12 +376,28 @@ fn previous_condition<'a>(kvc: &'a KVCluster, type_: &str) -> Option<(&'a str, &
 async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = kvc.name_any();
     let ns = kvc.namespace().unwrap_or_else(|| "default".into());
+    let problems = kvc.spec.problems();
+
+    // 0. The Secrets TLS needs.
+    let material = if problems.is_empty() {
+        tls::ensure(&ctx, &kvc, &ns).await?
+    } else {
+        tls::TlsMaterial::Plain
+    };
+    let (credentials, token_sha256, waiting_for_tls) = match material {
+        tls::TlsMaterial::Plain => (None, None, None),
+        tls::TlsMaterial::Ready {
+            credentials,
+            token_sha256,
+        } => (Some(credentials), Some(token_sha256), None),
+        tls::TlsMaterial::Waiting(what) => (None, None, Some(what)),
+    };
     let cluster = ClusterRef {
         name: name.clone(),
         namespace: ns.clone(),
+        credentials,
     };
-    let problems = kvc.spec.problems();
-    let template_hash = resources::template_hash(&kvc)?;
+    let template_hash = resources::template_hash(&kvc, token_sha256.as_deref())?;
 
     // 1. Observe.
     let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
@@ -397,7 +422,10 @@ async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> 
             st.and_then(|s| s.ready_replicas).unwrap_or(0),
         )
     });
-    let answered = match (sts_replicas, problems.is_empty()) {
+    let answered = match (
+        sts_replicas,
+        problems.is_empty() && waiting_for_tls.is_none(),
+    ) {
         (Some(r), true) => cluster_status(&ctx, &cluster, &pods, r.max(0) as u32).await,
         _ => None,
     };
@@ -408,6 +436,7 @@ async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> 
         steps: kvc.spec.scaling.steps(),
         template_hash,
         problems,
+        waiting_for_tls,
         sts_replicas,
         pods: pods.clone(),
         cluster: answered.as_ref().map(|(_, s)| cluster_view(s)),
@@ -432,7 +461,7 @@ async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> 
     // 3. Apply.
     let mut warnings = Vec::new();
     if let Some(replicas) = plan.sts_replicas {
-        warnings = apply_objects(&ctx, &kvc, &ns, replicas).await?;
+        warnings = apply_objects(&ctx, &kvc, &ns, replicas, token_sha256.as_deref()).await?;
     }
     let mut admin_refusal = None;
     if let Some((answered_by, _)) = &answered {
@@ -542,6 +571,19 @@ async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> 
             EventType::Warning,
             "InvalidSpec",
             "Refuse".into(),
+            plan.reason.message.clone(),
+        )
+        .await;
+    }
+    if plan.reason.code == ReasonCode::WaitingForCertificate
+        && previous_condition(&kvc, "Progressing") != Some(("True", "WaitingForCertificate"))
+    {
+        publish(
+            &ctx,
+            &kvc,
+            EventType::Warning,
+            "WaitingForCertificate",
+            "Wait".into(),
             plan.reason.message.clone(),
         )
         .await;

@@ -132,9 +132,9 @@ pub struct KVClusterSpec {
     /// Sections merged into each node's `dynakv.yaml` (keys as in docs/configuration.md).
     #[serde(default, skip_serializing_if = "NodeConfigOverrides::is_empty")]
     pub node_config: NodeConfigOverrides,
-    /// Reserved: TLS between clients, nodes and the operator is not supported yet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<TlsSpec>,
+    /// TLS on every gRPC port and authenticated clients (on by default).
+    #[serde(default)]
+    pub tls: TlsSpec,
     /// Seconds a node gets to stop cleanly after SIGTERM.
     #[serde(default = "default_grace")]
     #[schemars(range(min = 1, max = 3600))]
@@ -180,7 +180,7 @@ impl Default for KVClusterSpec {
             metrics: MetricsSpec::default(),
             network_policy: NetworkPolicySpec::default(),
             node_config: NodeConfigOverrides::default(),
-            tls: None,
+            tls: TlsSpec::default(),
             termination_grace_period_seconds: default_grace(),
         }
     }
@@ -213,8 +213,24 @@ impl KVClusterSpec {
                 self.vnodes_per_node
             ));
         }
-        if self.tls.as_ref().is_some_and(|t| t.enabled) {
-            out.push("tls.enabled is not supported yet".into());
+        if self.tls.secret_name.is_some() && self.tls.cert_manager.is_some() {
+            out.push("tls.secretName and tls.certManager are exclusive: name one source".into());
+        }
+        if !self.tls.enabled && self.node_config.auth.is_some() {
+            out.push(
+                "nodeConfig.auth needs tls.enabled: tokens are never sent in plain text".into(),
+            );
+        }
+        if self.tls.secret_name.as_deref() == Some("") {
+            out.push("tls.secretName is empty".into());
+        }
+        if self
+            .tls
+            .cert_manager
+            .as_ref()
+            .is_some_and(|c| c.issuer_ref.name.is_empty())
+        {
+            out.push("tls.certManager.issuerRef.name is empty".into());
         }
         if self.image.is_empty() {
             out.push("image is empty".into());
@@ -619,6 +635,11 @@ pub struct NodeConfigOverrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_form_object")]
     pub log: Option<serde_json::Map<String, serde_json::Value>>,
+    /// With TLS: more tokens (`tokens: [{name, role, sha256}]`, see `dynakv token`); the first
+    /// admin's token is kept whatever this says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form_object")]
+    pub auth: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl NodeConfigOverrides {
@@ -644,6 +665,7 @@ impl NodeConfigOverrides {
             ("tombstone_gc", self.tombstone_gc.as_ref()),
             ("handoff", self.handoff.as_ref()),
             ("log", self.log.as_ref()),
+            ("auth", self.auth.as_ref()),
         ]
         .into_iter()
     }
@@ -656,16 +678,73 @@ fn free_form_object(_: &mut SchemaGenerator) -> Schema {
     })
 }
 
-/// Reserved for TLS; `enabled: true` is refused until it is built.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+/// TLS on the nodes' gRPC port (clients, peers, the operator) and authenticated clients.
+///
+/// Where the node certificate comes from: a Secret the user names (`secretName`), a cert-manager
+/// `Certificate` the operator creates (`certManager`), or, when neither is set, a CA the
+/// operator generates and keeps in the Secret `<name>-ca`. Either way the nodes mount the Secret
+/// `tls.crt`, `tls.key` and `ca.crt`; the certificate must carry the URI SAN
+/// `urn:dynakv:node:*` and the DNS names `*.<name>-peers.<namespace>.svc` (docs/security.md).
+/// The first admin's token is in the Secret `<name>-admin-token` (key `token`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!(has(self.secretName) && has(self.certManager))")
+        .message("tls.secretName and tls.certManager are exclusive: name one source")
+)]
 pub struct TlsSpec {
-    #[serde(default)]
-    #[x_kube(validation = Rule::new("!self").message("TLS is not supported yet"))]
+    /// TLS and client authentication on every node. Immutable: nodes with and without TLS
+    /// cannot talk to each other, so it cannot change on a running cluster.
+    #[serde(default = "default_true")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("tls.enabled is immutable"))]
     pub enabled: bool,
-    /// Secret with `tls.crt`, `tls.key` and `ca.crt` (reserved).
+    /// A Secret in the cluster's namespace with `tls.crt`, `tls.key` and `ca.crt`, managed by
+    /// the user; rotated files are picked up by the nodes without a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub secret_name: Option<String>,
+    /// Have cert-manager issue the node certificate (a `Certificate` named `<name>-node`,
+    /// renewed by cert-manager).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_manager: Option<CertManagerSpec>,
+}
+
+impl Default for TlsSpec {
+    fn default() -> Self {
+        TlsSpec {
+            enabled: true,
+            secret_name: None,
+            cert_manager: None,
+        }
+    }
+}
+
+/// Which cert-manager issuer signs the node certificate.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertManagerSpec {
+    pub issuer_ref: IssuerRef,
+}
+
+/// A cert-manager issuer (`Issuer` in the cluster's namespace or a `ClusterIssuer`). It must put
+/// its CA in the Secret's `ca.crt` (CA and self-signed issuers do).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// `Issuer` or `ClusterIssuer`.
+    #[serde(default = "default_issuer_kind")]
+    pub kind: String,
+    #[serde(default = "default_issuer_group")]
+    pub group: String,
+}
+
+fn default_issuer_kind() -> String {
+    "Issuer".into()
+}
+fn default_issuer_group() -> String {
+    "cert-manager.io".into()
 }
 
 /// What the operator last saw and did.

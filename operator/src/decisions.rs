@@ -126,6 +126,9 @@ pub struct Observed {
     pub template_hash: String,
     /// Why the spec cannot be acted on (empty: it can).
     pub problems: Vec<String>,
+    /// What the nodes' certificate waits for (a Secret not there yet), for people; `None`: it
+    /// is there, or TLS is off.
+    pub waiting_for_tls: Option<String>,
     /// `spec.replicas` of the StatefulSet (None: no StatefulSet).
     pub sts_replicas: Option<i32>,
     /// Pods by ordinal.
@@ -164,6 +167,7 @@ impl std::fmt::Display for AdminAction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReasonCode {
     InvalidSpec,
+    WaitingForCertificate,
     Creating,
     NoNodeAnswers,
     WaitingForNodes,
@@ -186,6 +190,7 @@ impl ReasonCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ReasonCode::InvalidSpec => "InvalidSpec",
+            ReasonCode::WaitingForCertificate => "WaitingForCertificate",
             ReasonCode::Creating => "Creating",
             ReasonCode::NoNodeAnswers => "NoNodeAnswers",
             ReasonCode::WaitingForNodes => "WaitingForNodes",
@@ -371,6 +376,20 @@ fn next_step_of(o: &Observed) -> Plan {
         );
         plan.work = Work::Invalid;
         plan.in_progress = false;
+        return plan;
+    }
+    if let Some(what) = &o.waiting_for_tls {
+        // Nodes without their certificate cannot start, and the operator cannot reach running
+        // ones: nothing changes until it is there.
+        plan.reason = reason(
+            ReasonCode::WaitingForCertificate,
+            format!("waiting for the nodes' certificate: {what}"),
+        );
+        plan.work = if o.sts_replicas.is_none() {
+            Work::Creating
+        } else {
+            Work::None
+        };
         return plan;
     }
     let n = o.n;

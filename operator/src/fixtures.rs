@@ -20,8 +20,9 @@ use serde_json::{Value, json};
 use crate::admin::{AdminError, ClusterRef, NodeAdmin};
 use crate::controller::Context;
 use crate::crd::{
-    ConflictMode, FINALIZER, KVCluster, KVClusterSpec, NodeConfigOverrides, PullPolicy, Quorum,
-    RetentionPolicy, RetentionSpec, ScalingSpec, ServiceMonitorSpec, StorageSpec, ZoneSpread,
+    CertManagerSpec, ConflictMode, FINALIZER, IssuerRef, KVCluster, KVClusterSpec,
+    NodeConfigOverrides, PullPolicy, Quorum, RetentionPolicy, RetentionSpec, ScalingSpec,
+    ServiceMonitorSpec, StorageSpec, TlsSpec, ZoneSpread,
 };
 use crate::decisions::AdminAction;
 use crate::metrics::Metrics;
@@ -29,8 +30,16 @@ use crate::proto::{ChangeResponse, ClusterStatusResponse, Member, Rebalance};
 use crate::resources::TEMPLATE_HASH_ANNOTATION;
 
 impl KVCluster {
-    /// A KVCluster `test` in `default`, as read from the API server (uid, generation).
+    /// A KVCluster `test` in `default`, as read from the API server (uid, generation), without
+    /// TLS (the flow tests script plain calls; [`KVCluster::test_tls`] has the default TLS).
     pub fn test() -> Self {
+        let mut k = KVCluster::test_tls();
+        k.spec.tls.enabled = false;
+        k
+    }
+
+    /// [`KVCluster::test`] with the default spec: TLS from a CA the operator generates.
+    pub fn test_tls() -> Self {
         let mut k = KVCluster::new("test", KVClusterSpec::default());
         k.metadata.namespace = Some("default".into());
         k.metadata.uid = Some("00000000-0000-0000-0000-000000000001".into());
@@ -126,7 +135,17 @@ impl KVCluster {
                 gossip: Some(gossip),
                 ..NodeConfigOverrides::default()
             },
-            tls: None,
+            tls: TlsSpec {
+                enabled: true,
+                secret_name: None,
+                cert_manager: Some(CertManagerSpec {
+                    issuer_ref: IssuerRef {
+                        name: "dynakv-ca".into(),
+                        kind: "ClusterIssuer".into(),
+                        group: "cert-manager.io".into(),
+                    },
+                }),
+            },
             termination_grace_period_seconds: 60,
         };
         k
@@ -152,7 +171,9 @@ impl KVCluster {
 
 /// The StatefulSet as the API server would return it, with `replicas` pods all ready.
 pub fn sts(kvc: &KVCluster, replicas: i32) -> StatefulSet {
-    let mut s = crate::resources::build(kvc, replicas).unwrap().stateful_set;
+    let mut s = crate::resources::build(kvc, replicas, None)
+        .unwrap()
+        .stateful_set;
     s.spec.replicas = Some(replicas);
     s.status = Some(StatefulSetStatus {
         replicas,
@@ -164,7 +185,7 @@ pub fn sts(kvc: &KVCluster, replicas: i32) -> StatefulSet {
 
 /// Ready pods `0..n` on the current template.
 pub fn pods(kvc: &KVCluster, n: u32) -> Vec<Pod> {
-    let hash = crate::resources::template_hash(kvc).unwrap();
+    let hash = crate::resources::template_hash(kvc, None).unwrap();
     (0..n).map(|i| pod(kvc, i, &hash, true)).collect()
 }
 

@@ -7,6 +7,8 @@
 //!   ServiceMonitor.
 //! - [`decisions`]: pure, observed state -> the next step and the reason for it.
 //! - [`status`]: pure, observed state and the step taken -> the status written back.
+//! - [`pki`]: the CA, node certificate and admin token of clusters that name no certificate
+//!   source (a shell: randomness), with the pure renewal rule.
 //! - [`admin`]: the seam to the nodes' Admin gRPC service (DNS names on Kubernetes, a map of
 //!   local addresses in tests).
 //! - [`controller`]: gathers the observed state, calls the decisions, applies the result.
@@ -20,6 +22,7 @@ pub mod decisions;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod pki;
 pub mod resources;
 pub mod status;
 

@@ -13,10 +13,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, GRPCAction, ObjectFieldSelector, PersistentVolumeClaim,
+    EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume,
-    VolumeMount, VolumeResourceRequirements,
+    Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -40,6 +40,10 @@ pub const METRICS_PORT: i32 = 9090;
 pub const DATA_DIR: &str = "/data";
 /// Where the ConfigMap is mounted.
 pub const CONFIG_DIR: &str = "/etc/dynakv";
+/// Where the node certificate Secret is mounted (`tls.crt`, `tls.key`, `ca.crt`).
+pub const TLS_DIR: &str = "/etc/dynakv-tls";
+/// The name of the first admin's token in the nodes' configuration.
+pub const ADMIN_TOKEN_NAME: &str = "admin";
 /// Annotation on the pod template: hash of the template (and so of the config) it was built
 /// from. A pod whose annotation differs from the current hash runs an old template.
 pub const TEMPLATE_HASH_ANNOTATION: &str = "dynakv.io/template-hash";
@@ -67,6 +71,8 @@ pub struct Desired {
     pub service_monitor: Option<DynamicObject>,
     /// `None` when `networkPolicy.enabled` is false.
     pub network_policy: Option<NetworkPolicy>,
+    /// The cert-manager `Certificate` of the nodes, when `tls.certManager` asks for one.
+    pub certificate: Option<DynamicObject>,
 }
 
 /// Names of the objects of a cluster named `name`.
@@ -76,6 +82,49 @@ pub fn config_map_name(name: &str) -> String {
 pub fn peers_service_name(name: &str) -> String {
     format!("{name}-peers")
 }
+/// The Secret the nodes' certificate is mounted from.
+pub fn tls_secret_name(kvc: &KVCluster) -> String {
+    kvc.spec
+        .tls
+        .secret_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-tls", kvc.name_any()))
+}
+
+/// The Secret with the CA the operator generates (when no other source is named); the nodes
+/// never see its key.
+pub fn ca_secret_name(name: &str) -> String {
+    format!("{name}-ca")
+}
+
+/// The Secret with the first admin's bearer token (key `token`).
+pub fn admin_token_secret_name(name: &str) -> String {
+    format!("{name}-admin-token")
+}
+
+/// The cert-manager `Certificate` of the nodes.
+pub fn certificate_name(name: &str) -> String {
+    format!("{name}-node")
+}
+
+/// The DNS names a node certificate must carry: every pod through the headless Service, the
+/// client Service, and `localhost` (for `kubectl port-forward`).
+pub fn node_dns_names(name: &str, namespace: &str) -> Vec<String> {
+    let peers = peers_service_name(name);
+    vec![
+        format!("*.{peers}.{namespace}.svc"),
+        format!("*.{peers}.{namespace}.svc.cluster.local"),
+        format!("{name}.{namespace}.svc"),
+        format!("{name}.{namespace}.svc.cluster.local"),
+        format!("{name}.{namespace}"),
+        name.to_string(),
+        "localhost".into(),
+    ]
+}
+
+/// The URI SAN every node certificate of a cluster carries (any node may present it).
+pub const NODE_URI_SAN: &str = "urn:dynakv:node:*";
+
 pub fn stateful_set_name(name: &str) -> String {
     name.to_string()
 }
@@ -158,10 +207,15 @@ impl<'a> Ctx<'a> {
     }
 }
 
-/// Builds every object, with the StatefulSet at `replicas` pods.
-pub fn build(kvc: &KVCluster, replicas: i32) -> Result<Desired, BuildError> {
+/// Builds every object, with the StatefulSet at `replicas` pods. `admin_token_sha256` is the
+/// digest of the first admin's token (from its Secret) when TLS is on.
+pub fn build(
+    kvc: &KVCluster,
+    replicas: i32,
+    admin_token_sha256: Option<&str>,
+) -> Result<Desired, BuildError> {
     let cx = Ctx::new(kvc)?;
-    let config_map = build_config_map(&cx)?;
+    let config_map = build_config_map(&cx, admin_token_sha256)?;
     let template = pod_template(&cx, &config_map);
     Ok(Desired {
         peers_service: peers_service(&cx),
@@ -170,14 +224,18 @@ pub fn build(kvc: &KVCluster, replicas: i32) -> Result<Desired, BuildError> {
         pdb: pdb(&cx),
         service_monitor: service_monitor(&cx),
         network_policy: network_policy(&cx),
+        certificate: certificate(&cx),
         config_map,
     })
 }
 
 /// The hash pods built from the current spec carry in [`TEMPLATE_HASH_ANNOTATION`].
-pub fn template_hash(kvc: &KVCluster) -> Result<String, BuildError> {
+pub fn template_hash(
+    kvc: &KVCluster,
+    admin_token_sha256: Option<&str>,
+) -> Result<String, BuildError> {
     let cx = Ctx::new(kvc)?;
-    let config_map = build_config_map(&cx)?;
+    let config_map = build_config_map(&cx, admin_token_sha256)?;
     let template = pod_template(&cx, &config_map);
     Ok(template
         .metadata
@@ -212,8 +270,9 @@ pub fn seeds(name: &str, namespace: &str, n: u32) -> Vec<String> {
 }
 
 /// The node configuration (`dynakv.yaml`) as JSON: generated fields, then the overrides merged
-/// in section by section.
-pub fn node_config(kvc: &KVCluster, namespace: &str) -> Value {
+/// in section by section. With TLS, the first admin's token (by its digest) is kept among
+/// `auth.tokens` whatever the overrides say.
+pub fn node_config(kvc: &KVCluster, namespace: &str, admin_token_sha256: Option<&str>) -> Value {
     let name = kvc.name_any();
     let s = &kvc.spec;
     let mut config = json!({
@@ -233,6 +292,19 @@ pub fn node_config(kvc: &KVCluster, namespace: &str) -> Value {
         },
         "log": {"format": "json"},
     });
+    if s.tls.enabled
+        && let Value::Object(root) = &mut config
+    {
+        root.insert(
+            "tls".into(),
+            json!({
+                "cert": format!("{TLS_DIR}/tls.crt"),
+                "key": format!("{TLS_DIR}/tls.key"),
+                "ca": format!("{TLS_DIR}/ca.crt"),
+            }),
+        );
+        root.insert("auth".into(), json!({"required": true, "tokens": []}));
+    }
     if let Value::Object(root) = &mut config {
         for (section, over) in s.node_config.sections() {
             let Some(over) = over else { continue };
@@ -246,12 +318,29 @@ pub fn node_config(kvc: &KVCluster, namespace: &str) -> Value {
             }
         }
     }
+    if let (true, Some(digest)) = (s.tls.enabled, admin_token_sha256)
+        && let Some(Value::Object(auth)) = config.get_mut("auth")
+    {
+        let tokens = auth
+            .entry("tokens")
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if !tokens.is_array() {
+            *tokens = Value::Array(Vec::new());
+        }
+        if let Value::Array(list) = tokens {
+            list.retain(|t| t.get("name") != Some(&json!(ADMIN_TOKEN_NAME)));
+            list.insert(
+                0,
+                json!({"name": ADMIN_TOKEN_NAME, "role": "admin", "sha256": digest}),
+            );
+        }
+    }
     config
 }
 
-fn build_config_map(cx: &Ctx) -> Result<ConfigMap, BuildError> {
-    let yaml =
-        serde_saphyr::to_string(&node_config(cx.kvc, &cx.namespace)).map_err(BuildError::Config)?;
+fn build_config_map(cx: &Ctx, admin_token_sha256: Option<&str>) -> Result<ConfigMap, BuildError> {
+    let yaml = serde_saphyr::to_string(&node_config(cx.kvc, &cx.namespace, admin_token_sha256))
+        .map_err(BuildError::Config)?;
     Ok(ConfigMap {
         metadata: cx.meta(config_map_name(&cx.name), "config"),
         data: Some(BTreeMap::from([("dynakv.yaml".to_string(), yaml)])),
@@ -313,12 +402,15 @@ fn env_field(name: &str, path: &str) -> EnvVar {
     }
 }
 
-fn grpc_probe(period: i32, failures: i32) -> Probe {
+/// An HTTP probe of the node's metrics port: `/readyz` answers 200 while the gRPC port serves
+/// (with or without TLS, which a gRPC probe could not speak), `/healthz` while the process runs.
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
-        grpc: Some(GRPCAction {
-            port: GRPC_PORT,
-            service: None,
-            mode: None,
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("metrics".into()),
+            scheme: Some("HTTP".into()),
+            ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),
@@ -376,6 +468,73 @@ fn pod_template(cx: &Ctx, config_map: &ConfigMap) -> PodTemplateSpec {
         ..TopologySpreadConstraint::default()
     });
 
+    let mut mounts = vec![
+        VolumeMount {
+            name: "data".into(),
+            mount_path: DATA_DIR.into(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "config".into(),
+            mount_path: CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..VolumeMount::default()
+        },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map_name(&cx.name),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity("64Mi".into())),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    if s.tls.enabled {
+        mounts.push(VolumeMount {
+            name: "tls".into(),
+            mount_path: TLS_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        // Only the three files the node reads (a cert-manager Secret may hold more), readable
+        // by the node's group (fsGroup) and nobody else.
+        volumes.push(Volume {
+            name: "tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(tls_secret_name(cx.kvc)),
+                default_mode: Some(0o440),
+                items: Some(
+                    ["tls.crt", "tls.key", "ca.crt"]
+                        .into_iter()
+                        .map(|k| KeyToPath {
+                            key: k.into(),
+                            path: k.into(),
+                            ..KeyToPath::default()
+                        })
+                        .collect(),
+                ),
+                optional: Some(false),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+
     let container = Container {
         name: "dynakv".into(),
         image: Some(s.image.clone()),
@@ -399,9 +558,9 @@ fn pod_template(cx: &Ctx, config_map: &ConfigMap) -> PodTemplateSpec {
         ]),
         resources: s.resources.clone(),
         // Startup: up to 5 minutes to open (and replay the log of) a large database.
-        startup_probe: Some(grpc_probe(2, 150)),
-        readiness_probe: Some(grpc_probe(5, 2)),
-        liveness_probe: Some(grpc_probe(10, 6)),
+        startup_probe: Some(http_probe("/readyz", 2, 150)),
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        liveness_probe: Some(http_probe("/healthz", 10, 6)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -418,24 +577,7 @@ fn pod_template(cx: &Ctx, config_map: &ConfigMap) -> PodTemplateSpec {
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "data".into(),
-                mount_path: DATA_DIR.into(),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "config".into(),
-                mount_path: CONFIG_DIR.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "tmp".into(),
-                mount_path: "/tmp".into(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     };
 
@@ -458,24 +600,7 @@ fn pod_template(cx: &Ctx, config_map: &ConfigMap) -> PodTemplateSpec {
             }),
             ..PodSecurityContext::default()
         }),
-        volumes: Some(vec![
-            Volume {
-                name: "config".into(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: config_map_name(&cx.name),
-                    ..ConfigMapVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: "tmp".into(),
-                empty_dir: Some(EmptyDirVolumeSource {
-                    size_limit: Some(Quantity("64Mi".into())),
-                    ..EmptyDirVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-        ]),
+        volumes: Some(volumes),
         node_selector: (!s.scheduling.node_selector.is_empty())
             .then(|| s.scheduling.node_selector.clone()),
         tolerations: (!s.scheduling.tolerations.is_empty())
@@ -657,6 +782,72 @@ fn network_policy(cx: &Ctx) -> Option<NetworkPolicy> {
     })
 }
 
+/// Annotation on a node certificate Secret the operator issued: when the certificate ends
+/// (unix seconds).
+pub const NOT_AFTER_ANNOTATION: &str = "dynakv.io/not-after";
+
+/// A Secret the operator makes for the cluster (`component`: `ca`, `tls`, `admin-token`),
+/// owned by the KVCluster so that it goes with it.
+pub fn secret(
+    kvc: &KVCluster,
+    name: String,
+    component: &str,
+    type_: &str,
+    data: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+) -> Result<Secret, BuildError> {
+    let cx = Ctx::new(kvc)?;
+    let mut metadata = cx.meta(name, component);
+    if !annotations.is_empty() {
+        metadata.annotations = Some(annotations);
+    }
+    Ok(Secret {
+        metadata,
+        type_: Some(type_.into()),
+        string_data: Some(data),
+        ..Secret::default()
+    })
+}
+
+/// cert-manager's Certificate kind.
+pub fn certificate_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "cert-manager.io",
+        "v1",
+        "Certificate",
+    ))
+}
+
+/// The cert-manager `Certificate` of the nodes, when `tls.certManager` asks for one.
+pub fn certificate_of(kvc: &KVCluster) -> Result<Option<DynamicObject>, BuildError> {
+    Ok(certificate(&Ctx::new(kvc)?))
+}
+
+/// The nodes' certificate as cert-manager should issue it into [`tls_secret_name`]: every
+/// pod's name, the Services', and the URI SAN that makes it a node certificate.
+fn certificate(cx: &Ctx) -> Option<DynamicObject> {
+    let tls = &cx.kvc.spec.tls;
+    let cm = tls.cert_manager.as_ref().filter(|_| tls.enabled)?;
+    let mut obj =
+        DynamicObject::new(&certificate_name(&cx.name), &certificate_resource()).data(json!({
+            "spec": {
+                "secretName": tls_secret_name(cx.kvc),
+                "dnsNames": node_dns_names(&cx.name, &cx.namespace),
+                "ipAddresses": ["127.0.0.1"],
+                "uris": [NODE_URI_SAN],
+                "usages": ["server auth", "client auth", "digital signature", "key encipherment"],
+                "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+                "issuerRef": {
+                    "name": cm.issuer_ref.name,
+                    "kind": cm.issuer_ref.kind,
+                    "group": cm.issuer_ref.group,
+                },
+            }
+        }));
+    obj.metadata = cx.meta(certificate_name(&cx.name), "tls");
+    Some(obj)
+}
+
 /// The Prometheus Operator's ServiceMonitor kind.
 pub fn service_monitor_resource() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(
@@ -741,7 +932,7 @@ mod tests {
     #[test]
     fn the_network_policy_admits_only_the_grpc_and_metrics_ports() {
         let kvc = KVCluster::test();
-        let np = build(&kvc, 3)
+        let np = build(&kvc, 3, None)
             .unwrap()
             .network_policy
             .expect("on by default");
@@ -776,7 +967,7 @@ mod tests {
             ..NetworkPolicyPeer::default()
         };
         restricted.spec.network_policy.clients = Some(vec![app.clone()]);
-        let np = build(&restricted, 3).unwrap().network_policy.unwrap();
+        let np = build(&restricted, 3, None).unwrap().network_policy.unwrap();
         let from = np.spec.unwrap().ingress.unwrap()[0].from.clone().unwrap();
         assert_eq!(from.len(), 2);
         assert_eq!(
@@ -786,12 +977,12 @@ mod tests {
         assert_eq!(from[1], app);
         // An empty metrics list admits nobody (an empty `from` would admit everyone).
         restricted.spec.network_policy.metrics = Some(Vec::new());
-        let np = build(&restricted, 3).unwrap().network_policy.unwrap();
+        let np = build(&restricted, 3, None).unwrap().network_policy.unwrap();
         assert_eq!(np.spec.unwrap().ingress.unwrap().len(), 1);
 
         let mut off = kvc;
         off.spec.network_policy.enabled = false;
-        assert!(build(&off, 3).unwrap().network_policy.is_none());
+        assert!(build(&off, 3, None).unwrap().network_policy.is_none());
     }
 
     #[test]
@@ -807,9 +998,9 @@ mod tests {
     #[test]
     fn seeds_are_the_first_n_pods_and_do_not_move_with_replicas() {
         let mut kvc = KVCluster::test();
-        let a = node_config(&kvc, "default");
+        let a = node_config(&kvc, "default", None);
         kvc.spec.replicas = 7;
-        let b = node_config(&kvc, "default");
+        let b = node_config(&kvc, "default", None);
         assert_eq!(a, b);
         assert_eq!(
             a["seeds"],
@@ -824,11 +1015,14 @@ mod tests {
     #[test]
     fn a_new_image_changes_the_template_hash_and_replicas_do_not() {
         let kvc = KVCluster::test();
-        let h = template_hash(&kvc).unwrap();
-        assert_eq!(h, template_hash(&kvc.clone().with_replicas(9)).unwrap());
+        let h = template_hash(&kvc, None).unwrap();
+        assert_eq!(
+            h,
+            template_hash(&kvc.clone().with_replicas(9), None).unwrap()
+        );
         let mut other = kvc.clone();
         other.spec.image = "dynakv/dynakv:0.2.0".into();
-        assert_ne!(h, template_hash(&other).unwrap());
+        assert_ne!(h, template_hash(&other, None).unwrap());
     }
 
     #[test]
@@ -840,10 +1034,64 @@ mod tests {
         let mut log = serde_json::Map::new();
         log.insert("level".into(), json!("debug"));
         kvc.spec.node_config.log = Some(log);
-        let c = node_config(&kvc, "default");
+        let c = node_config(&kvc, "default", None);
         assert_eq!(c["limits"]["max_value_bytes"], json!(4194304));
         assert_eq!(c["log"], json!({"format": "json", "level": "debug"}));
         assert_eq!(c["replication"]["n"], json!(3));
+    }
+
+    #[test]
+    fn with_tls_the_config_keeps_the_admin_token_and_the_pods_mount_only_the_three_files() {
+        let mut kvc = KVCluster::test_tls();
+        let mut auth = serde_json::Map::new();
+        auth.insert(
+            "tokens".into(),
+            json!([
+                {"name": "admin", "role": "read", "sha256": "00".repeat(32)},
+                {"name": "app", "role": "write", "sha256": "11".repeat(32)},
+            ]),
+        );
+        kvc.spec.node_config.auth = Some(auth);
+        let digest = "ab".repeat(32);
+        let c = node_config(&kvc, "default", Some(&digest));
+        assert_eq!(c["tls"]["cert"], json!("/etc/dynakv-tls/tls.crt"));
+        assert_eq!(c["auth"]["required"], json!(true));
+        // The user's "admin" entry cannot take the first admin's place; other tokens stay.
+        assert_eq!(
+            c["auth"]["tokens"],
+            json!([
+                {"name": "admin", "role": "admin", "sha256": digest},
+                {"name": "app", "role": "write", "sha256": "11".repeat(32)},
+            ])
+        );
+        let d = build(&kvc, 3, Some(&digest)).unwrap();
+        let pod = d.stateful_set.spec.template.spec.unwrap();
+        let tls = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "tls")
+            .unwrap()
+            .secret
+            .unwrap();
+        assert_eq!(tls.secret_name.as_deref(), Some("test-tls"));
+        assert_eq!(tls.default_mode, Some(0o440));
+        assert_eq!(tls.items.unwrap().len(), 3);
+        let probe = pod.containers[0].readiness_probe.clone().unwrap();
+        assert_eq!(
+            probe.http_get.unwrap().path.as_deref(),
+            Some("/readyz"),
+            "a TLS port cannot be probed by a plain gRPC probe"
+        );
+        // A new token restarts the nodes (they read tokens at start).
+        assert_ne!(
+            template_hash(&kvc, Some(&digest)).unwrap(),
+            template_hash(&kvc, Some(&"cd".repeat(32))).unwrap()
+        );
+        let mut plain = KVCluster::test();
+        plain.spec.node_config.auth = None;
+        let c = node_config(&plain, "default", Some(&digest));
+        assert!(c.get("tls").is_none() && c.get("auth").is_none());
     }
 
     #[test]
@@ -851,14 +1099,14 @@ mod tests {
         let mut kvc = KVCluster::test();
         kvc.metadata.uid = None;
         assert!(matches!(
-            build(&kvc, 3),
+            build(&kvc, 3, None),
             Err(BuildError::MissingMetadata(_, "uid"))
         ));
         let _ = KVClusterSpec::default();
     }
 
     fn golden(name: &str, kvc: &KVCluster) {
-        let d = build(kvc, kvc.spec.replicas).unwrap();
+        let d = build(kvc, kvc.spec.replicas, None).unwrap();
         let objects: Vec<Value> = vec![
             serde_json::to_value(&d.config_map).unwrap(),
             serde_json::to_value(&d.peers_service).unwrap(),
@@ -874,6 +1122,11 @@ mod tests {
         )
         .chain(
             d.service_monitor
+                .iter()
+                .map(|s| serde_json::to_value(s).unwrap()),
+        )
+        .chain(
+            d.certificate
                 .iter()
                 .map(|s| serde_json::to_value(s).unwrap()),
         )
@@ -896,7 +1149,7 @@ mod tests {
 
     #[test]
     fn golden_default_cluster() {
-        golden("default.yaml", &KVCluster::test());
+        golden("default.yaml", &KVCluster::test_tls());
     }
 
     #[test]

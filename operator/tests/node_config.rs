@@ -15,7 +15,8 @@ fn cluster(spec: KVClusterSpec) -> KVCluster {
 }
 
 fn config_of(kvc: &KVCluster) -> Config {
-    let d = resources::build(kvc, kvc.spec.replicas).unwrap();
+    let digest = "ab".repeat(32);
+    let d = resources::build(kvc, kvc.spec.replicas, Some(&digest)).unwrap();
     let yaml = d
         .config_map
         .data
@@ -49,6 +50,13 @@ fn the_default_config_map_is_a_valid_node_config() {
     assert_eq!(c.seeds.len(), 3);
     assert_eq!(c.cluster_id, "kv.shop");
     assert_eq!(c.replication.n, 3);
+    assert_eq!(
+        c.tls.as_ref().map(|t| t.ca.clone()),
+        Some("/etc/dynakv-tls/ca.crt".into()),
+        "TLS is on by default"
+    );
+    assert_eq!(c.auth.required, Some(true));
+    assert_eq!(c.auth.tokens.len(), 1, "the first admin's token");
     valid(c);
 }
 

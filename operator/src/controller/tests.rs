@@ -28,7 +28,12 @@ fn list_pods(items: Vec<Pod>) -> Expect {
 
 /// The server-side applies of every object, with exact bodies, StatefulSet at `replicas`.
 fn applies(kvc: &KVCluster, replicas: i32) -> Vec<Expect> {
-    let d = resources::build(kvc, replicas).unwrap();
+    applies_with(kvc, replicas, None)
+}
+
+/// [`applies`] for a TLS cluster whose admin token has this digest.
+fn applies_with(kvc: &KVCluster, replicas: i32, digest: Option<&str>) -> Vec<Expect> {
+    let d = resources::build(kvc, replicas, digest).unwrap();
     let v = |o: &dyn erased::Ser| o.value();
     let mut out = vec![
         Expect::apply(format!("{NS}/configmaps/test-config"), v(&d.config_map)),
@@ -156,6 +161,120 @@ async fn create_applies_every_object_and_reports_creating() {
     let (result, _) = reconcile_with(&kvc, &ctx, verifier, expected).await;
     assert_eq!(result.unwrap(), Action::requeue(REQUEUE_BUSY));
     assert!(admin.calls().is_empty());
+}
+
+fn secret_body(name: &str, data: &[(&str, &str)]) -> Value {
+    use base64::Engine;
+    let data: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| {
+            let b = base64::engine::general_purpose::STANDARD.encode(v);
+            (k.to_string(), json!(b))
+        })
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": "default"}, "data": data})
+}
+
+fn create_secret(check: impl FnOnce(&Value) + Send + 'static) -> Expect {
+    Expect {
+        method: http::Method::POST,
+        path: format!("{NS}/secrets?"),
+        check: Box::new(check),
+        respond: Respond::Echo,
+    }
+}
+
+#[tokio::test]
+async fn a_tls_cluster_gets_its_ca_and_node_certificate_before_anything_else() {
+    let kvc = KVCluster::test_tls().finalized();
+    let admin = FakeAdmin::with_members([]);
+    let (ctx, verifier) = Context::test(admin.clone());
+    let token = "dkv_test-token";
+    let digest = crate::pki::token_sha256(token);
+    let mut expected = vec![
+        Expect::get(
+            format!("{NS}/secrets/test-admin-token"),
+            Respond::Ok(secret_body("test-admin-token", &[("token", token)])),
+        ),
+        Expect::get(format!("{NS}/secrets/test-ca"), Respond::Error(404)),
+        create_secret(|s| {
+            assert_eq!(s["metadata"]["name"], json!("test-ca"));
+            assert_eq!(
+                s["metadata"]["ownerReferences"][0]["kind"],
+                json!("KVCluster")
+            );
+            let crt = s["stringData"]["ca.crt"].as_str().unwrap();
+            assert!(crt.starts_with("-----BEGIN CERTIFICATE-----"), "{crt}");
+            assert!(
+                s["stringData"]["ca.key"]
+                    .as_str()
+                    .unwrap()
+                    .contains("PRIVATE KEY")
+            );
+        }),
+        Expect::get(format!("{NS}/secrets/test-tls"), Respond::Error(404)),
+        create_secret(|s| {
+            assert_eq!(s["metadata"]["name"], json!("test-tls"));
+            assert_eq!(s["type"], json!("kubernetes.io/tls"));
+            // Issued 2026-01-01 for a year.
+            assert_eq!(
+                s["metadata"]["annotations"]["dynakv.io/not-after"],
+                json!("1798761600")
+            );
+            for k in ["tls.crt", "tls.key", "ca.crt"] {
+                assert!(s["stringData"][k].is_string(), "{k} in {s}");
+            }
+            assert!(
+                s["stringData"].get("ca.key").is_none(),
+                "the CA key stays in test-ca"
+            );
+        }),
+        Expect::event("CertificateIssued", "Normal"),
+        Expect::get(
+            format!("{NS}/secrets/test-tls"),
+            Respond::Ok(secret_body(
+                "test-tls",
+                &[("tls.crt", "c"), ("tls.key", "k"), ("ca.crt", "ca")],
+            )),
+        ),
+        get_sts(None),
+        list_pods(vec![]),
+    ];
+    expected.extend(applies_with(&kvc, 3, Some(&digest)));
+    expected.push(Expect::event("Creating", "Normal"));
+    expected.push(status(|s| assert_eq!(s["phase"], json!("Creating"))));
+    let (result, _) = reconcile_with(&kvc, &ctx, verifier, expected).await;
+    assert_eq!(result.unwrap(), Action::requeue(REQUEUE_BUSY));
+}
+
+#[tokio::test]
+async fn a_missing_user_secret_holds_the_cluster_with_a_reason_and_a_warning() {
+    let mut kvc = KVCluster::test_tls().finalized();
+    kvc.spec.tls.secret_name = Some("mine".into());
+    let admin = FakeAdmin::with_members([]);
+    let (ctx, verifier) = Context::test(admin.clone());
+    let expected = vec![
+        Expect::get(
+            format!("{NS}/secrets/test-admin-token"),
+            Respond::Ok(secret_body("test-admin-token", &[("token", "dkv_x")])),
+        ),
+        Expect::get(format!("{NS}/secrets/mine"), Respond::Error(404)),
+        get_sts(None),
+        list_pods(vec![]),
+        Expect::event("WaitingForCertificate", "Warning"),
+        status(|s| {
+            let p = condition(s, "Progressing");
+            assert_eq!(p["reason"], json!("WaitingForCertificate"));
+            let m = p["message"].as_str().unwrap();
+            assert!(
+                m.contains("Secret mine (named by tls.secretName) does not exist"),
+                "{m}"
+            );
+        }),
+    ];
+    let (result, _) = reconcile_with(&kvc, &ctx, verifier, expected).await;
+    assert_eq!(result.unwrap(), Action::requeue(REQUEUE_BUSY));
+    assert!(admin.calls().is_empty(), "no Admin call without the CA");
 }
 
 #[tokio::test]

@@ -17,6 +17,7 @@ fn obs(replicas: i32, sts: Option<i32>) -> Observed {
         steps: vec![25, 50, 100],
         template_hash: HASH.into(),
         problems: vec![],
+        waiting_for_tls: None,
         sts_replicas: sts,
         pods: (0..sts.unwrap_or(0).max(0) as u32)
             .map(|i| {
@@ -413,6 +414,20 @@ fn an_invalid_spec_applies_nothing() {
     assert_eq!(p.sts_replicas, None);
     assert_eq!(p.reason.code, ReasonCode::InvalidSpec);
     assert!(!p.in_progress);
+}
+
+#[test]
+fn a_missing_certificate_holds_everything_until_it_is_there() {
+    for sts in [None, Some(3)] {
+        let mut o = obs(5, sts);
+        o.waiting_for_tls = Some("Secret kv-tls (tls.secretName) does not exist".into());
+        let p = decide(&o);
+        assert_eq!(p.sts_replicas, None, "nothing is applied");
+        assert!(p.admin.is_empty() && p.restart_pod.is_none());
+        assert_eq!(p.reason.code, ReasonCode::WaitingForCertificate);
+        assert!(p.reason.message.contains("kv-tls"), "{}", p.reason.message);
+        assert!(p.in_progress);
+    }
 }
 
 // ---- property test -------------------------------------------------------------------------

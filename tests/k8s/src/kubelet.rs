@@ -56,7 +56,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Node, PersistentVolumeClaim, Pod, Probe};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Node, PersistentVolumeClaim, Pod, Probe, Secret,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -590,6 +593,12 @@ async fn bind(shared: &Shared, pod: &Pod) -> Result<(), String> {
     }
 }
 
+/// A projected file's mode: the item's, else the volume's default (0644), with the owner's read
+/// bit.
+fn item_mode(default_mode: Option<i32>, item_mode: Option<i32>) -> u32 {
+    (item_mode.or(default_mode).unwrap_or(0o644) as u32 & 0o777) | 0o400
+}
+
 /// Container path -> host directory, longest mount path first.
 type Mounts = Vec<(String, PathBuf)>;
 
@@ -623,6 +632,34 @@ async fn prepare_volumes(
                 std::fs::write(path.join(&file), text).map_err(|e| e.to_string())?;
             }
             path
+        } else if let Some(secret) = &v.secret {
+            let api: Api<Secret> = Api::namespaced(shared.client.clone(), ns);
+            let secret_name = secret.secret_name.clone().unwrap_or_default();
+            let found = wait_for_object(&api, &secret_name, stop).await?;
+            let path = dir.join("volumes").join(&v.name);
+            std::fs::create_dir_all(&path).map_err(|e| e.to_string())?;
+            let data = found.data.unwrap_or_default();
+            let items: Vec<(String, String, Option<i32>)> = match &secret.items {
+                Some(items) => items
+                    .iter()
+                    .map(|i| (i.key.clone(), i.path.clone(), i.mode))
+                    .collect(),
+                None => data.keys().map(|k| (k.clone(), k.clone(), None)).collect(),
+            };
+            for (key, file, item) in items {
+                let bytes = data
+                    .get(&key)
+                    .ok_or(format!("Secret {secret_name} has no key {key}"))?;
+                let target = path.join(&file);
+                std::fs::write(&target, &bytes.0).map_err(|e| e.to_string())?;
+                // The mode Kubernetes would give the file (the stand-in's processes run as
+                // this user, so a mode without the owner's read bit is not kept).
+                let mode = item_mode(secret.default_mode, item);
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| e.to_string())?;
+            }
+            path
         } else if v.empty_dir.is_some() {
             let path = dir.join("volumes").join(&v.name);
             std::fs::create_dir_all(&path).map_err(|e| e.to_string())?;
@@ -639,7 +676,7 @@ async fn prepare_volumes(
             path
         } else {
             return Err(format!(
-                "volume {}: only configMap, emptyDir and persistentVolumeClaim are supported",
+                "volume {}: only configMap, secret, emptyDir and persistentVolumeClaim are supported",
                 v.name
             ));
         };
@@ -686,6 +723,18 @@ struct Proc {
     program: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// The node's certificate, key and CA on this machine, when it serves TLS: the stand-in
+    /// asks it for its membership at a stop with them, as `dynakv` run in the pod would.
+    tls: Option<NodeFiles>,
+}
+
+#[derive(Debug, Clone)]
+struct NodeFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    /// The pod's DNS name, which its certificate carries.
+    server_name: String,
 }
 
 /// Kubernetes' `$(VAR)` expansion: `$$` is a literal `$`, an unknown `$(VAR)` stays as it is.
@@ -875,7 +924,44 @@ async fn build_process(
         ));
     }
     args.extend(["--data-dir".into(), host_data]);
-    Ok(Proc { program, args, env })
+    // The certificate files named in the configuration, where this machine has them.
+    let mut tls = None;
+    if config["tls"].is_object() {
+        let mut files = Vec::new();
+        for (key, flag) in [
+            ("cert", "--tls-cert"),
+            ("key", "--tls-key"),
+            ("ca", "--tls-ca"),
+        ] {
+            let path = config["tls"][key]
+                .as_str()
+                .ok_or(format!("tls.{key} is not set"))?;
+            let host = translate(path, mounts);
+            args.extend([flag.to_string(), host.clone()]);
+            files.push(PathBuf::from(host));
+        }
+        let spec = pod.spec.as_ref();
+        let server_name = match (
+            spec.and_then(|s| s.hostname.as_ref()),
+            spec.and_then(|s| s.subdomain.as_ref()),
+        ) {
+            (Some(h), Some(sub)) => format!("{h}.{sub}.{}.svc", shared.cfg.namespace),
+            _ => "localhost".into(),
+        };
+        let [cert, key, ca] = <[PathBuf; 3]>::try_from(files).map_err(|_| "tls files")?;
+        tls = Some(NodeFiles {
+            cert,
+            key,
+            ca,
+            server_name,
+        });
+    }
+    Ok(Proc {
+        program,
+        args,
+        env,
+        tls,
+    })
 }
 
 fn spawn(proc: &Proc, dir: &Path) -> std::io::Result<Child> {
@@ -897,15 +983,58 @@ fn spawn(proc: &Proc, dir: &Path) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
-/// One `grpc.health.v1.Health/Check` against the probe's port on the pod's address.
-async fn probe_ok(ip: Ipv4Addr, probe: &Probe) -> bool {
+/// The number of a probe's port, named or not, in container `c`.
+fn probe_port(c: &Container, port: &IntOrString) -> Option<i32> {
+    match port {
+        IntOrString::Int(n) => Some(*n),
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .map(|p| p.container_port),
+    }
+}
+
+/// One `GET` of an `httpGet` probe: success is a status in 200..400, as kubelet has it.
+async fn http_probe_ok(ip: Ipv4Addr, port: i32, path: &str, timeout: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = async {
+        let mut s = tokio::net::TcpStream::connect((ip, u16::try_from(port).ok()?))
+            .await
+            .ok()?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/1.37\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(request.as_bytes()).await.ok()?;
+        let mut head = vec![0u8; 64];
+        let n = s.read(&mut head).await.ok()?;
+        let line = String::from_utf8_lossy(&head[..n]);
+        let code: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some((200..400).contains(&code))
+    };
+    tokio::time::timeout(timeout, get)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+/// One probe against the pod's address: `httpGet`, or `grpc.health.v1.Health/Check` (plain).
+async fn probe_ok(ip: Ipv4Addr, probe: &Probe, c: &Container) -> bool {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
+    let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
+    if let Some(h) = &probe.http_get {
+        let Some(port) = probe_port(c, &h.port) else {
+            return false;
+        };
+        return http_probe_ok(ip, port, h.path.as_deref().unwrap_or("/"), timeout).await;
+    }
     let Some(grpc) = &probe.grpc else {
         return false;
     };
-    let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
     let Ok(endpoint) =
         tonic::transport::Endpoint::from_shared(format!("http://{ip}:{}", grpc.port))
     else {
@@ -952,14 +1081,14 @@ impl ProbeState {
 
     /// Runs the probe if it is due: `Some(true)` once it has reached its success threshold,
     /// `Some(false)` once it has reached its failure threshold, `None` otherwise.
-    async fn tick(&mut self, ip: Ipv4Addr) -> Option<bool> {
+    async fn tick(&mut self, ip: Ipv4Addr, c: &Container) -> Option<bool> {
         let p = self.probe.as_ref()?;
         let now = Instant::now();
         if now < self.next {
             return None;
         }
         self.next = now + Duration::from_secs(p.period_seconds.unwrap_or(10).max(1) as u64);
-        if probe_ok(ip, p).await {
+        if probe_ok(ip, p, c).await {
             self.failures = 0;
             self.successes += 1;
             (self.successes >= p.success_threshold.unwrap_or(1)).then_some(true)
@@ -1024,15 +1153,30 @@ fn running_status(
     })
 }
 
-/// Asks the node how the cluster sees it (for the stop record).
-async fn member_at_stop(ip: Ipv4Addr, port: i32, pod: &str) -> Option<MemberAtStop> {
+/// Asks the node how the cluster sees it (for the stop record); with TLS, as the node itself
+/// (its certificate may call every service).
+async fn member_at_stop(
+    ip: Ipv4Addr,
+    port: i32,
+    pod: &str,
+    tls: Option<&NodeFiles>,
+) -> Option<MemberAtStop> {
     let ask = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{ip}:{port}"))
-            .ok()?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .ok()?;
+        let tls = match tls {
+            Some(f) => Some(crate::workload::ClientTls {
+                server_name: f.server_name.clone(),
+                config: dynakv_node::tls::client_config_from_files(&f.ca, Some((&f.cert, &f.key)))
+                    .ok()?,
+                token: None,
+            }),
+            None => None,
+        };
+        let channel = crate::workload::channel(
+            &format!("{ip}:{port}"),
+            tls.as_ref(),
+            Duration::from_secs(2),
+        )
+        .await?;
         let status = AdminClient::new(channel)
             .cluster_status(ClusterStatusRequest::default())
             .await
@@ -1113,7 +1257,7 @@ async fn supervise(
                 }
                 _ = tick.tick() => {
                     if !started {
-                        match startup.tick(ip).await {
+                        match startup.tick(ip, c).await {
                             Some(true) => {
                                 started = true;
                                 shared.note(format!("{name}: started"));
@@ -1124,10 +1268,10 @@ async fn supervise(
                         }
                         continue;
                     }
-                    if let Some(false) = liveness.tick(ip).await {
+                    if let Some(false) = liveness.tick(ip, c).await {
                         break Err("liveness probe failed".into());
                     }
-                    let now_ready = match readiness.tick(ip).await {
+                    let now_ready = match readiness.tick(ip, c).await {
                         Some(r) => r,
                         None if c.readiness_probe.is_none() => true,
                         None => ready,
@@ -1144,7 +1288,7 @@ async fn supervise(
             Ok(why) => {
                 let member = match why {
                     Stop::Shutdown => None,
-                    _ => member_at_stop(ip, grpc_port, name).await,
+                    _ => member_at_stop(ip, grpc_port, name, proc.tls.as_ref()).await,
                 };
                 shared.note(format!(
                     "{name}: stopping ({why:?}); member then: {member:?}"

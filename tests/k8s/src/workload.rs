@@ -8,7 +8,90 @@ use std::time::Duration;
 
 use dynakv_node::proto::kv_client::KvClient;
 use dynakv_node::proto::{Consistency, ConsistencyLevel, GetRequest, PutRequest, Quorum, quorum};
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint as GrpcEndpoint};
+
+/// A node as a client reaches it: the address to dial and, with TLS, the name its certificate
+/// must carry (the pod's DNS name: the test has no DNS of its own) with the CA and a token.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub addr: String,
+    pub tls: Option<Arc<ClientTls>>,
+}
+
+impl Endpoint {
+    pub fn plain(addr: impl Into<String>) -> Self {
+        Endpoint {
+            addr: addr.into(),
+            tls: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.tls {
+            Some(t) => write!(f, "{} ({}, TLS)", self.addr, t.server_name),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
+/// How to reach a TLS node.
+pub struct ClientTls {
+    pub server_name: String,
+    pub config: Arc<rustls::ClientConfig>,
+    /// A bearer token; `None`: only the client certificate in `config`, if any.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClientTls({})", self.server_name)
+    }
+}
+
+/// A gRPC channel to `addr`: plain, or TLS checking `tls.server_name`.
+pub async fn channel(addr: &str, tls: Option<&ClientTls>, timeout: Duration) -> Option<Channel> {
+    let endpoint = GrpcEndpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(timeout)
+        .timeout(Duration::from_secs(5));
+    let Some(tls) = tls else {
+        return endpoint.connect().await.ok();
+    };
+    let name = rustls_pki_types::ServerName::try_from(tls.server_name.clone()).ok()?;
+    let config = tls.config.clone();
+    let addr = addr.to_string();
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_: tonic::codegen::http::Uri| {
+            let (addr, name, config) = (addr.clone(), name.clone(), config.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .ok()
+}
+
+/// Adds the bearer token to every request.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+pub type Kv = KvClient<InterceptedService<Channel, Bearer>>;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -29,15 +112,13 @@ fn consistency() -> Option<Consistency> {
     })
 }
 
-async fn client(addr: &str) -> Option<KvClient<Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .ok()?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .ok()?;
-    Some(KvClient::new(channel))
+pub async fn client(e: &Endpoint) -> Option<Kv> {
+    let tls = e.tls.as_deref();
+    let channel = channel(&e.addr, tls, Duration::from_secs(1)).await?;
+    let token = tls
+        .and_then(|t| t.token.as_ref())
+        .and_then(|t| format!("Bearer {t}").parse().ok());
+    Some(KvClient::with_interceptor(channel, Bearer(token)))
 }
 
 /// A value of about `size` bytes that names its key's write.
@@ -50,7 +131,7 @@ pub fn value(key: &str, size: usize) -> String {
     v
 }
 
-async fn put(endpoints: &[String], turn: usize, key: &str, value: &str) -> bool {
+async fn put(endpoints: &[Endpoint], turn: usize, key: &str, value: &str) -> bool {
     let addr = &endpoints[turn % endpoints.len()];
     let Some(mut c) = client(addr).await else {
         return false;
@@ -67,7 +148,7 @@ async fn put(endpoints: &[String], turn: usize, key: &str, value: &str) -> bool 
 
 /// Writes `count` keys `<prefix><i>`, each retried until acknowledged; returns them.
 pub fn load(
-    endpoints: &[String],
+    endpoints: &[Endpoint],
     prefix: &str,
     count: usize,
     size: usize,
@@ -108,7 +189,7 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn start(endpoints: Vec<String>, prefix: String, size: usize, pause: Duration) -> Writer {
+    pub fn start(endpoints: Vec<Endpoint>, prefix: String, size: usize, pause: Duration) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -153,7 +234,7 @@ impl Drop for Writer {
 
 /// Keys whose quorum read does not return exactly the acknowledged value (each read is retried
 /// a few times while it fails outright), with what was read.
-pub fn lost(endpoints: &[String], expected: &BTreeMap<String, String>) -> Vec<String> {
+pub fn lost(endpoints: &[Endpoint], expected: &BTreeMap<String, String>) -> Vec<String> {
     runtime().block_on(async {
         let mut clients = Vec::new();
         for e in endpoints {

@@ -18,7 +18,7 @@ use dynakv_k8s_tests::kubelet::{Kubelet, KubeletConfig, MAX_PODS};
 use dynakv_k8s_tests::operator::Operator;
 use dynakv_k8s_tests::testenv::{ControlPlane, Need, Tools, repo_root};
 use dynakv_k8s_tests::util::{self, Out, Steps, random_loopback_block, wait_until};
-use dynakv_k8s_tests::workload::{self, Writer};
+use dynakv_k8s_tests::workload::{self, ClientTls, Endpoint, Writer};
 use serde_json::{Value, json};
 
 /// Longest a cluster may take to come up (pods started, joined, weighted).
@@ -80,6 +80,46 @@ impl Env {
     /// `host:port` of a pod's gRPC service.
     fn grpc(&self, cluster: &str, ordinal: u32) -> String {
         format!("{}:7070", self.kubelet(cluster).config().pod_ip(ordinal))
+    }
+
+    /// A key of a Secret, decoded, read as a user would (`kubectl get secret`).
+    fn secret_value(&self, ns: &str, secret: &str, key: &str) -> String {
+        use base64::Engine;
+        let s = self
+            .cp
+            .get_json(&["secret", secret, "-n", ns])
+            .unwrap_or_else(|| panic!("Secret {ns}/{secret}"));
+        let b64 = s["data"][key]
+            .as_str()
+            .unwrap_or_else(|| panic!("Secret {secret} has no {key}"));
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .expect("base64");
+        String::from_utf8(bytes).expect("text")
+    }
+
+    /// The cluster's CA (written to a file) and its first admin's token, from its Secrets.
+    fn credentials(&self, ns: &str, cluster: &str) -> (PathBuf, String) {
+        let ca = self.secret_value(ns, &format!("{cluster}-tls"), "ca.crt");
+        let path = self.cp.dir.path().join(format!("{ns}-{cluster}-ca.crt"));
+        std::fs::write(&path, ca).expect("write the CA");
+        let token = self.secret_value(ns, &format!("{cluster}-admin-token"), "token");
+        (path, token)
+    }
+
+    /// How a client reaches pod `ordinal` of a TLS cluster: its address, its DNS name for the
+    /// certificate check, the CA and the admin token.
+    fn endpoint(&self, ns: &str, cluster: &str, ordinal: u32) -> Endpoint {
+        let (ca, token) = self.credentials(ns, cluster);
+        let config = dynakv_node::tls::client_config_from_files(&ca, None).expect("the CA loads");
+        Endpoint {
+            addr: self.grpc(cluster, ordinal),
+            tls: Some(Arc::new(ClientTls {
+                server_name: format!("{cluster}-{ordinal}.{cluster}-peers.{ns}.svc"),
+                config,
+                token: Some(token),
+            })),
+        }
     }
 
     fn kvc(&self, ns: &str, name: &str) -> Option<Value> {
@@ -391,6 +431,16 @@ fn the_crd_installs_and_the_api_server_refuses_invalid_kvclusters() {
         "spec.writeQuorum",
         "writeQuorum cannot exceed replicationFactor",
     );
+    // One certificate source at most.
+    let out = apply(&manifest(
+        "twosources",
+        "  tls:\n    secretName: mine\n    certManager:\n      issuerRef: {name: ca}\n",
+    ));
+    refused(
+        &out,
+        "spec.tls",
+        "tls.secretName and tls.certManager are exclusive",
+    );
     // Nothing of the refused ones was stored.
     assert!(cp.names(&["kvc"]).is_empty());
 
@@ -401,6 +451,17 @@ fn the_crd_installs_and_the_api_server_refuses_invalid_kvclusters() {
     let stored = cp.get_json(&["kvc", "ok"]).expect("stored");
     assert_eq!(stored["spec"]["vnodesPerNode"], 64);
     assert_eq!(stored["spec"]["readQuorum"], "quorum");
+    assert_eq!(
+        stored["spec"]["tls"],
+        json!({"enabled": true}),
+        "closed by default"
+    );
+    // A running cluster cannot switch TLS off (its nodes could not talk across the switch).
+    let out = apply(&manifest(
+        "ok",
+        "  replicas: 3\n  replicationFactor: 3\n  tls: {enabled: false}\n",
+    ));
+    refused(&out, "spec.tls.enabled", "tls.enabled is immutable");
 
     // replicationFactor is immutable, also when the change would be valid otherwise.
     let out = apply(&manifest("ok", "  replicas: 5\n  replicationFactor: 5\n"));
@@ -808,41 +869,101 @@ fn the_example_cluster_serves_is_scraped_by_prometheus_and_is_collected_on_delet
         assert_eq!(pod["spec"]["nodeName"], "dynakv-standin");
     }
 
-    // `dynakv put/get` through the pods' DNS names.
-    let out = env.dynakv_cli(
-        "demo",
-        &[
-            "put",
-            "-e",
-            "demo-0.demo-peers.default.svc:7070",
-            "greeting",
-            "hello from k8s",
-        ],
-    );
+    // `dynakv put/get` through the pods' DNS names, with TLS: the CA and the first admin's
+    // token come from the cluster's Secrets, as the docs tell users to get them.
+    let (ca, token) = env.credentials("default", "demo");
+    let ca = ca.to_string_lossy().into_owned();
+    let creds = ["--ca", ca.as_str(), "--token", token.as_str()];
+    let first = "demo-0.demo-peers.default.svc:7070";
+    let with = |args: &[&str]| -> Vec<String> {
+        args.iter()
+            .chain(creds.iter())
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run = |args: Vec<String>| {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        env.dynakv_cli("demo", &a)
+    };
+    let out = run(with(&["put", "-e", first, "greeting", "hello from k8s"]));
     assert!(out.ok(), "dynakv put: {out}");
     for i in 0..3 {
         let endpoint = format!("demo-{i}.demo-peers.default.svc:7070");
-        let out = env.dynakv_cli("demo", &["get", "-e", &endpoint, "greeting", "-o", "json"]);
+        let out = run(with(&["get", "-e", &endpoint, "greeting", "-o", "json"]));
         assert!(out.ok(), "dynakv get via {endpoint}: {out}");
         assert!(out.stdout.contains("hello from k8s"), "{out}");
     }
-    let out = env.dynakv_cli(
-        "demo",
-        &[
-            "cluster",
-            "status",
-            "-e",
-            "demo-1.demo-peers.default.svc:7070",
-            "-o",
-            "json",
-        ],
-    );
+    // Closed by default: plain text gets nothing, and TLS without a token is unauthenticated.
+    let out = env.dynakv_cli("demo", &["get", "-e", first, "greeting", "--plaintext"]);
+    assert!(!out.ok(), "a plain-text client was served: {out}");
+    let out = env.dynakv_cli("demo", &["get", "-e", first, "greeting", "--ca", &ca]);
+    assert_eq!(out.code, 7, "TLS without a token: {out}");
+    assert!(out.stderr.contains("needs the read role"), "{out}");
+    let out = run(with(&[
+        "cluster",
+        "status",
+        "-e",
+        "demo-1.demo-peers.default.svc:7070",
+        "-o",
+        "json",
+    ]));
     assert!(out.ok(), "dynakv cluster status: {out}");
     let cs: Value = serde_json::from_str(&out.stdout).expect("cluster status JSON");
     assert_eq!(cs["cluster_id"], "demo.default", "{cs}");
 
-    // carts was accepted; the operator made its objects; its pods wait for a node that matches
-    // its nodeSelector (no stand-in runs them: this machine has no storage-optimized node).
+    // carts asks cert-manager for its certificate. Without cert-manager the operator waits and
+    // says why; once the Certificate kind exists it applies the Certificate, and once the
+    // Secret is there (the test stands in for cert-manager: any certificate does, carts' pods
+    // never run here) it makes the rest.
+    wait_until(
+        "carts to wait for cert-manager",
+        Duration::from_secs(60),
+        POLL,
+        |last| {
+            let kvc = env.kvc("shop", "carts")?;
+            let p = condition(&kvc["status"], "Progressing");
+            *last = p.to_string();
+            (p["reason"] == "WaitingForCertificate"
+                && p["message"].as_str()?.contains(
+                    "cert-manager's Certificate kind (cert-manager.io/v1) is not installed",
+                ))
+            .then_some(())
+        },
+    );
+    assert!(
+        env.cp
+            .get_json(&["statefulset", "carts", "-n", "shop"])
+            .is_none()
+    );
+    let crd = env.write_manifest("certificates-crd.yaml", CERT_MANAGER_CERTIFICATE_CRD);
+    env.cp.kubectl_ok(&["apply", "-f", &crd.to_string_lossy()]);
+    let cert = wait_until("carts' Certificate", Duration::from_secs(60), POLL, |_| {
+        env.cp
+            .get_json(&["certificates.cert-manager.io", "carts-node", "-n", "shop"])
+    });
+    assert_eq!(cert["spec"]["secretName"], "carts-tls", "{cert}");
+    assert_eq!(cert["spec"]["uris"], json!(["urn:dynakv:node:*"]), "{cert}");
+    assert_eq!(
+        cert["spec"]["issuerRef"],
+        json!({"name": "internal-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"})
+    );
+    assert!(
+        cert["spec"]["dnsNames"]
+            .as_array()
+            .is_some_and(|n| n.contains(&json!("*.carts-peers.shop.svc"))),
+        "{cert}"
+    );
+    let mut issued = env
+        .cp
+        .get_json(&["secret", "demo-tls", "-n", "default"])
+        .expect("demo's certificate");
+    issued["metadata"] = json!({"name": "carts-tls", "namespace": "shop"});
+    let issued = env.write_manifest("carts-tls.json", &issued.to_string());
+    env.cp
+        .kubectl_ok(&["apply", "-f", &issued.to_string_lossy()]);
+
+    // Then carts' objects; its pods wait for a node that matches its nodeSelector (no stand-in
+    // runs them: this machine has no storage-optimized node).
     wait_until(
         "carts' StatefulSet",
         Duration::from_secs(60),
@@ -978,6 +1099,25 @@ spec:
       max_bytes_per_sec: 24576
 "#;
 
+/// The Certificate kind of cert-manager, schema left open: enough for the API server to store
+/// what the operator applies (no cert-manager runs here).
+const CERT_MANAGER_CERTIFICATE_CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: certificates.cert-manager.io
+spec:
+  group: cert-manager.io
+  names: {kind: Certificate, listKind: CertificateList, plural: certificates, singular: certificate}
+  scope: Namespaced
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+"#;
+
 #[test]
 fn scaling_3_to_5_to_3_with_a_writer_loses_nothing_and_the_status_tells_the_story() {
     let test = "scaling_3_to_5_to_3_with_a_writer_loses_nothing_and_the_status_tells_the_story";
@@ -997,7 +1137,7 @@ fn scaling_3_to_5_to_3_with_a_writer_loses_nothing_and_the_status_tells_the_stor
     steps.done("kv settled with 3 nodes");
 
     // Keys loaded, then a writer running through the three nodes that stay.
-    let stable: Vec<String> = (0..3).map(|i| env.grpc("kv", i)).collect();
+    let stable: Vec<Endpoint> = (0..3).map(|i| env.endpoint("default", "kv", i)).collect();
     let loaded = workload::load(&stable, "key-", 300, 1024);
     let log = StatusLog::start(&env, "default", "kv");
     let writer = Writer::start(stable.clone(), "w-".into(), 256, Duration::from_millis(40));
