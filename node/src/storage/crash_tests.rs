@@ -202,11 +202,15 @@ impl LogDevice for Device {
     }
 }
 
-/// The database's device and its log's, on one power supply.
+/// A crash image: the database, the log, the second log, and how it was made.
+type CrashImage = (Vec<u8>, Vec<u8>, Vec<u8>, String);
+
+/// The database's device and its two logs', on one power supply.
 #[derive(Clone, Default)]
 struct Disk {
     db: Device,
     log: Device,
+    log2: Device,
 }
 
 impl Disk {
@@ -221,6 +225,10 @@ impl Disk {
                 ..Device::default()
             },
             log: Device {
+                power: Arc::clone(&power),
+                ..Device::default()
+            },
+            log2: Device {
                 power,
                 ..Device::default()
             },
@@ -241,11 +249,13 @@ impl Disk {
         power.cut_at.is_some_and(|cut| power.syncs >= cut)
     }
 
-    /// The crash images to check, as `(database, log, what)`: the disk got as far as some point
-    /// of the issue order of both, or the writes issued before the cut reached one of them only.
-    fn crash_images(&self) -> Vec<(Vec<u8>, Vec<u8>, String)> {
+    /// The crash images to check, as `(database, log, second log, what)`: the disk got as far
+    /// as some point of the issue order of all three, or the writes issued before the cut
+    /// reached the database or the logs only.
+    fn crash_images(&self) -> Vec<CrashImage> {
         let mut seqs = self.db.unsynced_seqs();
         seqs.extend(self.log.unsynced_seqs());
+        seqs.extend(self.log2.unsynced_seqs());
         seqs.sort_unstable();
         let n = seqs.len();
         let at_cut = lock(&self.db.power).writes_at_cut.unwrap_or(u64::MAX);
@@ -255,24 +265,31 @@ impl Disk {
             images.push((
                 self.db.crash_image(before),
                 self.log.crash_image(before),
+                self.log2.crash_image(before),
                 format!("the first {prefix} of {n} unsynced writes on disk"),
             ));
         }
         images.push((
             self.db.crash_image(at_cut),
             self.log.crash_image(0),
-            "the database's writes issued before the cut on disk, not the log's".to_owned(),
+            self.log2.crash_image(0),
+            "the database's writes issued before the cut on disk, not the logs'".to_owned(),
         ));
         images.push((
             self.db.crash_image(0),
             self.log.crash_image(at_cut),
-            "the log's writes issued before the cut on disk, not the database's".to_owned(),
+            self.log2.crash_image(at_cut),
+            "the logs' writes issued before the cut on disk, not the database's".to_owned(),
         ));
         images
     }
 
     fn open(&self, options: &RedbOptions) -> Result<RedbBackend, super::StorageError> {
-        RedbBackend::open_on(self.db.clone(), self.log.clone(), options)
+        RedbBackend::open_on(
+            self.db.clone(),
+            [Box::new(self.log.clone()), Box::new(self.log2.clone())],
+            options,
+        )
     }
 }
 
@@ -380,12 +397,15 @@ fn memory_device(image: &[u8]) -> InMemoryBackend {
     storage
 }
 
-/// Opens a crash image (database and log) and checks that it holds every acknowledged write and
-/// consistent counters.
-async fn verify(image: &[u8], log: &[u8], acked: &[Acked], what: &str) {
+/// Opens a crash image (database and logs) and checks that it holds every acknowledged write
+/// and consistent counters.
+async fn verify(image: &[u8], log: &[u8], log2: &[u8], acked: &[Acked], what: &str) {
     let backend = RedbBackend::open_on(
         memory_device(image),
-        Device::with_image(log),
+        [
+            Box::new(Device::with_image(log)),
+            Box::new(Device::with_image(log2)),
+        ],
         &RedbOptions::default(),
     )
     .unwrap_or_else(|e| panic!("{what}: the crash image does not open: {e}"));
@@ -483,6 +503,7 @@ async fn power_cut_at_every_sync(max_batch_ops: usize, checkpoint_log_ops: u64) 
     verify(
         &probe.db.crash_image(u64::MAX),
         &probe.log.crash_image(u64::MAX),
+        &probe.log2.crash_image(u64::MAX),
         &acked,
         "no cut",
     )
@@ -496,12 +517,12 @@ async fn power_cut_at_every_sync(max_batch_ops: usize, checkpoint_log_ops: u64) 
         let disk = Disk::cut_at(cut);
         let acked = workload(&disk, max_batch_ops, &options).await;
         required += acked.len();
-        for (db, log, image) in disk.crash_images() {
+        for (db, log, log2, image) in disk.crash_images() {
             let what = format!(
                 "batches of {max_batch_ops}, checkpoint every {checkpoint_log_ops} writes, \
                  cut at sync {cut} of {total_syncs}, {image}"
             );
-            verify(&db, &log, &acked, &what).await;
+            verify(&db, &log, &log2, &acked, &what).await;
         }
     }
     assert!(required > 0, "some cut came after some acknowledged writes");
@@ -534,12 +555,16 @@ fn a_database_cut_short_while_being_created_is_refused_cleanly() {
         drop(disk.open(&RedbOptions::default()).expect("open"));
         let mut seqs = disk.db.unsynced_seqs();
         seqs.extend(disk.log.unsynced_seqs());
+        seqs.extend(disk.log2.unsynced_seqs());
         seqs.sort_unstable();
         seqs.push(u64::MAX);
         for before in seqs {
             let opened = RedbBackend::open_on(
                 memory_device(&disk.db.crash_image(before)),
-                Device::with_image(&disk.log.crash_image(before)),
+                [
+                    Box::new(Device::with_image(&disk.log.crash_image(before))),
+                    Box::new(Device::with_image(&disk.log2.crash_image(before))),
+                ],
                 &RedbOptions::default(),
             );
             match opened {

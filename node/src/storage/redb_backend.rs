@@ -1,13 +1,16 @@
 //! [`RedbBackend`]: the three tables in one redb file, with a write-ahead log beside it: every
-//! commit is synced to the log before it returns, and redb makes it durable at checkpoints.
+//! commit is synced to the log before it returns, and redb makes it durable at checkpoints, which
+//! run on a thread of their own.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::ops::Bound;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::thread::JoinHandle;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTableMetadata, TableDefinition};
 
@@ -30,6 +33,12 @@ fn definition(table: Table) -> Def {
         Table::Meta => META,
     }
 }
+
+/// Deferred writes by table and key (`None`: deleted).
+type Deferred = BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>;
+
+/// Logged writes a checkpoint may leave waiting for redb before commits wait for it instead.
+const MAX_DEFERRED_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Options of [`RedbBackend::open_with`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,31 +70,61 @@ impl Default for RedbOptions {
     }
 }
 
-/// The production [`Backend`]: one redb database file and its write-ahead log (`<file>.wal`).
+/// The production [`Backend`]: one redb database file and its write-ahead log, two files
+/// (`<file>.wal`, `<file>.wal.1`) used in turn.
 ///
-/// Each [`Backend::commit`] applies the batch in a redb write transaction, appends it to the log as
-/// one record and syncs the log (`fdatasync`), and only then commits the transaction, with
-/// [`Durability::None`]: one sequential append and sync per batch instead of writing every B-tree
-/// page the batch touched. Once the log holds [`RedbOptions::checkpoint_log_bytes`] or
-/// [`RedbOptions::checkpoint_log_ops`], the next [`Backend::maintain`] (which the store's writer
-/// calls after it has answered the batch) checkpoints: it commits durably (writing the lsn of the last
-/// record into [`Table::Meta`] in the same transaction) and empties the log. Opening replays the
-/// records newer than that lsn, so after a crash the database holds every acknowledged batch.
-/// Reads use redb read transactions (MVCC snapshots), never wait for a commit, and see only
-/// batches whose record is durable.
+/// Each [`Backend::commit`] applies the batch in a redb write transaction, appends it to the
+/// active log as one record and syncs the log (`fdatasync`), and only then commits the
+/// transaction, with [`Durability::None`]: one sequential append and sync per batch instead of
+/// writing every B-tree page the batch touched. Once the active log holds
+/// [`RedbOptions::checkpoint_log_bytes`] or [`RedbOptions::checkpoint_log_ops`], the next
+/// [`Backend::maintain`] (which the store's writer calls after it has answered the batch)
+/// checkpoints: it switches appends to the other log (emptied: everything in it is durable
+/// since the previous checkpoint) and, on a thread of its own, commits durably, writing the lsn
+/// of the last record of the log it left into [`Table::Meta`] in the same transaction.
+///
+/// redb has one writer at a time, and the checkpoint's commit holds it while it writes and syncs
+/// the pages: commits meanwhile are appended to the log and synced (so acknowledged) but kept in
+/// memory, where reads see them over the database, and applied to redb by the first commit after
+/// the checkpoint. So no write waits for a checkpoint unless these deferred writes reach
+/// [`MAX_DEFERRED_BYTES`].
+///
+/// Opening replays the records of both logs newer than the last checkpoint's lsn, so after a
+/// crash the database holds every acknowledged batch. Reads use redb read transactions (MVCC
+/// snapshots) and the deferred writes, never wait for a commit, and see only batches whose
+/// record is durable.
 pub struct RedbBackend {
-    db: Database,
+    db: Arc<Database>,
     name: String,
     log: Mutex<LogState>,
+    /// The deferred writes by key (`None`: deleted), newest value only. Empty outside
+    /// checkpoints.
+    deferred: RwLock<Deferred>,
     checkpoint_log_bytes: u64,
     checkpoint_log_ops: u64,
+    /// Tests: checkpoint threads wait while this is set.
+    #[cfg(test)]
+    pub(super) hold_checkpoints: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct LogState {
-    log: Log,
+    /// The two logs; appends go to `logs[active]`.
+    logs: [Log; 2],
+    active: usize,
     id: u64,
     /// Set when the log or a checkpoint failed: nothing more is committed.
     failed: Option<String>,
+    /// Batches in the log, not yet in redb (a checkpoint held its writer), oldest first.
+    pending: Vec<Vec<WriteOp>>,
+    pending_bytes: u64,
+    /// The checkpoint under way.
+    checkpoint: Option<JoinHandle<Result<(), StorageError>>>,
+}
+
+impl LogState {
+    fn active_log(&mut self) -> &mut Log {
+        &mut self.logs[self.active]
+    }
 }
 
 impl fmt::Debug for RedbBackend {
@@ -124,29 +163,32 @@ impl RedbBackend {
         }
         let builder = builder(options, &name);
         let db = open_guarded(&name, || builder.open(path))?;
-        // redb holds the database's lock from here, so no other open reaches the log.
-        let log = open_log_file(&log_path(path))?;
-        Self::init(db, Box::new(log), name, options)
+        // redb holds the database's lock from here, so no other open reaches the logs.
+        let logs = [
+            Box::new(open_log_file(&log_path(path))?) as Box<dyn LogDevice>,
+            Box::new(open_log_file(&second_log_path(path))?),
+        ];
+        Self::init(db, logs, name, options)
     }
 
     /// Opens (or creates) a database on any redb storage device with its log on `log`; the crash
     /// tests use devices that forget unsynced writes.
     pub fn open_on(
         storage: impl redb::StorageBackend,
-        log: impl LogDevice,
+        logs: [Box<dyn LogDevice>; 2],
         options: &RedbOptions,
     ) -> Result<Self, StorageError> {
         let name = "custom storage".to_owned();
         let builder = builder(options, &name);
         let db = open_guarded(&name, || builder.create_with_backend(storage))?;
-        Self::init(db, Box::new(log), name, options)
+        Self::init(db, logs, name, options)
     }
 
     // Creates the tables, so that reads never meet a missing one, then sets up the log: a new one
     // for a database without, or recovery from the one it has.
     fn init(
         db: Database,
-        device: Box<dyn LogDevice>,
+        devices: [Box<dyn LogDevice>; 2],
         name: String,
         options: &RedbOptions,
     ) -> Result<Self, StorageError> {
@@ -167,15 +209,15 @@ impl RedbBackend {
                 // log is made before the database names it, so a crash in between leaves a
                 // database without a log state, which starts over here.
                 let id = new_log_id();
-                let log = Log::create(device, id).map_err(|e| {
-                    StorageError::io(format!("creating the write-ahead log of {name}"), e)
-                })?;
+                let [a, b] = devices;
+                let create = |device| {
+                    Log::create(device, id).map_err(|e| {
+                        StorageError::io(format!("creating the write-ahead log of {name}"), e)
+                    })
+                };
+                let logs = [create(a)?, create(b)?];
                 write_log_state(&db, id, 0).map_err(|e| err("creating the log state", e))?;
-                LogState {
-                    log,
-                    id,
-                    failed: None,
-                }
+                LogState::new(logs, id)
             }
             LogMeta::Damaged => {
                 return Err(StorageError::Corrupt {
@@ -184,12 +226,15 @@ impl RedbBackend {
                     ),
                 });
             }
-            LogMeta::At { id, lsn } => recover(&db, device, &name, id, lsn)?,
+            LogMeta::At { id, lsn } => recover(&db, devices, &name, id, lsn)?,
         };
         Ok(RedbBackend {
-            db,
+            db: Arc::new(db),
             name,
             log: Mutex::new(state),
+            deferred: RwLock::new(BTreeMap::new()),
+            #[cfg(test)]
+            hold_checkpoints: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             checkpoint_log_bytes: options.checkpoint_log_bytes.max(1),
             checkpoint_log_ops: options.checkpoint_log_ops.max(1),
         })
@@ -224,13 +269,11 @@ fn create_fresh(path: &Path, options: &RedbOptions) -> Result<(), StorageError> 
     let db = open_guarded(&temp_display, || builder.create(&temp))?;
     // Creating the tables commits (and syncs) the complete new file, and writes a new log over any
     // left from an earlier database of this name; then the file may take its name.
-    let log = open_log_file(&log_path(path))?;
-    drop(RedbBackend::init(
-        db,
-        Box::new(log),
-        temp_display.clone(),
-        options,
-    )?);
+    let logs = [
+        Box::new(open_log_file(&log_path(path))?) as Box<dyn LogDevice>,
+        Box::new(open_log_file(&second_log_path(path))?),
+    ];
+    drop(RedbBackend::init(db, logs, temp_display.clone(), options)?);
     std::fs::rename(&temp, path).map_err(|e| {
         StorageError::io(format!("renaming {temp_display} to {}", path.display()), e)
     })?;
@@ -241,6 +284,13 @@ fn create_fresh(path: &Path, options: &RedbOptions) -> Result<(), StorageError> 
 pub fn log_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_os_string();
     name.push(".wal");
+    PathBuf::from(name)
+}
+
+/// The second write-ahead log of the database at `path`: `<path>.wal.1`.
+pub fn second_log_path(path: &Path) -> PathBuf {
+    let mut name = log_path(path).into_os_string();
+    name.push(".1");
     PathBuf::from(name)
 }
 
@@ -341,51 +391,63 @@ fn apply(txn: &redb::WriteTransaction, ops: &[WriteOp]) -> Result<(), redb::Erro
     Ok(())
 }
 
-// Brings the database up to the end of its log: the records after the last checkpoint are applied
-// again (they are blind puts and deletes, so applying them over a database that already holds some
-// of them gives the same result), in one durable commit with the new checkpoint lsn, and the log
-// starts over.
+// Brings the database up to the end of its logs: the records of both after the last
+// checkpoint are applied again in lsn order (they are blind puts and deletes, so applying them
+// over a database that already holds some of them gives the same result), in one durable commit
+// with the new checkpoint lsn, and both logs start over.
 fn recover(
     db: &Database,
-    device: Box<dyn LogDevice>,
+    devices: [Box<dyn LogDevice>; 2],
     name: &str,
     id: u64,
     checkpoint: u64,
 ) -> Result<LogState, StorageError> {
     let io_err = |e| StorageError::io(format!("reading the write-ahead log of {name}"), e);
-    match wal::read_header(device.as_ref()).map_err(io_err)? {
-        Header::Log(found) if found == id => {}
-        Header::Log(_) => {
-            return Err(StorageError::Corrupt {
-                detail: format!(
-                    "{name}: its write-ahead log belongs to another database; restore the pair \
-                     of files together, or wipe the data directory and let the node recover \
-                     from its replicas"
-                ),
-            });
-        }
-        Header::NotALog => {
-            return Err(StorageError::Corrupt {
-                detail: format!(
-                    "{name}: its write-ahead log is missing or damaged, so acknowledged writes \
-                     may be lost; restore it, or wipe the data directory and let the node \
-                     recover from its replicas"
-                ),
-            });
+    let mut records = Vec::new();
+    let mut logs = Vec::new();
+    for (i, device) in devices.into_iter().enumerate() {
+        match wal::read_header(device.as_ref()).map_err(io_err)? {
+            Header::Log(found) if found == id => {
+                records.extend(wal::read_records(device.as_ref()).map_err(io_err)?);
+                logs.push(Log::resume(device, checkpoint));
+            }
+            Header::Log(_) => {
+                return Err(StorageError::Corrupt {
+                    detail: format!(
+                        "{name}: its write-ahead log belongs to another database; restore the \
+                         files together, or wipe the data directory and let the node recover \
+                         from its replicas"
+                    ),
+                });
+            }
+            // The second log of a database written before there were two: made here.
+            Header::NotALog if i == 1 => logs.push(Log::create(device, id).map_err(|e| {
+                StorageError::io(format!("creating the write-ahead log of {name}"), e)
+            })?),
+            Header::NotALog => {
+                return Err(StorageError::Corrupt {
+                    detail: format!(
+                        "{name}: its write-ahead log is missing or damaged, so acknowledged writes \
+                         may be lost; restore it, or wipe the data directory and let the node \
+                         recover from its replicas"
+                    ),
+                });
+            }
         }
     }
-    let records = wal::read_records(device.as_ref()).map_err(io_err)?;
-    let newer: Vec<_> = records.iter().filter(|r| r.lsn > checkpoint).collect();
-    if let Some(first) = newer.first()
-        && first.lsn != checkpoint + 1
-    {
-        return Err(StorageError::Corrupt {
-            detail: format!(
-                "{name}: its write-ahead log resumes at record {} but the database holds records \
-                 up to {checkpoint} only; writes in between are lost",
-                first.lsn
-            ),
-        });
+    let mut newer: Vec<_> = records.iter().filter(|r| r.lsn > checkpoint).collect();
+    newer.sort_by_key(|r| r.lsn);
+    for (expect, r) in (checkpoint + 1..).zip(newer.iter()) {
+        if r.lsn != expect {
+            return Err(StorageError::Corrupt {
+                detail: format!(
+                    "{name}: its write-ahead log resumes at record {} but the database holds \
+                     records up to {} only; writes in between are lost",
+                    r.lsn,
+                    expect - 1
+                ),
+            });
+        }
     }
     let last = newer.last().map_or(checkpoint, |r| r.lsn);
     if !newer.is_empty() {
@@ -408,14 +470,27 @@ fn recover(
         }
         txn.commit().map_err(|e| err(e.into()))?;
     }
-    let mut log = Log::resume(device, last);
-    log.reset()
-        .map_err(|e| StorageError::io(format!("emptying the write-ahead log of {name}"), e))?;
-    Ok(LogState {
-        log,
-        id,
-        failed: None,
-    })
+    let [mut a, mut b] = <[Log; 2]>::try_from(logs)
+        .map_err(|_| StorageError::io(name.to_string(), std::io::Error::other("two logs")))?;
+    for log in [&mut a, &mut b] {
+        log.reset_after(last)
+            .map_err(|e| StorageError::io(format!("emptying the write-ahead log of {name}"), e))?;
+    }
+    Ok(LogState::new([a, b], id))
+}
+
+impl LogState {
+    fn new(logs: [Log; 2], id: u64) -> Self {
+        LogState {
+            logs,
+            active: 0,
+            id,
+            failed: None,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            checkpoint: None,
+        }
+    }
 }
 
 fn builder(options: &RedbOptions, name: &str) -> redb::Builder {
@@ -495,6 +570,14 @@ fn map_error(context: &str, error: redb::Error) -> StorageError {
 
 impl Backend for RedbBackend {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        {
+            let deferred = self.deferred();
+            if !deferred.is_empty()
+                && let Some(value) = deferred.get(&(table, key.to_vec()))
+            {
+                return Ok(value.clone());
+            }
+        }
         let err = |e: redb::Error| self.error("reading", e);
         let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
         let t = txn
@@ -515,6 +598,24 @@ impl Backend for RedbBackend {
         if range_is_empty(from, to) {
             return Ok(page);
         }
+        // Deferred writes in the range, taken before the database is read: one applied in
+        // between is then in both, with the same value.
+        let deferred: Vec<(Vec<u8>, Option<Vec<u8>>)> = {
+            let d = self.deferred();
+            if d.is_empty() {
+                Vec::new()
+            } else {
+                let own = |b: Bound<&[u8]>| match b {
+                    Bound::Included(k) => Bound::Included((table, k.to_vec())),
+                    Bound::Excluded(k) => Bound::Excluded((table, k.to_vec())),
+                    Bound::Unbounded => Bound::Unbounded,
+                };
+                d.range((own(from), own(to)))
+                    .filter(|((t, _), _)| *t == table)
+                    .map(|((_, k), v)| (k.clone(), v.clone()))
+                    .collect()
+            }
+        };
         let err = |e: redb::Error| self.error("scanning", e);
         let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
         let t = txn
@@ -531,40 +632,77 @@ impl Backend for RedbBackend {
             bytes = bytes.saturating_add(key.len() + value.len());
             page.entries.push((key, value));
         }
+        if !deferred.is_empty() {
+            merge_deferred(&mut page, deferred);
+        }
         Ok(page)
     }
 
     fn len(&self, table: Table) -> Result<u64, StorageError> {
         let err = |e: redb::Error| self.error("counting", e);
+        let deferred: Vec<(Vec<u8>, bool)> = self
+            .deferred()
+            .iter()
+            .filter(|((t, _), _)| *t == table)
+            .map(|((_, k), v)| (k.clone(), v.is_some()))
+            .collect();
         let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
         let t = txn
             .open_table(definition(table))
             .map_err(|e| err(e.into()))?;
-        t.len().map_err(|e| err(e.into()))
+        let mut len = t.len().map_err(|e| err(e.into()))?;
+        for (key, present) in deferred {
+            let stored = t.get(key.as_slice()).map_err(|e| err(e.into()))?.is_some();
+            match (stored, present) {
+                (false, true) => len += 1,
+                (true, false) => len = len.saturating_sub(1),
+                _ => {}
+            }
+        }
+        Ok(len)
     }
 
     fn commit(&self, batch: &[WriteOp]) -> Result<(), StorageError> {
         let mut state = self.log_state();
+        self.collect_checkpoint(&mut state, false);
+        if state.checkpoint.is_some() && state.pending_bytes >= MAX_DEFERRED_BYTES {
+            // Bounded: wait for the checkpoint rather than keep more in memory.
+            self.collect_checkpoint(&mut state, true);
+        }
         if let Some(cause) = &state.failed {
             return Err(StorageError::Engine {
                 context: format!("committing in {}", self.name),
                 detail: format!("the write-ahead log failed earlier ({cause}); restart the node"),
             });
         }
+        if state.checkpoint.is_some() {
+            // The checkpoint holds redb's writer: log the batch, keep it for reads and for redb.
+            self.append(&mut state, batch)?;
+            {
+                let mut deferred = self.deferred_mut();
+                for op in batch {
+                    match op {
+                        WriteOp::Put { table, key, value } => {
+                            deferred.insert((*table, key.clone()), Some(value.clone()))
+                        }
+                        WriteOp::Delete { table, key } => {
+                            deferred.insert((*table, key.clone()), None)
+                        }
+                    };
+                }
+            }
+            state.pending_bytes += batch.iter().map(op_bytes).sum::<u64>();
+            state.pending.push(batch.to_vec());
+            return Ok(());
+        }
+        self.apply_pending(&mut state)?;
         let err = |e: redb::Error| self.error("committing", e);
         let mut txn = self.db.begin_write().map_err(|e| err(e.into()))?;
         txn.set_durability(Durability::None)
             .map_err(|e| self.error_detail("committing", e))?;
         // Dropping `txn` on an early return aborts it: nothing of the batch is written.
         apply(&txn, batch).map_err(err)?;
-        if let Err(e) = state.log.append(batch) {
-            let error = StorageError::io(
-                format!("appending to the write-ahead log of {}", self.name),
-                e,
-            );
-            state.failed = Some(error.to_string());
-            return Err(error);
-        }
+        self.append(&mut state, batch)?;
         // The batch is durable from here: a crash replays it from the log.
         if let Err(e) = txn.commit() {
             let error = err(e.into());
@@ -576,45 +714,202 @@ impl Backend for RedbBackend {
 
     fn maintain(&self) {
         let mut state = self.log_state();
-        if state.failed.is_some()
-            || (state.log.record_bytes() < self.checkpoint_log_bytes
-                && state.log.ops() < self.checkpoint_log_ops)
-        {
+        self.collect_checkpoint(&mut state, false);
+        if state.failed.is_some() || state.checkpoint.is_some() {
             return;
         }
-        // Every batch in the log is acknowledged already; a failed checkpoint stops the next
-        // commit.
-        if let Err(error) = checkpoint(&self.db, &self.name, &mut state) {
+        let log = state.active_log();
+        if log.record_bytes() < self.checkpoint_log_bytes && log.ops() < self.checkpoint_log_ops {
+            return;
+        }
+        // Everything logged goes into redb before the checkpoint that says so.
+        if self.apply_pending(&mut state).is_err() {
+            return;
+        }
+        let covered = state.active_log().last_lsn();
+        let next = 1 - state.active;
+        // The other log holds only records the previous checkpoint made durable (it finished).
+        if let Err(e) = state.logs[next].reset_after(covered) {
+            let error =
+                StorageError::io(format!("emptying the write-ahead log of {}", self.name), e);
             tracing::error!(database = %self.name, %error, "write-ahead log checkpoint failed");
             state.failed = Some(error.to_string());
+            return;
+        }
+        state.active = next;
+        let (db, id, name) = (Arc::clone(&self.db), state.id, self.name.clone());
+        #[cfg(test)]
+        let hold = Arc::clone(&self.hold_checkpoints);
+        let run = move || {
+            #[cfg(test)]
+            while hold.load(Ordering::Acquire) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            write_log_state(&db, id, covered)
+                .map_err(|e| map_error(&format!("checkpointing {name}"), e))
+        };
+        match std::thread::Builder::new()
+            .name("dynakv-checkpoint".into())
+            .spawn(run)
+        {
+            Ok(handle) => state.checkpoint = Some(handle),
+            Err(e) => {
+                // No thread to be had: checkpoint here (the old way, the writer waits).
+                tracing::warn!(database = %self.name, error = %e, "checkpoint thread not started");
+                let (db, id, name) = (Arc::clone(&self.db), state.id, self.name.clone());
+                if let Err(error) = write_log_state(&db, id, covered)
+                    .map_err(|e| map_error(&format!("checkpointing {name}"), e))
+                {
+                    tracing::error!(database = %self.name, %error, "write-ahead log checkpoint failed");
+                    state.failed = Some(error.to_string());
+                }
+            }
         }
     }
+}
+
+fn op_bytes(op: &WriteOp) -> u64 {
+    match op {
+        WriteOp::Put { key, value, .. } => (key.len() + value.len() + 16) as u64,
+        WriteOp::Delete { key, .. } => (key.len() + 16) as u64,
+    }
+}
+
+/// Puts deferred writes (`None`: deleted) into a page read from the database: those up to the
+/// page's last key when it is cut short (later ones belong to later pages), all otherwise. A
+/// page may grow by the deferred writes it takes in, which are bounded.
+fn merge_deferred(page: &mut ScanPage, deferred: Vec<(Vec<u8>, Option<Vec<u8>>)>) {
+    let limit = page.next.clone();
+    let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
+        std::mem::take(&mut page.entries).into_iter().collect();
+    for (key, value) in deferred {
+        if limit.as_ref().is_some_and(|last| key > *last) {
+            break;
+        }
+        match value {
+            Some(v) => merged.insert(key, v),
+            None => merged.remove(&key),
+        };
+    }
+    page.entries = merged.into_iter().collect();
 }
 
 impl RedbBackend {
     fn log_state(&self) -> MutexGuard<'_, LogState> {
         self.log.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
 
-// Makes every committed batch durable in redb and empties the log.
-fn checkpoint(db: &Database, name: &str, state: &mut LogState) -> Result<(), StorageError> {
-    write_log_state(db, state.id, state.log.last_lsn())
-        .map_err(|e| map_error(&format!("checkpointing {name}"), e))?;
-    state
-        .log
-        .reset()
-        .map_err(|e| StorageError::io(format!("emptying the write-ahead log of {name}"), e))
+    fn deferred(&self) -> std::sync::RwLockReadGuard<'_, Deferred> {
+        self.deferred.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn deferred_mut(&self) -> std::sync::RwLockWriteGuard<'_, Deferred> {
+        self.deferred
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tests: waits for the checkpoint under way, if any.
+    #[cfg(test)]
+    pub(super) fn wait_for_checkpoint(&self) {
+        let mut state = self.log_state();
+        self.collect_checkpoint(&mut state, true);
+    }
+
+    /// Appends a batch to the active log and syncs it; a failure stops every later commit.
+    fn append(&self, state: &mut LogState, batch: &[WriteOp]) -> Result<(), StorageError> {
+        if let Err(e) = state.active_log().append(batch) {
+            let error = StorageError::io(
+                format!("appending to the write-ahead log of {}", self.name),
+                e,
+            );
+            state.failed = Some(error.to_string());
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Takes the outcome of the checkpoint under way once it is done (with `wait`, waits for it).
+    fn collect_checkpoint(&self, state: &mut LogState, wait: bool) {
+        if !state
+            .checkpoint
+            .as_ref()
+            .is_some_and(|h| wait || h.is_finished())
+        {
+            return;
+        }
+        let Some(handle) = state.checkpoint.take() else {
+            return;
+        };
+        let outcome = handle.join().unwrap_or_else(|_| {
+            Err(StorageError::Engine {
+                context: format!("checkpointing {}", self.name),
+                detail: "the checkpoint thread panicked".into(),
+            })
+        });
+        if let Err(error) = outcome {
+            // Every batch in the logs is acknowledged already; nothing more is committed.
+            tracing::error!(database = %self.name, %error, "write-ahead log checkpoint failed");
+            state.failed = Some(error.to_string());
+        }
+    }
+
+    /// Applies the batches logged while a checkpoint held redb's writer (not durably: they are
+    /// in the log), then drops them from memory.
+    fn apply_pending(&self, state: &mut LogState) -> Result<(), StorageError> {
+        if state.pending.is_empty() {
+            return Ok(());
+        }
+        let err = |e: redb::Error| self.error("applying logged writes", e);
+        let applied = (|| {
+            let mut txn = self.db.begin_write().map_err(|e| err(e.into()))?;
+            txn.set_durability(Durability::None)
+                .map_err(|e| self.error_detail("applying logged writes", e))?;
+            for batch in &state.pending {
+                apply(&txn, batch).map_err(err)?;
+            }
+            txn.commit().map_err(|e| err(e.into()))
+        })();
+        if let Err(error) = applied {
+            tracing::error!(database = %self.name, %error, "applying logged writes failed");
+            state.failed = Some(error.to_string());
+            return Err(error);
+        }
+        // In redb now: reads find them there.
+        state.pending.clear();
+        state.pending_bytes = 0;
+        self.deferred_mut().clear();
+        Ok(())
+    }
 }
 
 impl Drop for RedbBackend {
-    // A clean close leaves an empty log, so the next open has nothing to replay.
+    // A clean close leaves empty logs, so the next open has nothing to replay.
     fn drop(&mut self) {
-        let state = self.log.get_mut().unwrap_or_else(PoisonError::into_inner);
-        if state.failed.is_some() || state.log.record_bytes() == 0 {
+        let mut guard = self.log_state();
+        let state = &mut *guard;
+        self.collect_checkpoint(state, true);
+        if state.failed.is_some() || self.apply_pending(state).is_err() {
             return;
         }
-        if let Err(error) = checkpoint(&self.db, &self.name, state) {
+        if state.logs.iter().all(|l| l.record_bytes() == 0) {
+            return;
+        }
+        let covered = state.active_log().last_lsn();
+        let done = write_log_state(&self.db, state.id, covered)
+            .map_err(|e| map_error(&format!("checkpointing {}", self.name), e))
+            .and_then(|()| {
+                for log in &mut state.logs {
+                    log.reset_after(covered).map_err(|e| {
+                        StorageError::io(
+                            format!("emptying the write-ahead log of {}", self.name),
+                            e,
+                        )
+                    })?;
+                }
+                Ok(())
+            });
+        if let Err(error) = done {
             tracing::warn!(
                 database = %self.name,
                 %error,

@@ -312,6 +312,14 @@ impl Log {
         Ok(())
     }
 
+    /// Drops every record (the database holds them durably up to `lsn`) and goes on after
+    /// `lsn`: for the log that takes over from another whose last record was `lsn`.
+    pub fn reset_after(&mut self, lsn: u64) -> io::Result<()> {
+        self.reset()?;
+        self.last_lsn = lsn;
+        Ok(())
+    }
+
     /// Drops every record (the database holds them durably now); the lsns go on.
     pub fn reset(&mut self) -> io::Result<()> {
         self.device.set_len(HEADER_LEN)?;
