@@ -41,28 +41,33 @@ impl ClusterRef {
     }
 }
 
-/// What the operator presents to a TLS cluster: the CA its node certificates chain to and the
-/// first admin's bearer token (both from the cluster's Secrets).
-#[derive(Clone, PartialEq, Eq)]
+/// What the operator presents to a TLS cluster, from the Secret its nodes mount: the CA their
+/// certificates chain to, and the node certificate and key, with which the operator calls as a
+/// node of the cluster. Not a token: a token the user changes reaches the nodes only as they
+/// restart one by one, which the operator drives and must keep calling through.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct AdminCredentials {
     pub ca_pem: String,
-    pub token: String,
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
 impl std::fmt::Debug for AdminCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminCredentials")
             .field("ca_pem", &format_args!("{} bytes", self.ca_pem.len()))
-            .field("token", &"<redacted>")
+            .field("key_pem", &"<redacted>")
             .finish()
     }
 }
 
 impl AdminCredentials {
-    /// A TLS client configuration trusting only the cluster's CA.
+    /// A TLS client configuration trusting only the cluster's CA (every certificate in
+    /// `ca.crt`, so that a CA being replaced can be listed beside its successor) and presenting
+    /// the node certificate.
     fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, String> {
-        use rustls_pki_types::CertificateDer;
         use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
             let cert = cert.map_err(|e| format!("the cluster's ca.crt: {e}"))?;
@@ -73,12 +78,18 @@ impl AdminCredentials {
         if roots.is_empty() {
             return Err("the cluster's ca.crt holds no certificate".into());
         }
+        let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("the cluster's tls.crt: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| format!("the cluster's tls.key: {e}"))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("the cluster's tls.crt and tls.key: {e}"))?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
     }
@@ -178,23 +189,14 @@ pub struct GrpcAdmin {
     channels: Mutex<BTreeMap<String, Channel>>,
 }
 
-/// A client and the bearer token its requests carry.
+/// A client of one pod.
 struct Client {
     admin: AdminClient<Channel>,
-    token: Option<String>,
 }
 
 impl Client {
     fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        if let Some(value) = self
-            .token
-            .as_ref()
-            .and_then(|t| format!("Bearer {t}").parse().ok())
-        {
-            request.metadata_mut().insert("authorization", value);
-        }
-        request
+        tonic::Request::new(message)
     }
 }
 
@@ -236,13 +238,12 @@ impl GrpcAdmin {
                 status: tonic::Status::unavailable("no address known for this pod"),
             });
         };
-        let token = cluster.credentials.as_ref().map(|c| c.token.clone());
-        // New credentials (a rotated CA) mean new connections.
+        // New credentials (a renewed certificate, a rotated CA) mean new connections.
         let key = match &cluster.credentials {
             Some(c) => {
                 use std::hash::{Hash, Hasher};
                 let mut h = std::collections::hash_map::DefaultHasher::new();
-                c.ca_pem.hash(&mut h);
+                c.hash(&mut h);
                 format!("{address} tls {:016x}", h.finish())
             }
             None => address.clone(),
@@ -254,7 +255,6 @@ impl GrpcAdmin {
         if let Some(ch) = channels.get(&key) {
             return Ok(Client {
                 admin: AdminClient::new(ch.clone()),
-                token,
             });
         }
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
@@ -296,7 +296,6 @@ impl GrpcAdmin {
         channels.insert(key, ch.clone());
         Ok(Client {
             admin: AdminClient::new(ch),
-            token,
         })
     }
 }

@@ -4,9 +4,9 @@
 //! the Admin requests, a pod replacement, Events, and the status.
 //!
 //! Order of the calls in one reconcile (the flow tests assert it):
-//! 0. With TLS: GET (and when missing, POST) the admin token Secret, then the certificate
-//!    Secrets ([`tls`]); a Secret still missing holds every later step but the status.
-//! 1. GET the StatefulSet, LIST its pods (by label).
+//! 1. GET the StatefulSet (how its nodes serve settles an unset `tls`); with TLS, GET (and when
+//!    missing, POST) the admin token Secret, then the certificate Secrets ([`tls`]), a Secret
+//!    still missing holding every later step but the status; LIST the pods (by label).
 //! 2. Admin `ClusterStatus` through the first pod that answers (ordinal order, ready first).
 //! 3. PATCH (apply) ConfigMap, headless Service, client Service, StatefulSet, PDB,
 //!    ServiceMonitor (when enabled) — skipped when the spec cannot be acted on.
@@ -36,7 +36,7 @@ use serde_json::json;
 
 use crate::FIELD_MANAGER;
 use crate::admin::{AdminError, ClusterRef, NodeAdmin};
-use crate::crd::{FINALIZER, KVCluster, RetentionPolicy};
+use crate::crd::{FINALIZER, KVCluster, RetentionPolicy, TlsSpec};
 use crate::decisions::{
     self, ClusterView, Lifecycle, Liveness, Member, Observed, Plan, PodView, ReasonCode,
 };
@@ -376,9 +376,31 @@ fn previous_condition<'a>(kvc: &'a KVCluster, type_: &str) -> Option<(&'a str, &
 async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = kvc.name_any();
     let ns = kvc.namespace().unwrap_or_else(|| "default".into());
-    let problems = kvc.spec.problems();
+    let mut problems = kvc.spec.problems();
 
-    // 0. The Secrets TLS needs.
+    // 1. Observe: the StatefulSet first, which says how the running nodes serve.
+    let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let sts = sts_api
+        .get_opt(&resources::stateful_set_name(&name))
+        .await
+        .map_err(kube_err("get StatefulSet"))?;
+    // From here on `kvc` carries its effective `tls`.
+    let kvc = match resources::effective_tls(&kvc, sts.as_ref().map(resources::serves_tls)) {
+        Ok(enabled) => {
+            let mut k = (*kvc).clone();
+            k.spec.tls = Some(TlsSpec {
+                enabled,
+                ..kvc.spec.tls_spec()
+            });
+            Arc::new(k)
+        }
+        Err(problem) => {
+            problems.push(problem);
+            kvc
+        }
+    };
+
+    // The Secrets TLS needs.
     let material = if problems.is_empty() {
         tls::ensure(&ctx, &kvc, &ns).await?
     } else {
@@ -399,12 +421,6 @@ async fn apply(kvc: Arc<KVCluster>, ctx: Arc<Context>) -> Result<Action, Error> 
     };
     let template_hash = resources::template_hash(&kvc, token_sha256.as_deref())?;
 
-    // 1. Observe.
-    let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
-    let sts = sts_api
-        .get_opt(&resources::stateful_set_name(&name))
-        .await
-        .map_err(kube_err("get StatefulSet"))?;
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let pods: BTreeMap<u32, PodView> = pods_api
         .list(&ListParams::default().labels(&selector_string(&name)))

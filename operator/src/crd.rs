@@ -132,9 +132,10 @@ pub struct KVClusterSpec {
     /// Sections merged into each node's `dynakv.yaml` (keys as in docs/configuration.md).
     #[serde(default, skip_serializing_if = "NodeConfigOverrides::is_empty")]
     pub node_config: NodeConfigOverrides,
-    /// TLS on every gRPC port and authenticated clients (on by default).
-    #[serde(default)]
-    pub tls: TlsSpec,
+    /// TLS on every gRPC port and authenticated clients. Unset: on for a new cluster; a cluster
+    /// whose nodes already run keeps how they serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
     /// Seconds a node gets to stop cleanly after SIGTERM.
     #[serde(default = "default_grace")]
     #[schemars(range(min = 1, max = 3600))]
@@ -180,7 +181,7 @@ impl Default for KVClusterSpec {
             metrics: MetricsSpec::default(),
             network_policy: NetworkPolicySpec::default(),
             node_config: NodeConfigOverrides::default(),
-            tls: TlsSpec::default(),
+            tls: None,
             termination_grace_period_seconds: default_grace(),
         }
     }
@@ -213,19 +214,19 @@ impl KVClusterSpec {
                 self.vnodes_per_node
             ));
         }
-        if self.tls.secret_name.is_some() && self.tls.cert_manager.is_some() {
+        let tls = self.tls_spec();
+        if tls.secret_name.is_some() && tls.cert_manager.is_some() {
             out.push("tls.secretName and tls.certManager are exclusive: name one source".into());
         }
-        if !self.tls.enabled && self.node_config.auth.is_some() {
+        if !tls.enabled && self.node_config.auth.is_some() {
             out.push(
                 "nodeConfig.auth needs tls.enabled: tokens are never sent in plain text".into(),
             );
         }
-        if self.tls.secret_name.as_deref() == Some("") {
+        if tls.secret_name.as_deref() == Some("") {
             out.push("tls.secretName is empty".into());
         }
-        if self
-            .tls
+        if tls
             .cert_manager
             .as_ref()
             .is_some_and(|c| c.issuer_ref.name.is_empty())
@@ -236,6 +237,11 @@ impl KVClusterSpec {
             out.push("image is empty".into());
         }
         out
+    }
+
+    /// `tls` with its defaults (TLS on) when unset.
+    pub fn tls_spec(&self) -> TlsSpec {
+        self.tls.clone().unwrap_or_default()
     }
 
     /// The replication factor as a count (the schema keeps it in 1..=16).
@@ -679,6 +685,10 @@ fn free_form_object(_: &mut SchemaGenerator) -> Schema {
 }
 
 /// TLS on the nodes' gRPC port (clients, peers, the operator) and authenticated clients.
+///
+/// Unset, a new cluster gets TLS and a cluster already running keeps how its nodes serve (a
+/// cluster made before this field existed stays in plain text). Whichever it is, it cannot
+/// change while the cluster runs: nodes with and without TLS cannot talk to each other.
 ///
 /// Where the node certificate comes from: a Secret the user names (`secretName`), a cert-manager
 /// `Certificate` the operator creates (`certManager`), or, when neither is set, a CA the

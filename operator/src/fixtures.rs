@@ -34,7 +34,10 @@ impl KVCluster {
     /// TLS (the flow tests script plain calls; [`KVCluster::test_tls`] has the default TLS).
     pub fn test() -> Self {
         let mut k = KVCluster::test_tls();
-        k.spec.tls.enabled = false;
+        k.spec.tls = Some(TlsSpec {
+            enabled: false,
+            ..TlsSpec::default()
+        });
         k
     }
 
@@ -135,7 +138,7 @@ impl KVCluster {
                 gossip: Some(gossip),
                 ..NodeConfigOverrides::default()
             },
-            tls: TlsSpec {
+            tls: Some(TlsSpec {
                 enabled: true,
                 secret_name: None,
                 cert_manager: Some(CertManagerSpec {
@@ -145,7 +148,7 @@ impl KVCluster {
                         group: "cert-manager.io".into(),
                     },
                 }),
-            },
+            }),
             termination_grace_period_seconds: 60,
         };
         k

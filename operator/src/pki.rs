@@ -114,7 +114,18 @@ pub fn issue_node_cert(
     now: Timestamp,
 ) -> Result<NodeCert, PkiError> {
     let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(fail("CA key"))?;
-    let issuer = Issuer::new(ca_params(cluster, namespace)?, ca_key);
+    let spki = x509_parser::pem::parse_x509_pem(ca.cert_pem.as_bytes())
+        .ok()
+        .and_then(|(_, pem)| pem.parse_x509().ok().map(|c| c.public_key().raw.to_vec()));
+    if spki.as_deref() != Some(rcgen::PublicKeyData::subject_public_key_info(&ca_key).as_slice()) {
+        return Err(PkiError {
+            what: "CA",
+            message: "ca.key is not the key of the certificate in ca.crt".into(),
+        });
+    }
+    // The issuer as the CA certificate names it, so that what is issued chains to that
+    // certificate whoever made it.
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).map_err(fail("CA certificate"))?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(fail("node"))?;
     // X.509 limits a common name to 64 characters; the DNS names are what is checked.
     let cn: String = format!("{cluster}.{namespace}").chars().take(64).collect();
@@ -214,6 +225,29 @@ mod tests {
         assert!(a.starts_with("dkv_") && a.len() == 4 + 43, "{a}");
         assert_ne!(a, b);
         assert_eq!(token_sha256(&a), dynakv_node::auth::digest_hex(&a));
+    }
+
+    #[test]
+    fn a_certificate_is_issued_by_the_ca_in_the_secret_whatever_its_name() {
+        // A CA the user put in <name>-ca, named unlike the operator's.
+        let mut other = generate_ca("elsewhere", "other", now()).unwrap();
+        let mine = generate_ca("kv", "shop", now()).unwrap();
+        other.key_pem = mine.key_pem.clone();
+        assert!(
+            issue_node_cert(&other, "kv", "shop", now()).is_err(),
+            "a key that is not the CA's"
+        );
+        let node = issue_node_cert(&mine, "kv", "shop", now()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.crt"), &mine.cert_pem).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), &node.cert_pem).unwrap();
+        std::fs::write(dir.path().join("tls.key"), &node.key_pem).unwrap();
+        // A client trusting that CA with the node certificate as its identity: both load.
+        dynakv_node::tls::client_config_from_files(
+            &dir.path().join("ca.crt"),
+            Some((&dir.path().join("tls.crt"), &dir.path().join("tls.key"))),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -85,10 +85,38 @@ pub fn peers_service_name(name: &str) -> String {
 /// The Secret the nodes' certificate is mounted from.
 pub fn tls_secret_name(kvc: &KVCluster) -> String {
     kvc.spec
-        .tls
+        .tls_spec()
         .secret_name
-        .clone()
         .unwrap_or_else(|| format!("{}-tls", kvc.name_any()))
+}
+
+/// Whether the nodes of a StatefulSet serve TLS: their pods mount the certificate.
+pub fn serves_tls(sts: &StatefulSet) -> bool {
+    sts.spec
+        .template
+        .spec
+        .as_ref()
+        .and_then(|p| p.volumes.as_ref())
+        .is_some_and(|v| v.iter().any(|v| v.name == "tls"))
+}
+
+/// Whether the cluster runs TLS, from its spec and (when it has nodes) how they serve now: an
+/// unset `tls` is on for a new cluster and keeps a running one as it is; a spec that would
+/// switch running nodes is refused with the reason.
+pub fn effective_tls(kvc: &KVCluster, running: Option<bool>) -> Result<bool, String> {
+    let said = kvc.spec.tls.as_ref().map(|t| t.enabled);
+    match (said, running) {
+        (None, None) => Ok(true),
+        (None, Some(r)) => Ok(r),
+        (Some(s), None) => Ok(s),
+        (Some(s), Some(r)) if s == r => Ok(s),
+        (Some(s), Some(_)) => Err(format!(
+            "tls.enabled is {s} but the nodes run {}: TLS cannot be switched on a running \
+             cluster (nodes with and without it cannot talk to each other); set it back, or \
+             make a new cluster and copy the data",
+            if s { "in plain text" } else { "with TLS" }
+        )),
+    }
 }
 
 /// The Secret with the CA the operator generates (when no other source is named); the nodes
@@ -292,7 +320,8 @@ pub fn node_config(kvc: &KVCluster, namespace: &str, admin_token_sha256: Option<
         },
         "log": {"format": "json"},
     });
-    if s.tls.enabled
+    let tls = s.tls_spec();
+    if tls.enabled
         && let Value::Object(root) = &mut config
     {
         root.insert(
@@ -318,7 +347,7 @@ pub fn node_config(kvc: &KVCluster, namespace: &str, admin_token_sha256: Option<
             }
         }
     }
-    if let (true, Some(digest)) = (s.tls.enabled, admin_token_sha256)
+    if let (true, Some(digest)) = (tls.enabled, admin_token_sha256)
         && let Some(Value::Object(auth)) = config.get_mut("auth")
     {
         let tokens = auth
@@ -504,7 +533,7 @@ fn pod_template(cx: &Ctx, config_map: &ConfigMap) -> PodTemplateSpec {
             ..Volume::default()
         },
     ];
-    if s.tls.enabled {
+    if s.tls_spec().enabled {
         mounts.push(VolumeMount {
             name: "tls".into(),
             mount_path: TLS_DIR.into(),
@@ -826,7 +855,7 @@ pub fn certificate_of(kvc: &KVCluster) -> Result<Option<DynamicObject>, BuildErr
 /// The nodes' certificate as cert-manager should issue it into [`tls_secret_name`]: every
 /// pod's name, the Services', and the URI SAN that makes it a node certificate.
 fn certificate(cx: &Ctx) -> Option<DynamicObject> {
-    let tls = &cx.kvc.spec.tls;
+    let tls = cx.kvc.spec.tls_spec();
     let cm = tls.cert_manager.as_ref().filter(|_| tls.enabled)?;
     let mut obj =
         DynamicObject::new(&certificate_name(&cx.name), &certificate_resource()).data(json!({

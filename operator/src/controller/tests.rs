@@ -192,6 +192,7 @@ async fn a_tls_cluster_gets_its_ca_and_node_certificate_before_anything_else() {
     let token = "dkv_test-token";
     let digest = crate::pki::token_sha256(token);
     let mut expected = vec![
+        get_sts(None),
         Expect::get(
             format!("{NS}/secrets/test-admin-token"),
             Respond::Ok(secret_body("test-admin-token", &[("token", token)])),
@@ -237,10 +238,12 @@ async fn a_tls_cluster_gets_its_ca_and_node_certificate_before_anything_else() {
                 &[("tls.crt", "c"), ("tls.key", "k"), ("ca.crt", "ca")],
             )),
         ),
-        get_sts(None),
         list_pods(vec![]),
     ];
-    expected.extend(applies_with(&kvc, 3, Some(&digest)));
+    // Unset `tls` on a new cluster: on.
+    let mut effective = kvc.clone();
+    effective.spec.tls = Some(crate::crd::TlsSpec::default());
+    expected.extend(applies_with(&effective, 3, Some(&digest)));
     expected.push(Expect::event("Creating", "Normal"));
     expected.push(status(|s| assert_eq!(s["phase"], json!("Creating"))));
     let (result, _) = reconcile_with(&kvc, &ctx, verifier, expected).await;
@@ -250,16 +253,19 @@ async fn a_tls_cluster_gets_its_ca_and_node_certificate_before_anything_else() {
 #[tokio::test]
 async fn a_missing_user_secret_holds_the_cluster_with_a_reason_and_a_warning() {
     let mut kvc = KVCluster::test_tls().finalized();
-    kvc.spec.tls.secret_name = Some("mine".into());
+    kvc.spec.tls = Some(crate::crd::TlsSpec {
+        secret_name: Some("mine".into()),
+        ..Default::default()
+    });
     let admin = FakeAdmin::with_members([]);
     let (ctx, verifier) = Context::test(admin.clone());
     let expected = vec![
+        get_sts(None),
         Expect::get(
             format!("{NS}/secrets/test-admin-token"),
             Respond::Ok(secret_body("test-admin-token", &[("token", "dkv_x")])),
         ),
         Expect::get(format!("{NS}/secrets/mine"), Respond::Error(404)),
-        get_sts(None),
         list_pods(vec![]),
         Expect::event("WaitingForCertificate", "Warning"),
         status(|s| {
@@ -275,6 +281,52 @@ async fn a_missing_user_secret_holds_the_cluster_with_a_reason_and_a_warning() {
     let (result, _) = reconcile_with(&kvc, &ctx, verifier, expected).await;
     assert_eq!(result.unwrap(), Action::requeue(REQUEUE_BUSY));
     assert!(admin.calls().is_empty(), "no Admin call without the CA");
+}
+
+#[tokio::test]
+async fn a_running_plain_cluster_with_tls_unset_stays_plain_and_cannot_be_switched() {
+    // Made by an operator before `tls` existed: its nodes run in plain text.
+    let mut kvc = KVCluster::test_tls().finalized();
+    kvc.spec.tls = None;
+    let mut plain = kvc.clone();
+    plain.spec.tls = Some(crate::crd::TlsSpec {
+        enabled: false,
+        ..Default::default()
+    });
+    let running = sts(&plain, 3);
+    assert!(!resources::serves_tls(&running));
+    assert_eq!(resources::effective_tls(&kvc, Some(false)), Ok(false));
+    assert_eq!(resources::effective_tls(&kvc, None), Ok(true));
+    assert_eq!(resources::effective_tls(&plain, Some(false)), Ok(false));
+
+    let admin = FakeAdmin::with_members(full_members(3));
+    let (ctx, verifier) = Context::test(admin.clone());
+    // No Secret is read: the cluster stays in plain text, as it runs.
+    let mut expected = vec![get_sts(Some(running.clone())), list_pods(pods(&plain, 3))];
+    expected.extend(applies(&plain, 3));
+    expected.push(status(|s| assert_eq!(s["phase"], json!("Running"), "{s}")));
+    let (result, _) = reconcile_with(&kvc, &ctx, verifier, expected).await;
+    result.unwrap();
+
+    // Asking for TLS on the running plain nodes is refused, and nothing is applied.
+    let mut switched = kvc.clone();
+    switched.spec.tls = Some(crate::crd::TlsSpec::default());
+    let (ctx, verifier) = Context::test(admin.clone());
+    let expected = vec![
+        get_sts(Some(running)),
+        list_pods(pods(&plain, 3)),
+        Expect::event("InvalidSpec", "Warning"),
+        status(|s| {
+            let d = condition(s, "Degraded");
+            let m = d["message"].as_str().unwrap();
+            assert!(
+                m.contains("TLS cannot be switched on a running cluster"),
+                "{m}"
+            );
+        }),
+    ];
+    let (result, _) = reconcile_with(&switched, &ctx, verifier, expected).await;
+    result.unwrap();
 }
 
 #[tokio::test]

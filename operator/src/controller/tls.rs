@@ -1,14 +1,19 @@
-//! Step 0 of a reconcile with TLS: the Secrets the nodes mount and the operator reads.
+//! The Secrets of a reconcile with TLS, which the nodes mount and the operator reads.
 //!
-//! - `<name>-admin-token`: the first admin's bearer token (key `token`), made once. Its digest
-//!   goes into the nodes' configuration; the operator calls the Admin service with it.
+//! - `<name>-admin-token`: the first admin's bearer token (key `token`), made once unless the
+//!   user made it first. Its digest goes into the nodes' configuration.
 //! - The node certificate Secret (`tls.crt`, `tls.key`, `ca.crt`):
 //!   - `tls.secretName`: the user's; the operator only reads it.
 //!   - `tls.certManager`: cert-manager issues it from the `Certificate` applied here.
-//!   - neither: the operator's own CA (`<name>-ca`) issues it as `<name>-tls`, and issues it
-//!     again 30 days before it ends (the nodes re-read the files; nothing restarts).
+//!   - neither: the operator's CA (`<name>-ca`, made here unless the user put one there)
+//!     issues it as `<name>-tls`, and issues it again 30 days before it ends (the nodes re-read
+//!     the files; nothing restarts). A `<name>-tls` this cluster does not own is never touched.
 //!
-//! A Secret that is not there yet is a wait with a reason, not an error.
+//! The operator calls the nodes with the node certificate (a node may call everything): a
+//! token changes for the nodes only as they restart, one by one, which the operator drives.
+//!
+//! A Secret that is missing, incomplete or not this cluster's is a wait with a reason (a
+//! condition and an Event), not an error.
 
 use std::collections::BTreeMap;
 
@@ -60,9 +65,18 @@ async fn create(api: &Api<Secret>, secret: &Secret) -> Result<(), Error> {
         .map_err(kube_err(format!("create Secret {name}")))
 }
 
-/// Makes sure the Secrets are there; see the module documentation.
+/// Whether this KVCluster owns the object (so the operator may change it).
+fn owned_by(s: &Secret, kvc: &KVCluster) -> bool {
+    let uid = kvc.uid();
+    s.owner_references()
+        .iter()
+        .any(|o| o.kind == "KVCluster" && Some(&o.uid) == uid.as_ref())
+}
+
+/// Makes sure the Secrets are there; see the module documentation. `kvc` has its effective
+/// `tls` (the controller settles an unset one).
 pub async fn ensure(ctx: &Context, kvc: &KVCluster, ns: &str) -> Result<TlsMaterial, Error> {
-    let tls = &kvc.spec.tls;
+    let tls = kvc.spec.tls_spec();
     if !tls.enabled {
         return Ok(TlsMaterial::Plain);
     }
@@ -143,7 +157,9 @@ pub async fn ensure(ctx: &Context, kvc: &KVCluster, ns: &str) -> Result<TlsMater
             resources::certificate_name(&name)
         )
     } else {
-        issue_own(ctx, kvc, &secrets, &name, &tls_name).await?;
+        if let Some(wait) = issue_own(ctx, kvc, &secrets, &name, &tls_name).await? {
+            return Ok(TlsMaterial::Waiting(wait));
+        }
         "made by the operator".to_string()
     };
     let Some(secret) = secrets
@@ -165,22 +181,26 @@ pub async fn ensure(ctx: &Context, kvc: &KVCluster, ns: &str) -> Result<TlsMater
             missing.join(", ")
         )));
     }
-    let ca_pem = value(&secret, "ca.crt").unwrap_or_default();
+    let file = |k| value(&secret, k).unwrap_or_default();
     Ok(TlsMaterial::Ready {
         token_sha256: pki::token_sha256(&token),
-        credentials: AdminCredentials { ca_pem, token },
+        credentials: AdminCredentials {
+            ca_pem: file("ca.crt"),
+            cert_pem: file("tls.crt"),
+            key_pem: file("tls.key"),
+        },
     })
 }
 
 /// The operator's own CA and the node certificate it issues (again when it nears its end or
-/// the CA changed).
+/// the CA changed). `Some`: what it waits for instead.
 async fn issue_own(
     ctx: &Context,
     kvc: &KVCluster,
     secrets: &Api<Secret>,
     name: &str,
     tls_name: &str,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     let ns = kvc.namespace().unwrap_or_default();
     let now = (ctx.clock)();
     let ca_name = resources::ca_secret_name(name);
@@ -196,9 +216,9 @@ async fn issue_own(
     }) {
         Some(ca) => ca,
         None if found.is_some() => {
-            return Err(Error::Pki(format!(
-                "Secret {ca_name} has no ca.crt or ca.key: delete it to have a new CA made (the \
-                 node certificate is then issued again)"
+            return Ok(Some(format!(
+                "Secret {ca_name} has no ca.crt or ca.key: put the CA there, or delete the \
+                 Secret to have a new CA made (the node certificate is then issued again)"
             )));
         }
         None => {
@@ -222,6 +242,15 @@ async fn issue_own(
         .get_opt(tls_name)
         .await
         .map_err(kube_err(format!("get Secret {tls_name}")))?;
+    if let Some(s) = &current
+        && !owned_by(s, kvc)
+    {
+        return Ok(Some(format!(
+            "Secret {tls_name} exists and is not this cluster's, so the operator does not write \
+             its certificate there: name it in tls.secretName to use it as it is, or move it \
+             away"
+        )));
+    }
     let not_after = current
         .as_ref()
         .and_then(|s| s.annotations().get(NOT_AFTER_ANNOTATION))
@@ -231,9 +260,16 @@ async fn issue_own(
         .and_then(|s| value(s, "ca.crt"))
         .is_some_and(|c| c == ca.cert_pem);
     if current.is_some() && same_ca && !pki::needs_renewal(not_after, now) {
-        return Ok(());
+        return Ok(None);
     }
-    let cert = pki::issue_node_cert(&ca, name, &ns, now).map_err(pki_err("node certificate"))?;
+    let cert = match pki::issue_node_cert(&ca, name, &ns, now) {
+        Ok(cert) => cert,
+        Err(e) => {
+            return Ok(Some(format!(
+                "the CA in Secret {ca_name} cannot issue the node certificate: {e}"
+            )));
+        }
+    };
     let data = BTreeMap::from([
         ("tls.crt".to_string(), cert.cert_pem),
         ("tls.key".to_string(), cert.key_pem),
@@ -278,5 +314,5 @@ async fn issue_own(
         ),
     )
     .await;
-    Ok(())
+    Ok(None)
 }

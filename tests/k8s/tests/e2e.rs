@@ -451,12 +451,20 @@ fn the_crd_installs_and_the_api_server_refuses_invalid_kvclusters() {
     let stored = cp.get_json(&["kvc", "ok"]).expect("stored");
     assert_eq!(stored["spec"]["vnodesPerNode"], 64);
     assert_eq!(stored["spec"]["readQuorum"], "quorum");
+    // Unset `tls` is left to the operator (on for a new cluster, as it runs for an old one);
+    // once said, it cannot change (nodes could not talk across the switch).
+    assert!(stored["spec"].get("tls").is_none(), "{stored}");
+    let out = apply(&manifest(
+        "ok",
+        "  replicas: 3\n  replicationFactor: 3\n  tls: {}\n",
+    ));
+    assert!(out.ok(), "{out}");
+    let stored = cp.get_json(&["kvc", "ok"]).expect("stored");
     assert_eq!(
         stored["spec"]["tls"],
         json!({"enabled": true}),
         "closed by default"
     );
-    // A running cluster cannot switch TLS off (its nodes could not talk across the switch).
     let out = apply(&manifest(
         "ok",
         "  replicas: 3\n  replicationFactor: 3\n  tls: {enabled: false}\n",
