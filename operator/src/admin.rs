@@ -189,17 +189,6 @@ pub struct GrpcAdmin {
     channels: Mutex<BTreeMap<String, Channel>>,
 }
 
-/// A client of one pod.
-struct Client {
-    admin: AdminClient<Channel>,
-}
-
-impl Client {
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
-        tonic::Request::new(message)
-    }
-}
-
 /// TCP to `address`, then TLS with `server_name` as the name the certificate must carry.
 async fn dial_tls(
     address: String,
@@ -231,7 +220,7 @@ impl GrpcAdmin {
         }
     }
 
-    fn client(&self, cluster: &ClusterRef, pod: &str) -> Result<Client, AdminError> {
+    fn client(&self, cluster: &ClusterRef, pod: &str) -> Result<AdminClient<Channel>, AdminError> {
         let Some(address) = self.addressing.address(cluster, pod) else {
             return Err(AdminError::Unavailable {
                 pod: pod.to_string(),
@@ -253,9 +242,7 @@ impl GrpcAdmin {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(ch) = channels.get(&key) {
-            return Ok(Client {
-                admin: AdminClient::new(ch.clone()),
-            });
+            return Ok(AdminClient::new(ch.clone()));
         }
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|source| AdminError::Address {
@@ -294,9 +281,7 @@ impl GrpcAdmin {
             channels.clear();
         }
         channels.insert(key, ch.clone());
-        Ok(Client {
-            admin: AdminClient::new(ch),
-        })
+        Ok(AdminClient::new(ch))
     }
 }
 
@@ -308,10 +293,8 @@ impl NodeAdmin for GrpcAdmin {
     ) -> BoxFuture<'a, Result<ClusterStatusResponse, AdminError>> {
         Box::pin(async move {
             let mut client = self.client(cluster, pod)?;
-            let request = client.request(ClusterStatusRequest {});
             client
-                .admin
-                .cluster_status(request)
+                .cluster_status(ClusterStatusRequest {})
                 .await
                 .map(|r| r.into_inner())
                 .map_err(|s| AdminError::from_status(pod, "ClusterStatus".into(), s))
@@ -328,15 +311,15 @@ impl NodeAdmin for GrpcAdmin {
             let mut client = self.client(cluster, pod)?;
             let result = match action {
                 AdminAction::SetWeight { node, weight } => {
-                    let request = client.request(SetWeightRequest {
-                        node: node.clone(),
-                        weight: *weight,
-                    });
-                    client.admin.set_weight(request).await
+                    client
+                        .set_weight(SetWeightRequest {
+                            node: node.clone(),
+                            weight: *weight,
+                        })
+                        .await
                 }
                 AdminAction::Leave { node } => {
-                    let request = client.request(LeaveRequest { node: node.clone() });
-                    client.admin.leave(request).await
+                    client.leave(LeaveRequest { node: node.clone() }).await
                 }
             };
             result

@@ -745,8 +745,7 @@ impl Backend for RedbBackend {
             while hold.load(Ordering::Acquire) {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
-            write_log_state(&db, id, covered)
-                .map_err(|e| map_error(&format!("checkpointing {name}"), e))
+            checkpoint_to(&db, &name, id, covered)
         };
         match std::thread::Builder::new()
             .name("dynakv-checkpoint".into())
@@ -756,16 +755,19 @@ impl Backend for RedbBackend {
             Err(e) => {
                 // No thread to be had: checkpoint here (the old way, the writer waits).
                 tracing::warn!(database = %self.name, error = %e, "checkpoint thread not started");
-                let (db, id, name) = (Arc::clone(&self.db), state.id, self.name.clone());
-                if let Err(error) = write_log_state(&db, id, covered)
-                    .map_err(|e| map_error(&format!("checkpointing {name}"), e))
-                {
+                if let Err(error) = checkpoint_to(&self.db, &self.name, state.id, covered) {
                     tracing::error!(database = %self.name, %error, "write-ahead log checkpoint failed");
                     state.failed = Some(error.to_string());
                 }
             }
         }
     }
+}
+
+/// The checkpoint itself: one durable commit saying the database holds every record up to
+/// `covered`.
+fn checkpoint_to(db: &Database, name: &str, id: u64, covered: u64) -> Result<(), StorageError> {
+    write_log_state(db, id, covered).map_err(|e| map_error(&format!("checkpointing {name}"), e))
 }
 
 fn op_bytes(op: &WriteOp) -> u64 {
@@ -896,19 +898,14 @@ impl Drop for RedbBackend {
             return;
         }
         let covered = state.active_log().last_lsn();
-        let done = write_log_state(&self.db, state.id, covered)
-            .map_err(|e| map_error(&format!("checkpointing {}", self.name), e))
-            .and_then(|()| {
-                for log in &mut state.logs {
-                    log.reset_after(covered).map_err(|e| {
-                        StorageError::io(
-                            format!("emptying the write-ahead log of {}", self.name),
-                            e,
-                        )
-                    })?;
-                }
-                Ok(())
-            });
+        let done = checkpoint_to(&self.db, &self.name, state.id, covered).and_then(|()| {
+            for log in &mut state.logs {
+                log.reset_after(covered).map_err(|e| {
+                    StorageError::io(format!("emptying the write-ahead log of {}", self.name), e)
+                })?;
+            }
+            Ok(())
+        });
         if let Err(error) = done {
             tracing::warn!(
                 database = %self.name,

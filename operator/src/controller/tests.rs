@@ -284,6 +284,47 @@ async fn a_missing_user_secret_holds_the_cluster_with_a_reason_and_a_warning() {
 }
 
 #[tokio::test]
+async fn a_namesake_secret_the_cluster_does_not_own_is_never_written() {
+    // `test-tls` belongs to something else (an Ingress, say): no owner reference to the cluster.
+    let kvc = KVCluster::test_tls().finalized();
+    let admin = FakeAdmin::with_members([]);
+    let (ctx, verifier) = Context::test(admin.clone());
+    let expected = vec![
+        get_sts(None),
+        Expect::get(
+            format!("{NS}/secrets/test-admin-token"),
+            Respond::Ok(secret_body("test-admin-token", &[("token", "dkv_x")])),
+        ),
+        Expect::get(
+            format!("{NS}/secrets/test-ca"),
+            Respond::Ok(secret_body("test-ca", &[("ca.crt", "c"), ("ca.key", "k")])),
+        ),
+        Expect::get(
+            format!("{NS}/secrets/test-tls"),
+            Respond::Ok(secret_body(
+                "test-tls",
+                &[("tls.crt", "c"), ("tls.key", "k"), ("ca.crt", "other")],
+            )),
+        ),
+        // No PATCH of test-tls: on to the pods, the warning and the status.
+        list_pods(vec![]),
+        Expect::event("WaitingForCertificate", "Warning"),
+        status(|s| {
+            let m = condition(s, "Progressing")["message"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert!(
+                m.contains("Secret test-tls exists and is not this cluster's"),
+                "{m}"
+            );
+        }),
+    ];
+    let (result, _) = reconcile_with(&kvc, &ctx, verifier, expected).await;
+    assert_eq!(result.unwrap(), Action::requeue(REQUEUE_BUSY));
+}
+
+#[tokio::test]
 async fn a_running_plain_cluster_with_tls_unset_stays_plain_and_cannot_be_switched() {
     // Made by an operator before `tls` existed: its nodes run in plain text.
     let mut kvc = KVCluster::test_tls().finalized();
