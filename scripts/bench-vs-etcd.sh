@@ -14,7 +14,8 @@
 #
 # Steps: build release; machine facts and the disk's fsync rates (single and batched writes);
 # `dynakv dev` (3 nodes, n=3) on its own data directory: puts at W=2 and W=ONE, load, gets at
-# R=2 and R=ONE; stop it; scripts/etcd-cluster.sh: puts, load, linearizable and serializable gets;
+# R=2 and R=ONE, cart; stop it; scripts/etcd-cluster.sh: puts, load, linearizable and serializable
+# gets, cart (Range then Txn);
 # stop it; summary. Each result is one JSON file in $OUT with the server CPU, the client CPU and
 # DynaKV's group-commit statistics (commits/s, mean batch) of that run added.
 set -euo pipefail
@@ -55,6 +56,9 @@ if [[ "${1:-}" == "--etcd-phase" ]]; then
     echo "etcd: serializable get, $c clients" >&2
     $LIB run "$out/etcd-get-ser-c$c.json" --pids "$pids" -- \
       "$PEER" etcd -e "$eps" -W C -c "$c" --serializable "${COMMON[@]}"
+    echo "etcd: cart (Range, then Txn on the revision read), $c clients" >&2
+    $LIB run "$out/etcd-cart-c$c.json" --pids "$pids" -- \
+      "$PEER" etcd -e "$eps" -W cart -c "$c" "${COMMON[@]}"
   done
   du -sb "$ETCD_DATA_ROOT"/m*/data >"$out/etcd-du.txt"
   exit 0
@@ -125,6 +129,9 @@ for round in $(seq "$ROUNDS"); do
       $LIB run "$R/dynakv-get-r$r-c$c.json" --pids "$pids" --metrics "$metrics" -- \
         "$DYNAKV" bench -W C -c "$c" -r "$r" "${COMMON[@]}"
     done
+    echo "round $round dynakv: cart (R=2 read, W=2 write with its context), $c clients" >&2
+    $LIB run "$R/dynakv-cart-c$c.json" --pids "$pids" --metrics "$metrics" -- \
+      "$DYNAKV" bench -W cart -c "$c" -r 2 -w 2 "${COMMON[@]}"
   done
   stop_dev
   du -sb "$BENCH_DIR"/dynakv/n*/data >"$R/dynakv-du.txt"

@@ -212,6 +212,8 @@ def summary(directory):
         ("put, W=ONE vs etcd put", "dynakv-put-wone-c{c}", "etcd-put-c{c}"),
         ("get, R=2 (QUORUM) vs etcd linearizable get", "dynakv-get-r2-c{c}", "etcd-get-lin-c{c}"),
         ("get, R=ONE vs etcd serializable get", "dynakv-get-rone-c{c}", "etcd-get-ser-c{c}"),
+        ("cart (read, add an item, write back with the read's context) vs etcd Range + Txn",
+         "dynakv-cart-c{c}", "etcd-cart-c{c}"),
     ]
     files = set(os.listdir(directory))
     clients = sorted(
@@ -248,7 +250,7 @@ def summary(directory):
     lines.append("| run | node CPU % (each) | client CPU % | commits/s per node | mean batch ops | mean commit ms |")
     lines.append("|---|---|---:|---|---|---|")
     for stem in ("dynakv-put-w2-c64", "dynakv-put-wone-c64", "dynakv-get-r2-c64", "dynakv-get-rone-c64",
-                 "etcd-put-c64", "etcd-get-lin-c64"):
+                 "dynakv-cart-c64", "etcd-put-c64", "etcd-get-lin-c64", "etcd-cart-c64"):
         path = os.path.join(directory, stem + ".json")
         if not os.path.exists(path):
             continue
