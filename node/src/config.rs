@@ -155,6 +155,10 @@ pub struct ReplicationConfig {
     pub conflict_mode: ConflictMode,
     /// Virtual nodes of a node of weight 100.
     pub vnodes_per_node: u32,
+    /// One read in this many asks every primary and read-repairs them all; the others ask R
+    /// (the fastest first, one more when a replica is slow or fails). 1: every read asks all;
+    /// 0: only the replicas a read asked are repaired. May differ between nodes.
+    pub read_repair_every: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -350,6 +354,7 @@ impl Default for ReplicationConfig {
             sloppy: true,
             conflict_mode: ConflictMode::Siblings,
             vnodes_per_node: DEFAULT_VNODES_PER_NODE,
+            read_repair_every: 10,
         }
     }
 }

@@ -294,7 +294,7 @@ impl Metrics {
             Opts::new(
                 "dynakv_hedged_requests_total",
                 "Hedged requests (another replica asked because the first was slow or silent), \
-                 by kind (forward, write) and outcome (sent, won)",
+                 by kind (read, write) and outcome (sent, won)",
             ),
             &["kind", "outcome"],
         )

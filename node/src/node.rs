@@ -346,6 +346,8 @@ pub struct Node {
     pub dot_id: NodeId,
     /// Bounds the background tasks requests leave behind (late replicas, read repair).
     background: Arc<tokio::sync::Semaphore>,
+    /// Reads coordinated so far, to pick the ones that ask every primary (`read_order`).
+    reads: std::sync::atomic::AtomicU64,
     /// Writes whose local copy is not durable yet (see [`Node::stop_writes`]).
     unsynced: std::sync::atomic::AtomicUsize,
     /// Set by [`Node::stop_writes`]: no new write starts.
@@ -477,6 +479,13 @@ enum WriteEvent<R> {
     Local(Result<Result<(), StorageError>, tokio::task::JoinError>),
     Reply(Option<R>),
     /// The hedge delay passed with the quorum still pending.
+    Hedge,
+}
+
+/// What the read coordinator waits for next: a replica's reply, or the time to ask one more.
+enum ReadEvent<R> {
+    Reply(Option<R>),
+    /// The hedge delay of the replicas asked passed with the quorum still pending.
     Hedge,
 }
 
@@ -668,6 +677,7 @@ impl Node {
             configured_ring: view.ring.nodes().to_vec(),
             dot_id,
             background: Arc::new(tokio::sync::Semaphore::new(MAX_BACKGROUND_TASKS)),
+            reads: Default::default(),
             unsynced: Default::default(),
             stopping: Default::default(),
             heard_from_cluster: std::sync::atomic::AtomicBool::new(true),
@@ -1407,6 +1417,8 @@ impl Node {
         let (primaries, fallbacks) = view.read_walk(key_position(&key), self.n());
         let mut fallbacks = fallbacks.into_iter();
         let mut tracker = QuorumTracker::new(QuorumKind::Read, r, !sloppy);
+        let (first, spare) = self.read_order(&primaries, r);
+        let mut spare = spare.into_iter();
         let mut calls = FuturesUnordered::new();
         let ask = |sent: Sent| {
             let this = self.clone();
@@ -1416,13 +1428,26 @@ impl Node {
                 (sent, r)
             }
         };
-        for node in &primaries {
+        // Speculative retry: once the slowest remote replica asked has had its hedge delay with
+        // the quorum still pending, the next primary is asked too. Not budgeted: a read asks at
+        // most the key's N primaries, as many as a read that asks them all at once.
+        let hedge_delay = |nodes: &[NodeId]| {
+            nodes
+                .iter()
+                .filter(|n| **n != self.id)
+                .map(|n| self.peers.hedge_delay(n))
+                .max()
+                .map(|delay| Instant::now() + delay)
+        };
+        let mut hedge_at = hedge_delay(&first);
+        for node in first {
             tracker.asked(node.clone());
             calls.push(ask(Sent {
-                node: node.clone(),
+                node,
                 hint_for: None,
             }));
         }
+        let mut speculative: Vec<NodeId> = Vec::new();
         let mut answers: Vec<(NodeId, Option<Clock>)> = Vec::with_capacity(primaries.len());
         let mut fallback_answers: Vec<Clock> = Vec::new();
         let mut hinted: BTreeMap<NodeId, NodeId> = BTreeMap::new();
@@ -1430,13 +1455,55 @@ impl Node {
             if *tracker.vote() != Vote::Pending {
                 break tracker.vote().clone();
             }
-            let (sent, result) = match tokio::time::timeout_at(deadline, calls.next()).await {
-                Ok(Some(reply)) => reply,
-                Ok(None) => break tracker.no_more_targets().clone(),
+            let event = tokio::time::timeout_at(deadline, async {
+                let hedge = async {
+                    match hedge_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    reply = calls.next() => ReadEvent::Reply(reply),
+                    _ = hedge => ReadEvent::Hedge,
+                }
+            })
+            .await;
+            let (sent, result) = match event {
+                Ok(ReadEvent::Reply(Some(reply))) => reply,
+                Ok(ReadEvent::Hedge) => {
+                    hedge_at = None;
+                    if let Some(next) = spare.next() {
+                        self.metrics
+                            .hedges
+                            .with_label_values(&["read", "sent"])
+                            .inc();
+                        hedge_at = hedge_delay(std::slice::from_ref(&next));
+                        speculative.push(next.clone());
+                        tracker.asked(next.clone());
+                        calls.push(ask(Sent {
+                            node: next,
+                            hint_for: None,
+                        }));
+                    }
+                    continue;
+                }
+                Ok(ReadEvent::Reply(None)) => break tracker.no_more_targets().clone(),
                 Err(_) => break tracker.deadline_passed().clone(),
             };
             match result {
                 Ok(clock) => {
+                    if speculative.contains(&sent.node)
+                        && tracker
+                            .outstanding()
+                            .iter()
+                            .any(|n| !speculative.contains(n))
+                    {
+                        self.metrics
+                            .hedges
+                            .with_label_values(&["read", "won"])
+                            .inc();
+                    }
                     tracker.register_ack(&sent.node, sent.hint_for.is_some());
                     match &sent.hint_for {
                         None => answers.push((sent.node, clock)),
@@ -1447,15 +1514,25 @@ impl Node {
                     }
                 }
                 Err(why) => {
-                    let fallback = (sloppy && sent.hint_for.is_none())
-                        .then(|| fallbacks.by_ref().find(|f| !primaries.contains(f)))
-                        .flatten();
-                    if let Some(f) = fallback {
-                        tracker.asked(f.clone());
-                        calls.push(ask(Sent {
-                            node: f,
-                            hint_for: Some(sent.node.clone()),
-                        }));
+                    // A primary not asked yet first; once none is left, a fallback for the
+                    // failed primary's hint (sloppy quorum).
+                    if sent.hint_for.is_none() {
+                        if let Some(next) = spare.next() {
+                            tracker.asked(next.clone());
+                            calls.push(ask(Sent {
+                                node: next,
+                                hint_for: None,
+                            }));
+                        } else if let Some(f) = sloppy
+                            .then(|| fallbacks.by_ref().find(|f| !primaries.contains(f)))
+                            .flatten()
+                        {
+                            tracker.asked(f.clone());
+                            calls.push(ask(Sent {
+                                node: f,
+                                hint_for: Some(sent.node.clone()),
+                            }));
+                        }
                     }
                     tracker.register_failure(&sent.node, why);
                 }
@@ -1504,6 +1581,28 @@ impl Node {
             context,
             receipt,
         })
+    }
+
+    /// Which of a key's primaries a read asks at once, and the spares it asks next (when one
+    /// fails or is slow), in order. This node's own copy comes first, then the peers by how long
+    /// a request is expected to wait for them; a read asks R of them, or every one for one read
+    /// in `replication.read_repair_every` (and whenever R is all of them), so that read repair
+    /// keeps visiting every replica.
+    fn read_order(&self, primaries: &[NodeId], r: usize) -> (Vec<NodeId>, Vec<NodeId>) {
+        let mut remote: Vec<NodeId> = primaries
+            .iter()
+            .filter(|p| **p != self.id)
+            .cloned()
+            .collect();
+        self.peers.sort_by_expected_wait(&mut remote);
+        let local = primaries.contains(&self.id).then(|| self.id.clone());
+        let every = u64::from(self.config.raw.replication.read_repair_every);
+        let sampled = every > 0
+            && self
+                .reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .is_multiple_of(every);
+        dynakv_core::quorum::read_targets(local, remote, r, sampled)
     }
 
     async fn repair(

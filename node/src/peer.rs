@@ -205,6 +205,19 @@ impl PeerPool {
         Duration::from_millis(ms)
     }
 
+    /// Sorts `peers` by how long a request sent now is expected to wait for each (see
+    /// `PeerHealth::expected_wait_us`), keeping the given order among equals.
+    pub fn sort_by_expected_wait(&self, peers: &mut [NodeId]) {
+        let h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+        let now = h.now_ms();
+        let never_heard = h.policy.max_delay_ms * 1000;
+        peers.sort_by_cached_key(|peer| {
+            h.peers
+                .get(peer)
+                .map_or(never_heard, |p| p.expected_wait_us(now, &h.policy))
+        });
+    }
+
     /// Counts one request that may be hedged, earning its share of the hedge budget.
     pub fn earn_hedge(&self) {
         let mut h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());

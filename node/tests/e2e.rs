@@ -434,6 +434,63 @@ fn read_repair_brings_a_restarted_replica_up_to_date() {
 }
 
 #[test]
+fn quorum_reads_repair_the_replicas_they_ask_and_sampled_ones_every_primary() {
+    // As above, n3 misses a write (no anti-entropy, no hints), then comes back.
+    let spec = |every: u32| {
+        ClusterSpec::new(3).config_yaml(&format!(
+            "anti_entropy:\n  enabled: false\nhints:\n  max_per_target: 0\n\
+             replication:\n  read_repair_every: {every}\n"
+        ))
+    };
+    let miss_a_write = |c: &mut Cluster| {
+        c.kill(2);
+        let written = Instant::now();
+        c.cli_at(0, &["put", "k", "v1", "-w", "2", "--timeout-ms", "1000"])
+            .ok();
+        std::thread::sleep(
+            (written + Duration::from_millis(1500)).saturating_duration_since(Instant::now()),
+        );
+        c.restart(2);
+    };
+    let keys_on_n3 = |c: &Cluster| metric_value(&c.metrics(2), "dynakv_keys_stored", &[]).unwrap();
+    let read_at_quorum_through_n1 = |c: &Cluster| {
+        let get = c.cli_at(0, &["get", "k", "-r", "2"]).ok();
+        assert_eq!(get.texts(), ["v1"]);
+    };
+
+    // read_repair_every = 1: every read asks all three primaries, so a read at R=2 through n1
+    // repairs n3 even though n1 and n2 alone make its quorum.
+    let mut c = spec(1).start();
+    miss_a_write(&mut c);
+    assert_eq!(keys_on_n3(&c), 0.0, "n3 missed the write");
+    wait_until(
+        "a quorum read to repair n3",
+        Duration::from_secs(20),
+        || {
+            read_at_quorum_through_n1(&c);
+            (keys_on_n3(&c) >= 1.0).then_some(())
+        },
+    );
+    drop(c);
+
+    // read_repair_every = 0: a read at R=2 asks n1's own copy and one peer; a read through n3
+    // (which asks its own, empty, copy first) repairs n3.
+    let mut c = spec(0).start();
+    miss_a_write(&mut c);
+    for _ in 0..5 {
+        read_at_quorum_through_n1(&c);
+    }
+    wait_until(
+        "a quorum read through n3 to repair it",
+        Duration::from_secs(20),
+        || {
+            let get = c.cli_at(2, &["get", "k", "-r", "2"]);
+            (get.code == 0 && get.texts() == ["v1"] && keys_on_n3(&c) >= 1.0).then_some(())
+        },
+    );
+}
+
+#[test]
 fn concurrent_puts_with_the_same_context_become_siblings_and_a_merged_put_resolves_them() {
     let c = ClusterSpec::new(3).start();
     let base = c.cli(&["put", "cart", "[]"]).ok().context();

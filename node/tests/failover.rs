@@ -87,3 +87,29 @@ fn a_frozen_replica_is_given_up_on_by_its_silence_not_at_the_deadline() {
         },
     );
 }
+
+#[test]
+fn quorum_reads_do_not_wait_for_a_frozen_replica() {
+    // A read at R=2 asks two of the three primaries; one of them frozen must cost a speculative
+    // request to the third, not the deadline. Every read here has a 30 s deadline and must
+    // answer with the value while gossip still holds n3 alive.
+    let c = ClusterSpec::new(3).n(3).config_yaml(SLOW_GOSSIP).start();
+    let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    for k in &keys {
+        c.cli_at(0, &["put", k, "v", "-w", "all"]).ok();
+    }
+    c.stop(2);
+    for coordinator in [0, 1] {
+        for k in &keys {
+            let get = c.cli_at(coordinator, &["get", k, "-r", "2", "--timeout-ms", "30000"]);
+            assert_eq!(get.code, 0, "{get:?}");
+            assert_eq!(get.texts(), ["v"], "{get:?}");
+        }
+    }
+    assert_ne!(
+        gossip_state(&c, 0, "n3"),
+        "down",
+        "gossip had not called n3 down: the reads did without it on their own"
+    );
+    c.cont(2);
+}

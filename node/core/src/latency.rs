@@ -156,6 +156,27 @@ impl PeerHealth {
             .is_some_and(|since| now_ms.saturating_sub(since) >= self.silence_after_ms(policy))
     }
 
+    /// How long a request sent now is expected to wait for this peer (microseconds), the key by
+    /// which reads choose which replicas to ask first: a silent peer waits forever; a peer with
+    /// a request out for longer than its hedge delay, nothing heard since, at least as long as
+    /// that request has waited already (a paused process ranks last well before it is silent);
+    /// a peer never heard from, the longest hedge delay; any other, its smoothed round trip.
+    pub fn expected_wait_us(&self, now_ms: u64, policy: &HedgePolicy) -> u64 {
+        if self.is_silent(now_ms, policy) {
+            return u64::MAX;
+        }
+        if self.rtt.samples() == 0 {
+            return policy.max_delay_ms * 1000;
+        }
+        let waited_ms = self
+            .waiting_since_ms
+            .map_or(0, |since| now_ms.saturating_sub(since));
+        if waited_ms > self.hedge_delay_ms(policy) {
+            return (waited_ms * 1000).saturating_add(self.rtt.srtt_us());
+        }
+        self.rtt.srtt_us()
+    }
+
     pub fn rtt(&self) -> &RttEstimate {
         &self.rtt
     }
@@ -276,6 +297,47 @@ mod tests {
             !h.is_silent(10_000, &P),
             "nothing outstanding, nothing silent"
         );
+    }
+
+    #[test]
+    fn expected_wait_ranks_fast_before_slow_before_stuck_before_silent() {
+        let steady = |rtt_us| {
+            let mut h = PeerHealth::default();
+            for t in 0..20 {
+                h.sent(t);
+                h.heard(t, rtt_us);
+            }
+            h
+        };
+        let fast = steady(1_000);
+        let slow = steady(30_000);
+        assert!(fast.expected_wait_us(100, &P) < slow.expected_wait_us(100, &P));
+        assert_eq!(
+            PeerHealth::default().expected_wait_us(100, &P),
+            200_000,
+            "never heard from: the longest hedge delay"
+        );
+        // The fast peer stops answering: within its hedge delay it still ranks by its round
+        // trip, past it by how long it has been stuck, and once silent it ranks last.
+        let mut stuck = fast.clone();
+        stuck.sent(100);
+        assert_eq!(
+            stuck.expected_wait_us(105, &P),
+            fast.expected_wait_us(105, &P)
+        );
+        let after = stuck.expected_wait_us(160, &P);
+        assert!(
+            after > slow.expected_wait_us(160, &P),
+            "stuck 60 ms: {after} us"
+        );
+        assert!(
+            stuck.expected_wait_us(200, &P) > after,
+            "the longer, the later"
+        );
+        assert_eq!(stuck.expected_wait_us(350, &P), u64::MAX, "silent");
+        // Heard again: back to its round trip.
+        stuck.heard(400, 1_000);
+        assert!(stuck.expected_wait_us(400, &P) < slow.expected_wait_us(400, &P));
     }
 
     #[test]

@@ -364,9 +364,67 @@ impl QuorumTracker {
     }
 }
 
+/// Which replicas a read asks at once and which it keeps as spares, in the order it asks
+/// them: `local` (the coordinator's own copy, when it is a replica) first, then `remote` in the
+/// order given (the caller sorts them by expected wait). A read asks `r` of them, or all of them
+/// when `ask_all` (a read sampled for full read repair); the spares go out one at a time, when
+/// an asked replica fails or is slow.
+pub fn read_targets(
+    local: Option<NodeId>,
+    remote: Vec<NodeId>,
+    r: usize,
+    ask_all: bool,
+) -> (Vec<NodeId>, Vec<NodeId>) {
+    let mut order: Vec<NodeId> = local.into_iter().chain(remote).collect();
+    let first = if ask_all {
+        order.len()
+    } else {
+        r.min(order.len())
+    };
+    let spare = order.split_off(first);
+    (order, spare)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_ask_r_replicas_their_own_copy_first() {
+        let ids = |names: &[&str]| names.iter().map(|n| id(n)).collect::<Vec<_>>();
+        type Row<'a> = (
+            Option<&'a str>,
+            &'a [&'a str],
+            usize,
+            bool,
+            &'a [&'a str],
+            &'a [&'a str],
+        );
+        let table: &[Row] = &[
+            // local, remote (sorted), r, ask_all => asked, spares
+            (Some("n1"), &["n3", "n2"], 2, false, &["n1", "n3"], &["n2"]),
+            (Some("n1"), &["n3", "n2"], 1, false, &["n1"], &["n3", "n2"]),
+            (
+                Some("n1"),
+                &["n3", "n2"],
+                3,
+                false,
+                &["n1", "n3", "n2"],
+                &[],
+            ),
+            (Some("n1"), &["n3", "n2"], 1, true, &["n1", "n3", "n2"], &[]),
+            (None, &["n3", "n2", "n4"], 2, false, &["n3", "n2"], &["n4"]),
+            (None, &["n3"], 2, false, &["n3"], &[]),
+        ];
+        for (local, remote, r, all, asked, spare) in table {
+            let got = read_targets(local.map(id), ids(remote), *r, *all);
+            assert_eq!(
+                got,
+                (ids(asked), ids(spare)),
+                "{local:?} {remote:?} r={r} all={all}"
+            );
+        }
+    }
 
     fn id(s: &str) -> NodeId {
         NodeId::new(s).unwrap()
