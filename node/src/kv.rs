@@ -187,7 +187,8 @@ impl KvService {
     }
 
     /// Sends a write to a replica of the key, which coordinates it. Replicas gossip holds alive
-    /// and that answer (not silent) go first. The next replica is tried only when this one
+    /// and that answer (not silent) go first, the one with the shortest expected wait first
+    /// among them. The next replica is tried only when this one
     /// certainly never got the write (no connection): once sent, a second coordinator would
     /// apply the same write again under another dot, which a reader that saw only one of the two
     /// and overwrote it would find again as a sibling. So silence after sending is reported,
@@ -205,6 +206,9 @@ impl KvService {
     ) -> Result<(Vec<u8>, proto::Receipt), Status> {
         self.node.metrics.forwarded.inc();
         let mut replicas = replicas.to_vec();
+        // By expected wait within each class: a replica with a request stuck past its hedge
+        // delay goes last among the alive ones long before it is silent.
+        self.node.peers.sort_by_expected_wait(&mut replicas);
         replicas.sort_by_key(|r| {
             if self.node.is_unreachable(r) {
                 return 3;
