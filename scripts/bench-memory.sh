@@ -6,7 +6,8 @@
 #   scripts/bench-memory.sh
 #
 # RSS is VmRSS from /proc/PID/status after the load (and VmHWM, the peak); disk is `du -sb` of
-# each data directory. Settings: KEYS, VALUE_SIZE, CLIENTS (64), BENCH_DIR, OUT, CARGO_TARGET_DIR.
+# each data directory. Settings: KEYS, VALUE_SIZE, CLIENTS (64), BENCH_DIR, OUT, CARGO_TARGET_DIR,
+# DEV_ARGS (more flags of `dynakv dev`, e.g. "--set storage.cache_bytes=134217728").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -63,7 +64,8 @@ exec > >(tee "$OUT/memory.txt") 2>&1
 echo "date_utc: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo "machine: $($LIB machine)"
 rm -rf "$BENCH_DIR/dynakv"
-"$DYNAKV" dev --insecure --data-dir "$BENCH_DIR/dynakv" >"$OUT/dynakv-dev.log" 2>&1 &
+# shellcheck disable=SC2086 # DEV_ARGS is a list of flags
+"$DYNAKV" dev --insecure --data-dir "$BENCH_DIR/dynakv" ${DEV_ARGS:-} >"$OUT/dynakv-dev.log" 2>&1 &
 DEV_PID=$!
 for _ in $(seq 600); do
   grep -q '^ready:' "$OUT/dynakv-dev.log" && break

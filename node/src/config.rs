@@ -287,6 +287,9 @@ pub struct LimitsConfig {
     pub handshake_timeout_ms: u64,
 }
 
+/// Default of `storage.cache_bytes`.
+pub const DEFAULT_CACHE_BYTES: usize = 160 * 1024 * 1024;
+
 /// Group commit settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -302,6 +305,8 @@ pub struct StorageConfig {
     pub checkpoint_ops: usize,
     /// Bytes of write-ahead log records that trigger a checkpoint.
     pub checkpoint_bytes: usize,
+    /// Memory the database may use to cache its pages (most of a node's memory).
+    pub cache_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -389,6 +394,7 @@ impl Default for StorageConfig {
             queue_len: 8192,
             checkpoint_ops: 8192,
             checkpoint_bytes: 16 * 1024 * 1024,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -555,6 +561,7 @@ impl Config {
             ("storage.queue_len", self.storage.queue_len),
             ("storage.checkpoint_ops", self.storage.checkpoint_ops),
             ("storage.checkpoint_bytes", self.storage.checkpoint_bytes),
+            ("storage.cache_bytes", self.storage.cache_bytes),
         ] {
             if v == 0 {
                 return err(format!("{name} must be at least 1"));

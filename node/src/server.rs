@@ -141,6 +141,7 @@ where
             let options = RedbOptions {
                 checkpoint_log_ops: raw.storage.checkpoint_ops as u64,
                 checkpoint_log_bytes: raw.storage.checkpoint_bytes as u64,
+                cache_size_bytes: raw.storage.cache_bytes,
                 ..RedbOptions::default()
             };
             let backend = RedbBackend::open_with(raw.data_dir.join("dynakv.redb"), &options)?;

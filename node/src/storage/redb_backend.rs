@@ -114,8 +114,8 @@ struct LogState {
     id: u64,
     /// Set when the log or a checkpoint failed: nothing more is committed.
     failed: Option<String>,
-    /// Batches in the log, not yet in redb (a checkpoint held its writer), oldest first.
-    pending: Vec<Vec<WriteOp>>,
+    /// Memory taken by the deferred writes (the log's batches a checkpoint kept out of redb,
+    /// whose last state per key the `deferred` map holds), estimated by [`op_bytes`].
     pending_bytes: u64,
     /// The checkpoint under way.
     checkpoint: Option<JoinHandle<Result<(), StorageError>>>,
@@ -391,6 +391,30 @@ fn apply(txn: &redb::WriteTransaction, ops: &[WriteOp]) -> Result<(), redb::Erro
     Ok(())
 }
 
+fn apply_deferred(txn: &redb::WriteTransaction, deferred: &Deferred) -> Result<(), redb::Error> {
+    for table in Table::ALL {
+        let mut entries = deferred
+            .range((table, Vec::new())..)
+            .take_while(|((t, _), _)| *t == table)
+            .peekable();
+        if entries.peek().is_none() {
+            continue;
+        }
+        let mut t = txn.open_table(definition(table))?;
+        for ((_, key), value) in entries {
+            match value {
+                Some(value) => {
+                    t.insert(key.as_slice(), value.as_slice())?;
+                }
+                None => {
+                    t.remove(key.as_slice())?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 // Brings the database up to the end of its logs: the records of both after the last
 // checkpoint are applied again in lsn order (they are blind puts and deletes, so applying them
 // over a database that already holds some of them gives the same result), in one durable commit
@@ -486,7 +510,6 @@ impl LogState {
             active: 0,
             id,
             failed: None,
-            pending: Vec::new(),
             pending_bytes: 0,
             checkpoint: None,
         }
@@ -692,7 +715,6 @@ impl Backend for RedbBackend {
                 }
             }
             state.pending_bytes += batch.iter().map(op_bytes).sum::<u64>();
-            state.pending.push(batch.to_vec());
             return Ok(());
         }
         self.apply_pending(&mut state)?;
@@ -770,10 +792,12 @@ fn checkpoint_to(db: &Database, name: &str, id: u64, covered: u64) -> Result<(),
     write_log_state(db, id, covered).map_err(|e| map_error(&format!("checkpointing {name}"), e))
 }
 
+/// Memory a deferred write takes: its bytes, plus its map entry and two allocations.
 fn op_bytes(op: &WriteOp) -> u64 {
+    const ENTRY: usize = 96;
     match op {
-        WriteOp::Put { key, value, .. } => (key.len() + value.len() + 16) as u64,
-        WriteOp::Delete { key, .. } => (key.len() + 16) as u64,
+        WriteOp::Put { key, value, .. } => (key.len() + value.len() + ENTRY) as u64,
+        WriteOp::Delete { key, .. } => (key.len() + ENTRY) as u64,
     }
 }
 
@@ -856,10 +880,12 @@ impl RedbBackend {
         }
     }
 
-    /// Applies the batches logged while a checkpoint held redb's writer (not durably: they are
-    /// in the log), then drops them from memory.
+    /// Applies the writes logged while a checkpoint held redb's writer (not durably: they are
+    /// in the log), then drops them from memory. The deferred map holds the last of them per
+    /// key, which is what applying every batch in order would leave, so it is all that is
+    /// applied (in key order, and kept once in memory, not once per batch as well).
     fn apply_pending(&self, state: &mut LogState) -> Result<(), StorageError> {
-        if state.pending.is_empty() {
+        if self.deferred().is_empty() {
             return Ok(());
         }
         let err = |e: redb::Error| self.error("applying logged writes", e);
@@ -867,9 +893,7 @@ impl RedbBackend {
             let mut txn = self.db.begin_write().map_err(|e| err(e.into()))?;
             txn.set_durability(Durability::None)
                 .map_err(|e| self.error_detail("applying logged writes", e))?;
-            for batch in &state.pending {
-                apply(&txn, batch).map_err(err)?;
-            }
+            apply_deferred(&txn, &self.deferred()).map_err(err)?;
             txn.commit().map_err(|e| err(e.into()))
         })();
         if let Err(error) = applied {
@@ -878,7 +902,6 @@ impl RedbBackend {
             return Err(error);
         }
         // In redb now: reads find them there.
-        state.pending.clear();
         state.pending_bytes = 0;
         self.deferred_mut().clear();
         Ok(())
