@@ -287,9 +287,6 @@ pub struct LimitsConfig {
     pub handshake_timeout_ms: u64,
 }
 
-/// Default of `storage.cache_bytes`.
-pub const DEFAULT_CACHE_BYTES: usize = 160 * 1024 * 1024;
-
 /// Group commit settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -394,7 +391,7 @@ impl Default for StorageConfig {
             queue_len: 8192,
             checkpoint_ops: 8192,
             checkpoint_bytes: 16 * 1024 * 1024,
-            cache_bytes: DEFAULT_CACHE_BYTES,
+            cache_bytes: crate::storage::DEFAULT_CACHE_BYTES,
         }
     }
 }

@@ -210,11 +210,12 @@ impl PeerPool {
     pub fn sort_by_expected_wait(&self, peers: &mut [NodeId]) {
         let h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
         let now = h.now_ms();
-        let never_heard = h.policy.max_delay_ms * 1000;
+        let never_heard = PeerHealth::default();
         peers.sort_by_cached_key(|peer| {
             h.peers
                 .get(peer)
-                .map_or(never_heard, |p| p.expected_wait_us(now, &h.policy))
+                .unwrap_or(&never_heard)
+                .expected_wait_us(now, &h.policy)
         });
     }
 

@@ -51,7 +51,7 @@ mod crash_tests;
 mod tests;
 
 pub use memory::MemoryBackend;
-pub use redb_backend::{RedbBackend, RedbOptions, log_path, second_log_path};
+pub use redb_backend::{DEFAULT_CACHE_BYTES, RedbBackend, RedbOptions, log_path, second_log_path};
 pub use store::{Durable, Store, StoreConfig, StoreMetrics, StoreStats, WriterMode};
 pub use wal::{LogDevice, LogFile};
 

@@ -40,10 +40,15 @@ type Deferred = BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>;
 /// Logged writes a checkpoint may leave waiting for redb before commits wait for it instead.
 const MAX_DEFERRED_BYTES: u64 = 64 * 1024 * 1024;
 
+/// Default of [`RedbOptions::cache_size_bytes`] (and of the node's `storage.cache_bytes`): with
+/// it a node holding 1 M keys of 100 bytes stays under 300 MiB (docs/benchmarks.md).
+pub const DEFAULT_CACHE_BYTES: usize = 160 * 1024 * 1024;
+
 /// Options of [`RedbBackend::open_with`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RedbOptions {
-    /// Memory redb may use to cache pages. Default 256 MiB (redb's own default is 1 GiB).
+    /// Memory redb may use to cache pages. Default [`DEFAULT_CACHE_BYTES`] (redb's own default
+    /// is 1 GiB).
     pub cache_size_bytes: usize,
     /// Verify the checksum of every page at every open, not only after a crash. Reads the whole
     /// file, so start-up takes time proportional to its size; without it, a file damaged outside
@@ -62,7 +67,7 @@ pub struct RedbOptions {
 impl Default for RedbOptions {
     fn default() -> Self {
         RedbOptions {
-            cache_size_bytes: 256 * 1024 * 1024,
+            cache_size_bytes: DEFAULT_CACHE_BYTES,
             check_integrity_on_open: false,
             checkpoint_log_bytes: 16 * 1024 * 1024,
             checkpoint_log_ops: 8192,
@@ -373,18 +378,39 @@ fn write_log_state(db: &Database, id: u64, lsn: u64) -> Result<(), redb::Error> 
 // batch order, which is all that matters inside one transaction.
 fn apply(txn: &redb::WriteTransaction, ops: &[WriteOp]) -> Result<(), redb::Error> {
     for table in Table::ALL {
-        if !ops.iter().any(|op| op.table() == table) {
-            continue;
-        }
-        let mut t = txn.open_table(definition(table))?;
-        for op in ops.iter().filter(|op| op.table() == table) {
-            match op {
-                WriteOp::Put { key, value, .. } => {
-                    t.insert(key.as_slice(), value.as_slice())?;
-                }
-                WriteOp::Delete { key, .. } => {
-                    t.remove(key.as_slice())?;
-                }
+        write_table(
+            txn,
+            table,
+            ops.iter()
+                .filter(|op| op.table() == table)
+                .map(|op| match op {
+                    WriteOp::Put { key, value, .. } => (key.as_slice(), Some(value.as_slice())),
+                    WriteOp::Delete { key, .. } => (key.as_slice(), None),
+                }),
+        )?;
+    }
+    Ok(())
+}
+
+/// Puts (`Some`) and removes (`None`) keys of one table, in the order given; opens the table only
+/// when there is something to write.
+fn write_table<'a>(
+    txn: &redb::WriteTransaction,
+    table: Table,
+    entries: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+) -> Result<(), redb::Error> {
+    let mut entries = entries.peekable();
+    if entries.peek().is_none() {
+        return Ok(());
+    }
+    let mut t = txn.open_table(definition(table))?;
+    for (key, value) in entries {
+        match value {
+            Some(value) => {
+                t.insert(key, value)?;
+            }
+            None => {
+                t.remove(key)?;
             }
         }
     }
@@ -393,24 +419,14 @@ fn apply(txn: &redb::WriteTransaction, ops: &[WriteOp]) -> Result<(), redb::Erro
 
 fn apply_deferred(txn: &redb::WriteTransaction, deferred: &Deferred) -> Result<(), redb::Error> {
     for table in Table::ALL {
-        let mut entries = deferred
-            .range((table, Vec::new())..)
-            .take_while(|((t, _), _)| *t == table)
-            .peekable();
-        if entries.peek().is_none() {
-            continue;
-        }
-        let mut t = txn.open_table(definition(table))?;
-        for ((_, key), value) in entries {
-            match value {
-                Some(value) => {
-                    t.insert(key.as_slice(), value.as_slice())?;
-                }
-                None => {
-                    t.remove(key.as_slice())?;
-                }
-            }
-        }
+        write_table(
+            txn,
+            table,
+            deferred
+                .range((table, Vec::new())..)
+                .take_while(|((t, _), _)| *t == table)
+                .map(|((_, key), value)| (key.as_slice(), value.as_deref())),
+        )?;
     }
     Ok(())
 }
