@@ -24,6 +24,10 @@ use crate::proto::{self, ConsistencyLevel, quorum};
 /// again (so two nodes with different ring views cannot bounce a request forever).
 pub const FORWARDED_HEADER: &str = "x-dynakv-forwarded";
 
+/// Least interval between probes of a coordinator that holds a forwarded write past its hedge
+/// delay (see `KvService::until_silent`).
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
 pub struct KvService {
     node: Arc<Node>,
     inflight: Arc<Semaphore>,
@@ -297,27 +301,39 @@ impl KvService {
         let mut consistency = consistency.unwrap_or_default();
         consistency.timeout_ms = remaining.as_millis().min(u32::MAX as u128) as u32;
         let tracked = self.node.peers.track(&replica);
-        let result = match value {
-            Some(v) => {
-                let req = self.forward_request(proto::PutRequest {
-                    key,
-                    value: v,
-                    context,
-                    consistency: Some(consistency),
-                });
-                tokio::time::timeout(remaining, client.put(req))
-                    .await
-                    .map(|r| r.map(|r| r.into_inner()).map(|r| (r.context, r.receipt)))
+        let probe_key = key.clone();
+        let call = async {
+            match value {
+                Some(v) => {
+                    let req = self.forward_request(proto::PutRequest {
+                        key,
+                        value: v,
+                        context,
+                        consistency: Some(consistency),
+                    });
+                    tokio::time::timeout(remaining, client.put(req))
+                        .await
+                        .map(|r| r.map(|r| r.into_inner()).map(|r| (r.context, r.receipt)))
+                }
+                None => {
+                    let req = self.forward_request(proto::DeleteRequest {
+                        key,
+                        context,
+                        consistency: Some(consistency),
+                    });
+                    tokio::time::timeout(remaining, client.delete(req))
+                        .await
+                        .map(|r| r.map(|r| r.into_inner()).map(|r| (r.context, r.receipt)))
+                }
             }
-            None => {
-                let req = self.forward_request(proto::DeleteRequest {
-                    key,
-                    context,
-                    consistency: Some(consistency),
-                });
-                tokio::time::timeout(remaining, client.delete(req))
-                    .await
-                    .map(|r| r.map(|r| r.into_inner()).map(|r| (r.context, r.receipt)))
+        };
+        let result = tokio::select! {
+            r = call => r,
+            () = self.until_silent(&replica, probe_key, deadline) => {
+                self.node.metrics.fast_unavailable.with_label_values(&["forward"]).inc();
+                let why = "silent: neither the forwarded request nor a probe sent since got an \
+                           answer";
+                return (replica, Err(Forwarded::Broken(why.to_string())));
             }
         };
         let outcome = match result {
@@ -339,6 +355,36 @@ impl KvService {
             Err(_) => Err(Forwarded::Deadline),
         };
         (replica, outcome)
+    }
+
+    /// Returns once `coordinator`, which has a forwarded write in hand, is silent: nothing heard
+    /// from it for the silence threshold (at least 1 s). A coordinator that is merely slow (its
+    /// own replicas keep it waiting) is not: past its hedge delay it is probed with a read of
+    /// the same key on the replica link, one probe at a time, and any answer shows the process
+    /// is there. A paused or cut-off coordinator answers nothing, so the client learns in about a
+    /// second that its write may or may not have been applied, instead of at its deadline.
+    async fn until_silent(&self, coordinator: &NodeId, key: Bytes, deadline: Instant) {
+        let peers = &self.node.peers;
+        tokio::time::sleep(peers.hedge_delay(coordinator)).await;
+        loop {
+            let every = peers.hedge_delay(coordinator).max(PROBE_EVERY);
+            let probe_deadline = (Instant::now() + every).min(deadline);
+            let op = proto::replica_request::Op::Fetch(proto::FetchRequest {
+                key: key.clone(),
+                ..Default::default()
+            });
+            // Its answer resets the silence clock (`PeerPool::call` tracks it); at most one
+            // probe per interval, answered or not.
+            let _ = peers.call(coordinator, op, probe_deadline).await;
+            tokio::time::sleep_until(probe_deadline).await;
+            if peers.is_silent(coordinator) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                // The forward's own timeout answers.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     fn forward_request<T>(&self, msg: T) -> Request<T> {

@@ -302,7 +302,9 @@ impl Metrics {
         let fast_unavailable = IntCounterVec::new(
             Opts::new(
                 "dynakv_fast_unavailable_total",
-                "Requests answered UNAVAILABLE at once because too few replicas were reachable",
+                "Requests answered UNAVAILABLE without waiting out their deadline, by op: read and \
+                 write (too few replicas reachable), forward (the replica coordinating a \
+                 forwarded write went silent)",
             ),
             &["op"],
         )

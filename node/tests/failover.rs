@@ -113,3 +113,59 @@ fn quorum_reads_do_not_wait_for_a_frozen_replica() {
     );
     c.cont(2);
 }
+
+#[test]
+fn a_write_forwarded_to_a_frozen_coordinator_fails_fast_not_at_the_deadline() {
+    // With n = 1 a key has one replica, so n1 forwards writes of n3's keys to n3. Frozen after
+    // getting one, n3 answers nothing: n1 must tell the client (UNAVAILABLE, the write may or
+    // may not have been applied) once n3 is silent and its probes go unanswered, under a 30 s
+    // deadline and while gossip still holds n3 alive, and must not send the write elsewhere.
+    // (The connection's keepalive would break it after about 4 s with the same answer; the
+    // metric shows which of the two ended it.)
+    let c = ClusterSpec::new(3).n(1).config_yaml(SLOW_GOSSIP).start();
+    let key = (0..200)
+        .map(|i| format!("f{i}"))
+        .find(|k| {
+            let put = c.cli_at(0, &["put", k, "v0"]).ok();
+            put.json["receipt"]["coordinator"] == "n3"
+        })
+        .expect("one of 200 keys is n3's");
+
+    // Healthy, the forward goes through.
+    let put = c.cli_at(0, &["put", &key, "v1"]).ok();
+    assert_eq!(put.json["receipt"]["forwarded"], true, "{put:?}");
+
+    c.stop(2);
+    let put = c.cli_at(0, &["put", &key, "v2", "--timeout-ms", "30000"]);
+    assert_ne!(put.code, 0, "{put:?}");
+    assert_eq!(put.json["error"]["code"], "UNAVAILABLE", "{put:?}");
+    let message = put.json["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("n3") && message.contains("may or may not have been applied"),
+        "the message names n3 and says the outcome is unknown: {put:?}"
+    );
+    assert_ne!(
+        gossip_state(&c, 0, "n3"),
+        "down",
+        "gossip had not called n3 down yet: the probes answered"
+    );
+    assert!(
+        metric_value(
+            &c.metrics(0),
+            "dynakv_fast_unavailable_total",
+            &["op=\"forward\""]
+        )
+        .is_some_and(|v| v >= 1.0),
+        "the fast UNAVAILABLE of the forward is counted"
+    );
+
+    // Thawed, n3 may or may not apply the write it got frozen with (n1 cancelled it), but
+    // nobody else did: v2 is there at most once.
+    c.cont(2);
+    let get = wait_until("n3 answers again", Duration::from_secs(60), || {
+        let get = c.cli_at(0, &["get", &key, "--timeout-ms", "5000"]);
+        (get.code == 0).then_some(get)
+    });
+    let copies = get.texts().iter().filter(|t| *t == "v2").count();
+    assert!(copies <= 1, "{get:?}");
+}
