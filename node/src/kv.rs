@@ -24,6 +24,10 @@ use crate::proto::{self, ConsistencyLevel, quorum};
 /// again (so two nodes with different ring views cannot bounce a request forever).
 pub const FORWARDED_HEADER: &str = "x-dynakv-forwarded";
 
+/// Set on the answer of a node that refuses a forwarded request because it owns no part of the
+/// ring (`Node::coordinates`): it did nothing, so the forwarding node asks the next member.
+pub const NOT_COORDINATING_HEADER: &str = "x-dynakv-not-coordinating";
+
 /// Least interval between probes of a coordinator that holds a forwarded write past its hedge
 /// delay (see `KvService::until_silent`).
 const PROBE_EVERY: Duration = Duration::from_millis(250);
@@ -155,6 +159,11 @@ impl KvService {
         let deadline = self.deadline(consistency.as_ref(), meta);
         let forwarded = meta.contains_key(FORWARDED_HEADER);
         let label = quorum_label(w, self.node.n());
+        if forwarded && !self.node.coordinates() {
+            let refused = self.not_coordinating(op);
+            self.observe(op, &label, started, Some(&refused));
+            return Err(refused);
+        }
         if let Some(replicas) = (!forwarded)
             .then(|| self.node.replicas_if_not_local(&key))
             .flatten()
@@ -341,6 +350,13 @@ impl KvService {
                 tracked.heard();
                 Ok((context.to_vec(), receipt.unwrap_or_default()))
             }
+            // It owns no part of the ring and did nothing: the next replica may coordinate.
+            Ok(Err(s)) if s.metadata().contains_key(NOT_COORDINATING_HEADER) => {
+                tracked.heard();
+                Err(Forwarded::NotSent(format!(
+                    "{replica} owns no part of the ring"
+                )))
+            }
             // Never reached it (no connection): the next replica may coordinate.
             Ok(Err(s)) if is_transport_error(&s) && crate::net::never_sent(&s) => Err(
                 Forwarded::NotSent(format!("{replica} unreachable ({})", s.message())),
@@ -385,6 +401,171 @@ impl KvService {
                 std::future::pending::<()>().await;
             }
         }
+    }
+
+    /// The answer to a request forwarded to this node while it owns no part of the ring.
+    fn not_coordinating(&self, op: &str) -> Status {
+        let mut s = answered(Status::unavailable(format!(
+            "{} owns no part of the ring and does not coordinate forwarded requests; the {op} \
+             was not applied",
+            self.node.id
+        )));
+        s.metadata_mut()
+            .insert(NOT_COORDINATING_HEADER, MetadataValue::from_static("1"));
+        s
+    }
+
+    /// Has a member that owns part of the ring coordinate a read for this node, which does not
+    /// (`Node::coordinates`): its view may show a ring the cluster has moved past. The key's
+    /// replicas go first, the one with the shortest expected wait first. Reads change nothing,
+    /// so a member that fails or refuses is followed by the next, and one that has not answered
+    /// within its hedge delay gets company (within the hedge budget); the first answer wins.
+    async fn forward_get(
+        &self,
+        key: Bytes,
+        consistency: Option<proto::Consistency>,
+        deadline: Instant,
+    ) -> Result<proto::GetResponse, Status> {
+        let mut candidates = self.node.read_coordinators(&key);
+        if candidates.is_empty() {
+            return Err(Status::unavailable(format!(
+                "{} owns no part of the ring and knows no member that does; the read cannot be \
+                 coordinated yet",
+                self.node.id
+            )));
+        }
+        self.node.metrics.forwarded.inc();
+        self.node.peers.sort_by_expected_wait(&mut candidates);
+        candidates.sort_by_key(|c| {
+            if self.node.is_unreachable(c) {
+                return 3;
+            }
+            match self.node.member_state(c) {
+                Some(MemberState::Alive) => 0,
+                None | Some(MemberState::Suspect) => 1,
+                Some(MemberState::Down) => 2,
+            }
+        });
+        self.node.peers.earn_hedge();
+        let mut next = candidates.into_iter();
+        let mut calls = futures::stream::FuturesUnordered::new();
+        let mut failures: Vec<String> = Vec::new();
+        let mut verdict: Option<Status> = None;
+        let mut hedged = false;
+        let mut first: Option<NodeId> = None;
+        let mut hedge_at = None;
+        loop {
+            if let Some(c) = (calls.is_empty() || hedge_at.is_some_and(|at| Instant::now() >= at))
+                .then(|| next.next())
+                .flatten()
+            {
+                if !calls.is_empty() {
+                    hedged = true;
+                    self.node
+                        .metrics
+                        .hedges
+                        .with_label_values(&["forward_read", "sent"])
+                        .inc();
+                }
+                hedge_at = Some(Instant::now() + self.node.peers.hedge_delay(&c));
+                first.get_or_insert_with(|| c.clone());
+                calls.push(self.forward_get_one(c, key.clone(), consistency, deadline));
+            }
+            if calls.is_empty() {
+                break;
+            }
+            let hedge = async {
+                match hedge_at {
+                    Some(at) if next.len() > 0 => {
+                        tokio::time::sleep_until(at).await;
+                        if !self.node.peers.try_hedge() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    _ => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                Some((c, result)) = futures::StreamExt::next(&mut calls) => match result {
+                    Ok(answer) => {
+                        if hedged && first.as_ref() != Some(&c) {
+                            self.node
+                                .metrics
+                                .hedges
+                                .with_label_values(&["forward_read", "won"])
+                                .inc();
+                        }
+                        return Ok(answer);
+                    }
+                    Err(s) => {
+                        failures.push(format!("{c}: {}", s.message()));
+                        if !is_transport_error(&s)
+                            && !s.metadata().contains_key(NOT_COORDINATING_HEADER)
+                        {
+                            verdict = Some(s);
+                        }
+                        // The next one goes at once.
+                        hedge_at = Some(Instant::now());
+                    }
+                },
+                () = hedge => {}
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if let Some(s) = verdict {
+            return Err(s);
+        }
+        if Instant::now() >= deadline {
+            return Err(Status::deadline_exceeded(format!(
+                "no member that owns part of the ring answered the read before the deadline ({})",
+                failures.join(", ")
+            )));
+        }
+        Err(Status::unavailable(format!(
+            "no member that owns part of the ring could coordinate the read: {}",
+            failures.join(", ")
+        )))
+    }
+
+    /// One read forwarded to `member`, with its latency tracked.
+    async fn forward_get_one(
+        &self,
+        member: NodeId,
+        key: Bytes,
+        consistency: Option<proto::Consistency>,
+        deadline: Instant,
+    ) -> (NodeId, Result<proto::GetResponse, Status>) {
+        let Some(channel) = self.node.peers.channel(&member) else {
+            let why = Status::unavailable(format!("{member} unknown"));
+            return (member, Err(why));
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let mut client = KvClient::new(channel)
+            .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES);
+        let mut consistency = consistency.unwrap_or_default();
+        consistency.timeout_ms = remaining.as_millis().min(u32::MAX as u128) as u32;
+        let req = self.forward_request(proto::GetRequest {
+            key,
+            consistency: Some(consistency),
+        });
+        let tracked = self.node.peers.track(&member);
+        let result = match tokio::time::timeout(remaining, client.get(req)).await {
+            Ok(Ok(r)) => {
+                tracked.heard();
+                Ok(r.into_inner())
+            }
+            Ok(Err(s)) => {
+                if !is_transport_error(&s) {
+                    tracked.heard();
+                }
+                Err(s)
+            }
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "{member} did not answer"
+            ))),
+        };
+        (member, result)
     }
 
     fn forward_request<T>(&self, msg: T) -> Request<T> {
@@ -626,6 +807,15 @@ impl Kv for KvService {
             .map_err(answered)?;
         let label = quorum_label(r, self.node.n());
         let deadline = self.deadline(c, &meta);
+        if !self.node.coordinates() {
+            let result = if meta.contains_key(FORWARDED_HEADER) {
+                Err(self.not_coordinating("read"))
+            } else {
+                self.forward_get(req.key, req.consistency, deadline).await
+            };
+            self.observe("get", &label, started, result.as_ref().err());
+            return result.map(Response::new);
+        }
         let result = self
             .node
             .read(req.key, r, self.sloppy(c), deadline)
@@ -646,7 +836,10 @@ impl Kv for KvService {
                 })
                 .collect(),
             context: out.context.into(),
-            receipt: Some(receipt_proto(&out.receipt)),
+            receipt: Some(proto::Receipt {
+                forwarded: meta.contains_key(FORWARDED_HEADER),
+                ..receipt_proto(&out.receipt)
+            }),
         }))
     }
 }

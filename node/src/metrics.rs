@@ -46,10 +46,10 @@ pub struct Metrics {
     pub quorum_failures: IntCounterVec,
     /// Replicas sent the merged state after a read found them behind.
     pub read_repairs: IntCounter,
-    /// Requests forwarded to a replica of the key.
+    /// Requests forwarded: writes to a replica of the key, reads by a node of weight 0.
     pub forwarded: IntCounter,
     /// Hedged requests (a second replica asked because the first was slow or silent), by kind
-    /// (`forward`, `write`) and outcome (`sent`, `won`: the hedge answered first).
+    /// (`read`, `write`, `forward_read`) and outcome (`sent`, `won`: the hedge answered first).
     pub hedges: IntCounterVec,
     /// Requests refused at once because too few replicas were reachable, by op.
     pub fast_unavailable: IntCounterVec,
@@ -294,7 +294,7 @@ impl Metrics {
             Opts::new(
                 "dynakv_hedged_requests_total",
                 "Hedged requests (another replica asked because the first was slow or silent), \
-                 by kind (read, write) and outcome (sent, won)",
+                 by kind (read, write, forward_read) and outcome (sent, won)",
             ),
             &["kind", "outcome"],
         )

@@ -951,6 +951,25 @@ impl Node {
         }
     }
 
+    /// Whether this node may coordinate requests on its own view of the ring: it owns part of
+    /// the committed ring (see `RingState::coordinates_reads`). A node of weight 0 (joined by
+    /// seeds, or drained) forwards its reads, and refuses requests forwarded to it: a ring
+    /// change may commit without its ack while its view still shows the old ring.
+    pub fn coordinates(&self) -> bool {
+        self.view().rings.coordinates_reads()
+    }
+
+    /// Members that may coordinate a read of `key` for a node that does not ([`Self::coordinates`]):
+    /// the key's replicas in its read ring, then the ring's next members, at most N + 2, without
+    /// itself.
+    pub fn read_coordinators(&self, key: &[u8]) -> Vec<NodeId> {
+        let (mut all, fallbacks) = self.view().read_walk(key_position(key), self.n());
+        all.extend(fallbacks);
+        all.retain(|n| *n != self.id);
+        all.truncate(self.n() + 2);
+        all
+    }
+
     /// Peers this node shares a stored key with (both in its preference list).
     pub fn co_replicas(&self, view: &ClusterView, stored_key: &[u8]) -> Vec<NodeId> {
         let Some((pos, _)) = split_data_key(stored_key) else {

@@ -581,3 +581,105 @@ fn a_node_gone_for_good_is_removed_and_its_ranges_re_replicated() {
     assert_eq!(again.code, 0, "{again:?}");
     assert_eq!(again.json["changed"], Value::Bool(false), "{again:?}");
 }
+
+/// A node of weight 0 may have a view of the ring the cluster has moved past (a change can
+/// commit without a member its proposer never heard of), so it coordinates no reads: it has a
+/// member that owns part of the ring do it, and refuses requests other nodes forward to it,
+/// doing nothing. Once it owns part of the ring it reads for itself.
+#[test]
+fn a_node_of_weight_zero_forwards_its_reads_and_refuses_forwarded_requests() {
+    let mut c = ClusterSpec::new(3).n(3).spares(1).start();
+    c.join(3);
+    wait_until("n4 joins at weight 0", CHANGE_TIMEOUT, || {
+        status(&c, 0)
+            .members
+            .iter()
+            .any(|m| m.id == "n4" && m.state == "alive" && m.weight == 0)
+            .then_some(())
+    });
+    let (n1, n4) = (c.addr(0), c.addr(3));
+    runtime().block_on(async {
+        let mut at_n1 = kv(&n1).await.expect("n1 answers");
+        let mut at_n4 = kv(&n4).await.expect("n4 answers");
+        assert!(put(&mut at_n1, "zero-key", "v1").await);
+        let read = |forwarded: bool| {
+            let mut req = tonic::Request::new(GetRequest {
+                key: b"zero-key".to_vec().into(),
+                consistency: consistency(),
+            });
+            if forwarded {
+                req.metadata_mut()
+                    .insert(dynakv_node::kv::FORWARDED_HEADER, "1".parse().unwrap());
+            }
+            req
+        };
+
+        let r = at_n4
+            .get(read(false))
+            .await
+            .expect("a read via n4")
+            .into_inner();
+        let values: Vec<&[u8]> = r.values.iter().map(|s| s.value.as_ref()).collect();
+        assert_eq!(values, [b"v1".as_slice()]);
+        let receipt = r.receipt.expect("a receipt");
+        assert!(receipt.forwarded, "{receipt:?}");
+        assert_ne!(receipt.coordinator, "n4", "{receipt:?}");
+        let forwarded = metric_value(&c.metrics(3), "dynakv_forwarded_requests_total", &[]);
+        assert!(forwarded >= Some(1.0), "{forwarded:?}");
+
+        let refused = at_n4.get(read(true)).await.expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert!(
+            refused.message().contains("owns no part of the ring"),
+            "{refused:?}"
+        );
+        assert!(
+            refused
+                .metadata()
+                .contains_key(dynakv_node::kv::NOT_COORDINATING_HEADER)
+        );
+        let mut write = tonic::Request::new(PutRequest {
+            key: b"zero-key".to_vec().into(),
+            value: b"v2".to_vec().into(),
+            context: Default::default(),
+            consistency: consistency(),
+        });
+        write
+            .metadata_mut()
+            .insert(dynakv_node::kv::FORWARDED_HEADER, "1".parse().unwrap());
+        let refused = at_n4.put(write).await.expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert!(refused.message().contains("was not applied"), "{refused:?}");
+        assert_eq!(
+            get(&mut at_n1, "zero-key").await,
+            Some(vec!["v1".to_string()]),
+            "the refused write changed nothing"
+        );
+
+        let r = at_n1
+            .get(read(false))
+            .await
+            .expect("a read via n1")
+            .into_inner();
+        assert!(!r.receipt.expect("a receipt").forwarded);
+    });
+
+    // Ramped in, n4 coordinates its own reads.
+    let out = admin(&c, 0, &["weight", "n4", "100", "--wait"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    wait_for_weight(&c, 3, "n4", 100);
+    runtime().block_on(async {
+        let mut at_n4 = kv(&n4).await.expect("n4 answers");
+        let r = at_n4
+            .get(GetRequest {
+                key: b"zero-key".to_vec().into(),
+                consistency: consistency(),
+            })
+            .await
+            .expect("a read via n4")
+            .into_inner();
+        let receipt = r.receipt.expect("a receipt");
+        assert!(!receipt.forwarded, "{receipt:?}");
+        assert_eq!(receipt.coordinator, "n4");
+    });
+}

@@ -231,8 +231,11 @@ impl Ring {
         self.nodes.is_empty()
     }
 
-    /// Digest (xxh3-64) of the whole membership (ids, weights, zones, tokens in index order).
-    /// Equal rings have equal versions however their nodes were listed.
+    /// Digest (xxh3-64) of what the ring assigns: the ids, weights, zones and tokens of the
+    /// members of weight above 0, in index order. Equal rings have equal versions however their
+    /// nodes were listed. A member of weight 0 owns nothing and is left out, so a node that
+    /// joins at weight 0 (or one that drained) does not make a new ring version: a ring change
+    /// under way, whose proposal names the version it starts from, is not disturbed by it.
     pub fn version(&self) -> u64 {
         self.version
     }
@@ -893,7 +896,7 @@ fn intern_zones(nodes: &[NodeSpec]) -> Vec<usize> {
 fn membership_digest(nodes: &[NodeSpec]) -> u64 {
     let mut digest = Xxh3Default::new();
     digest.update(b"dynakv-ring-v1");
-    for node in nodes {
+    for node in nodes.iter().filter(|node| node.weight > 0) {
         let id = node.id.as_str().as_bytes();
         digest.update(&(id.len() as u64).to_le_bytes());
         digest.update(id);
@@ -1575,6 +1578,29 @@ mod tests {
                 "{changed:?}"
             );
         }
+    }
+
+    #[test]
+    fn version_leaves_out_members_of_weight_zero() {
+        let nodes = vec![spec("a", Some("z1"), &[10, 40]), spec("b", None, &[20])];
+        let version = Ring::new(nodes.clone()).unwrap().version();
+        let mut joined = nodes.clone();
+        let mut joiner = spec("c", Some("z2"), &[]);
+        joiner.weight = 0;
+        joined.push(joiner);
+        let ring = Ring::new(joined).unwrap();
+        assert_eq!(ring.len(), 3, "the weight-0 member is still listed");
+        assert_eq!(ring.version(), version, "but it assigns nothing");
+
+        let mut drained = nodes.clone();
+        drained[1].weight = 0;
+        drained[1].tokens.clear();
+        assert_ne!(Ring::new(drained.clone()).unwrap().version(), version);
+        assert_eq!(
+            Ring::new(drained).unwrap().version(),
+            Ring::new(vec![nodes[0].clone()]).unwrap().version(),
+            "a drained member is as good as gone"
+        );
     }
 
     #[test]

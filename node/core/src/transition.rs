@@ -32,6 +32,22 @@
 //! members gossip has not heard of. A change waits for all of them; a member gone for good is
 //! removed first.
 //!
+//! # Who may coordinate a read
+//!
+//! Only a member that owns part of the committed ring (weight above 0) in its own view, and is
+//! not the subject of the removal under way ([`RingState::coordinates_reads`]). Such a member is
+//! a participant in every proposer's view (a proposal is made against the committed ring, and
+//! that ring lists it), so no change commits before it reads from the new ring. A member of
+//! weight 0 (a node that joined by seeds, or one that drained) is waited for only by proposers
+//! that have heard of it: a change may commit without it while its view still shows the old
+//! ring, so it forwards its reads to a replica of the key instead, and refuses requests
+//! forwarded to it. One exception: the proposer of the change under way, once it reads from
+//! that change's ring. Every participant acked that change up to `Synced`, so each has heard
+//! of the proposer and counts it as a participant of any change that could win instead, and
+//! that change cannot commit before the proposer acks it too. A member of weight 0 also does
+//! not enter the ring's version ([`Ring::version`]), so one joining in the middle of a change
+//! does not make that change's base stale in the views that hear of it.
+//!
 //! # Concurrent changes
 //!
 //! Proposals are made only when no other is visible (except a removal of a member the change
@@ -335,6 +351,29 @@ impl RingState {
     /// The change under way, if any.
     pub fn current(&self) -> Option<&Change> {
         self.changes.first().filter(|_| self.has_current)
+    }
+
+    /// Whether this node may coordinate a read from its own view: it owns part of the committed
+    /// ring and is not the subject of the removal under way, or it proposed the change under way
+    /// and already reads from its ring. Any other node forwards its reads (see the module
+    /// documentation).
+    pub fn coordinates_reads(&self) -> bool {
+        let owns = |ring: &Ring| {
+            ring.node_index(self.me.as_str())
+                .is_some_and(|i| ring.nodes()[i].weight > 0)
+        };
+        if self.removed.contains(&self.me) {
+            return false;
+        }
+        match self.current() {
+            Some(c) if c.proposal.kind == ChangeKind::Remove && c.proposal.subject == self.me => {
+                false
+            }
+            Some(c) if c.proposer == self.me && self.read_ring().version() == c.ring.version() => {
+                owns(&c.ring)
+            }
+            _ => owns(&self.committed),
+        }
     }
 
     /// Members that must ack the change under way.

@@ -109,6 +109,9 @@ pub struct Shared {
     pub rings: RefCell<oracle::RingCache>,
     /// (observer, member) pairs the watcher has seen `down` at least once.
     pub held_down: RefCell<BTreeSet<(String, String)>>,
+    /// The node a `Step::AwaitPhase` waits on, polled every [`FAST_POLL_MS`] meanwhile: the
+    /// last phases of a change can pass within one [`RING_POLL_MS`].
+    pub fast_poll: RefCell<Option<String>>,
 }
 
 /// A client's connections and what it remembers of each key.
@@ -413,6 +416,9 @@ pub const MEMBER_POLL_MS: u64 = 100;
 /// take seconds.
 pub const RING_POLL_MS: u64 = 250;
 
+/// How often the node a `Step::AwaitPhase` waits on is asked (see [`Shared::fast_poll`]).
+pub const FAST_POLL_MS: u64 = 10;
+
 /// How long the watcher waits for one `ClusterStatus` answer (a node with a change under way
 /// asks the receiving nodes for their progress first, for up to 3 s when one is cut off). Longer
 /// than any answer takes: a request given up on is reset (RST_STREAM), and what h2 does with
@@ -468,7 +474,9 @@ async fn poll_status(node: String, shared: Rc<Shared>, poll_ms: u64) {
                 .borrow_mut()
                 .insert(node.clone(), (ClientCore::now_ms(), status));
         }
-        tokio::time::sleep(Duration::from_millis(poll_ms)).await;
+        let fast = shared.fast_poll.borrow().as_deref() == Some(node.as_str());
+        let every = if fast { FAST_POLL_MS } else { poll_ms };
+        tokio::time::sleep(Duration::from_millis(every)).await;
     }
 }
 

@@ -551,6 +551,7 @@ impl Harness {
             admin: RefCell::new(Vec::new()),
             rings: RefCell::new(Default::default()),
             held_down: RefCell::new(Default::default()),
+            fast_poll: RefCell::new(None),
         });
 
         let mut clients = Vec::new();
@@ -1193,10 +1194,14 @@ impl Harness {
                 phase,
                 keys_done,
                 within_ms,
+                or_later,
             } => {
                 self.node_index(observer)?;
+                const PHASES: [&str; 4] = ["announced", "streaming", "switching", "retiring"];
+                let rank = |p: &str| PHASES.iter().position(|q| *q == p);
                 let start = self.now_ms();
                 let mut seen: Vec<String> = Vec::new();
+                *self.shared.fast_poll.borrow_mut() = Some(observer.clone());
                 loop {
                     let now = self
                         .shared
@@ -1213,12 +1218,19 @@ impl Harness {
                         if seen.last() != Some(p) {
                             seen.push(p.clone());
                         }
-                        if p == phase && keys >= keys_done {
+                        let later = *or_later && rank(p) > rank(phase);
+                        if (p == phase || later) && keys >= keys_done {
                             self.log(format!(
                                 "{observer} sees the change {p} with {keys} keys pulled"
                             ));
                             break;
                         }
+                    } else if *or_later && !seen.is_empty() {
+                        self.log(format!(
+                            "{observer} sees the change gone after [{}]",
+                            seen.join(", ")
+                        ));
+                        break;
                     }
                     if self.now_ms() - start > *within_ms {
                         self.violations.push(Violation::new(
@@ -1231,6 +1243,7 @@ impl Harness {
                     }
                     self.tick()?;
                 }
+                *self.shared.fast_poll.borrow_mut() = None;
             }
             Step::CrashSender => {
                 // The first streaming transfer a status answer shows, waiting for one if need be.

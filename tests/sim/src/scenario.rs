@@ -169,6 +169,9 @@ pub enum Step {
         phase: String,
         keys_done: u64,
         within_ms: u64,
+        /// A later phase, or the change gone (committed) after some phase was seen, does too:
+        /// the last phases can pass between two looks.
+        or_later: bool,
     },
     /// Crashes the node a range is being pulled from right now: the source of a transfer that
     /// is still streaming, as the last `ClusterStatus` of a running node reports it (the
@@ -350,6 +353,19 @@ impl Step {
             phase: phase.to_string(),
             keys_done,
             within_ms,
+            or_later: false,
+        }
+    }
+
+    /// Waits until `observer` sees the change under way in `phase` or a later one, or sees it
+    /// gone after some phase of it.
+    pub fn await_phase_or_later(observer: &str, phase: &str, within_ms: u64) -> Step {
+        Step::AwaitPhase {
+            observer: observer.to_string(),
+            phase: phase.to_string(),
+            keys_done: 0,
+            within_ms,
+            or_later: true,
         }
     }
 
@@ -452,10 +468,12 @@ impl fmt::Display for Step {
                 phase,
                 keys_done,
                 within_ms,
+                or_later,
             } => write!(
                 f,
-                "AwaitPhase({observer} sees a change {phase} with >= {keys_done} keys pulled, \
-                 within {within_ms}ms)"
+                "AwaitPhase({observer} sees a change {phase}{} with >= {keys_done} keys pulled, \
+                 within {within_ms}ms)",
+                if *or_later { " or later" } else { "" }
             ),
             Step::CrashSender => write!(f, "CrashSender"),
             Step::RestartCrashed => write!(f, "RestartCrashed"),

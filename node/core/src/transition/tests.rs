@@ -140,6 +140,16 @@ impl Cluster {
         }
     }
 
+    /// Nobody but `node` itself has heard of it (a node that joins by seeds, unseen so far).
+    fn forget(&mut self, node: &str) {
+        let node = id(node);
+        for (me, view) in self.heard.iter_mut() {
+            if *me != node {
+                view.remove(&node);
+            }
+        }
+    }
+
     fn live(&self) -> Vec<NodeId> {
         self.truth
             .keys()
@@ -169,8 +179,10 @@ impl Cluster {
         self.truth.insert(node, m);
     }
 
-    /// The safety property: whatever ring a live node reads from, every node writes to it
-    /// (down nodes write nothing; in these tests they never come back).
+    /// The safety property: whatever ring a live node that coordinates reads reads from, every
+    /// node that may coordinate a write writes to it (down nodes write nothing; in these tests
+    /// they never come back). A node that does not coordinate reads forwards them; a node that
+    /// owns nothing in the ring it reads from is a primary of no key and forwards its writes.
     fn check_reads_see_writes(&self) -> Result<(), String> {
         let states: Vec<(NodeId, RingState)> = self
             .live()
@@ -180,9 +192,14 @@ impl Cluster {
                 (n, state)
             })
             .collect();
-        for (r, rs) in &states {
+        let owns_in_read_ring = |n: &NodeId, s: &RingState| {
+            let ring = s.read_ring();
+            ring.node_index(n.as_str())
+                .is_some_and(|i| ring.nodes()[i].weight > 0)
+        };
+        for (r, rs) in states.iter().filter(|(_, s)| s.coordinates_reads()) {
             let read = rs.read_ring().version();
-            for (w, ws) in &states {
+            for (w, ws) in states.iter().filter(|(n, s)| owns_in_read_ring(n, s)) {
                 let writes: Vec<u64> = ws.write_rings().iter().map(|x| x.version()).collect();
                 if !writes.contains(&read) {
                     return Err(format!(
@@ -198,6 +215,9 @@ impl Cluster {
     fn check_reads_only_synced_rings(&self) -> Result<(), String> {
         for r in self.truth.keys() {
             let state = self.state(r);
+            if !state.coordinates_reads() {
+                continue;
+            }
             let Some(change) = state.current() else {
                 continue;
             };
@@ -349,6 +369,63 @@ fn a_node_reads_the_new_ring_only_once_every_participant_synced() {
 }
 
 #[test]
+fn a_member_heard_of_mid_change_does_not_disturb_it() {
+    // n4's join runs until every participant reads from its ring; then n5 joins by seeds at
+    // weight 0, and only n2 and n3 hear of it (a partition keeps n1 and n4 from it). n4
+    // commits without n5, which it has never heard of.
+    let mut c = Cluster::new(&[100, 100, 100, 0, 0]);
+    c.forget("n5");
+    c.set_target("n4", 100);
+    let (n1, n2, n4, n5) = (id("n1"), id("n2"), id("n4"), id("n5"));
+    for _ in 0..40 {
+        if c.state(&n1).phase() == Some(Phase::Retiring) {
+            break;
+        }
+        for a in [&n1, &n2, &id("n3"), &n4] {
+            c.step(a);
+        }
+        for a in [&n1, &n2, &id("n3"), &n4] {
+            for b in [&n1, &n2, &id("n3"), &n4] {
+                c.hear(a, b);
+            }
+        }
+    }
+    let join = c.state(&n1).current().expect("the join runs").id;
+    assert_eq!(c.state(&n1).phase(), Some(Phase::Retiring));
+    for a in [&n2, &id("n3")] {
+        c.hear(a, &n5);
+    }
+    for b in [&n1, &n2, &id("n3"), &n4] {
+        c.hear(&n5, b);
+    }
+    // A weight-0 member is not part of the ring's version: the change stays eligible, and the
+    // members that heard of n5 keep reading from its ring.
+    let n2_view = c.state(&n2);
+    assert_eq!(n2_view.current().map(|ch| ch.id), Some(join));
+    assert_eq!(
+        n2_view.read_ring().version(),
+        n2_view.current().unwrap().ring.version()
+    );
+    // n5 counts itself a participant that has not synced, so its view reads the committed ring:
+    // it must not coordinate reads.
+    let n5_view = c.state(&n5);
+    assert_ne!(n5_view.read_ring().version(), n2_view.read_ring().version());
+    assert!(!n5_view.coordinates_reads());
+    assert!(n2_view.coordinates_reads());
+    c.check_reads_see_writes().unwrap();
+    // n4 commits on the side that never heard of n5.
+    c.step(&n4);
+    c.hear(&n1, &n4);
+    assert_eq!(c.truth[&n4].weight, 100);
+    assert!(c.state(&n1).current().is_none());
+    assert!(c.state(&n4).coordinates_reads());
+    c.check_reads_see_writes().unwrap();
+    c.settle(8);
+    c.check_reads_see_writes().unwrap();
+    assert!(!c.state(&n5).coordinates_reads(), "n5 still owns nothing");
+}
+
+#[test]
 fn a_down_participant_holds_the_change_until_it_returns() {
     let mut c = Cluster::new(&[100, 100, 100, 100, 0]);
     c.down.insert(id("n3"));
@@ -423,10 +500,10 @@ fn a_node_that_owns_nothing_leaves_without_a_ring_change() {
     assert!(c.truth.values().all(|m| m.change.proposal.is_none()));
     let state = c.state(&id("n1"));
     assert_eq!(state.committed().nodes().len(), 3);
-    assert_ne!(
+    assert_eq!(
         state.committed().version(),
         before,
-        "n4 is no longer a ring member"
+        "n4 is no longer a ring member, but it owned nothing: the ring's version stays"
     );
     assert_eq!(
         state.committed().ownership(N),
@@ -615,6 +692,10 @@ proptest! {
     ) {
         let mut c = Cluster::new(&weights);
         let nodes: Vec<NodeId> = c.truth.keys().cloned().collect();
+        // The last node, when it starts at weight 0, joins by seeds: nobody has heard of it.
+        if let Some(last) = nodes.last().filter(|n| c.truth[*n].weight == 0) {
+            c.forget(last.as_str());
+        }
         let mut wanted: BTreeMap<NodeId, u32> = BTreeMap::new();
         for (i, w) in &targets {
             let node = nodes[i % nodes.len()].clone();
