@@ -416,10 +416,12 @@ impl KvService {
     }
 
     /// Has a member that owns part of the ring coordinate a read for this node, which does not
-    /// (`Node::coordinates`): its view may show a ring the cluster has moved past. The key's
-    /// replicas go first, the one with the shortest expected wait first. Reads change nothing,
-    /// so a member that fails or refuses is followed by the next, and one that has not answered
-    /// within its hedge delay gets company (within the hedge budget); the first answer wins.
+    /// (`Node::coordinates`): its view may show a ring the cluster has moved past. Candidates
+    /// are the key's replicas and the ring's next members, alive ones first, the shortest
+    /// expected wait first among them. Reads change nothing, so a member that cannot be reached
+    /// or refuses is followed by the next, and one that has not answered within its hedge delay
+    /// gets company (within the hedge budget); the first answer wins. A coordinator's own error
+    /// is the answer.
     async fn forward_get(
         &self,
         key: Bytes,
@@ -450,16 +452,17 @@ impl KvService {
         let mut next = candidates.into_iter();
         let mut calls = futures::stream::FuturesUnordered::new();
         let mut failures: Vec<String> = Vec::new();
-        let mut verdict: Option<Status> = None;
         let mut hedged = false;
+        let mut replace = false;
         let mut first: Option<NodeId> = None;
         let mut hedge_at = None;
         loop {
-            if let Some(c) = (calls.is_empty() || hedge_at.is_some_and(|at| Instant::now() >= at))
+            let hedge_due = hedge_at.is_some_and(|at| Instant::now() >= at);
+            if let Some(c) = (calls.is_empty() || replace || hedge_due)
                 .then(|| next.next())
                 .flatten()
             {
-                if !calls.is_empty() {
+                if !calls.is_empty() && !replace {
                     hedged = true;
                     self.node
                         .metrics
@@ -467,6 +470,7 @@ impl KvService {
                         .with_label_values(&["forward_read", "sent"])
                         .inc();
                 }
+                replace = false;
                 hedge_at = Some(Instant::now() + self.node.peers.hedge_delay(&c));
                 first.get_or_insert_with(|| c.clone());
                 calls.push(self.forward_get_one(c, key.clone(), consistency, deadline));
@@ -497,23 +501,22 @@ impl KvService {
                         }
                         return Ok(answer);
                     }
+                    // A coordinator's own answer (a quorum it could not reach, a deadline) is
+                    // the verdict: asking the next would only repeat the quorum read.
+                    Err(s) if !is_transport_error(&s)
+                        && !s.metadata().contains_key(NOT_COORDINATING_HEADER) =>
+                    {
+                        return Err(s);
+                    }
                     Err(s) => {
                         failures.push(format!("{c}: {}", s.message()));
-                        if !is_transport_error(&s)
-                            && !s.metadata().contains_key(NOT_COORDINATING_HEADER)
-                        {
-                            verdict = Some(s);
-                        }
-                        // The next one goes at once.
-                        hedge_at = Some(Instant::now());
+                        // It did nothing: the next one goes at once, not as a hedge.
+                        replace = true;
                     }
                 },
                 () = hedge => {}
                 () = tokio::time::sleep_until(deadline) => break,
             }
-        }
-        if let Some(s) = verdict {
-            return Err(s);
         }
         if Instant::now() >= deadline {
             return Err(Status::deadline_exceeded(format!(
@@ -535,11 +538,28 @@ impl KvService {
         consistency: Option<proto::Consistency>,
         deadline: Instant,
     ) -> (NodeId, Result<proto::GetResponse, Status>) {
-        let Some(channel) = self.node.peers.channel(&member) else {
+        let Some(mut channel) = self.node.peers.channel(&member) else {
             let why = Status::unavailable(format!("{member} unknown"));
             return (member, Err(why));
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            let why = Status::deadline_exceeded(format!("no time left to ask {member}"));
+            return (member, Err(why));
+        }
+        // Connection establishment has its own short bound, as for forwarded writes.
+        let connect = self.node.config.raw.limits.peer_connect_timeout_ms;
+        let ready = tokio::time::timeout(
+            remaining.min(Duration::from_millis(connect)),
+            tower::ServiceExt::<tonic::codegen::http::Request<tonic::body::Body>>::ready(
+                &mut channel,
+            ),
+        )
+        .await;
+        if !matches!(ready, Ok(Ok(_))) {
+            let why = Status::unavailable(format!("{member} unreachable"));
+            return (member, Err(why));
+        }
         let mut client = KvClient::new(channel)
             .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES);

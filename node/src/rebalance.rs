@@ -177,6 +177,11 @@ async fn step(node: &Arc<Node>, rebalance: &Rebalance, d: &mut Driver) -> Result
             if node.drained_before(since) {
                 progress.reads_drained = Some(change.id);
             }
+        } else {
+            // Reads went back to another ring (a removal overtook the change, which runs again
+            // under the same id when the removed member owned nothing): reads started since
+            // must drain again before this node acks reading from the change.
+            d.reading_since.remove(&change.id);
         }
     } else if let Some((_, task)) = d.handoff.take() {
         task.abort();

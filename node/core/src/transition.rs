@@ -556,7 +556,9 @@ impl RingState {
                 // every old replica), so a member gone for good blocks it for good: a
                 // requested removal is proposed at once, and wins (removals sort first). The
                 // overtaken change stays visible (still written to) and runs again, under a
-                // new id, on the ring the removal commits. Only a node that has not acked
+                // new id, on the ring the removal commits (under the same id when the removed
+                // member owned nothing: the ring is then the same, and every ack restarts, since
+                // each node's ack moved to the removal). Only a node that has not acked
                 // *reading* from it overtakes it: that change can then never commit (its
                 // commit needs this node's reading ack, and this node's ack moves to the
                 // removal), so nobody can come to write to its ring alone while others went

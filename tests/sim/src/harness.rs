@@ -1199,6 +1199,9 @@ impl Harness {
                 self.node_index(observer)?;
                 const PHASES: [&str; 4] = ["announced", "streaming", "switching", "retiring"];
                 let rank = |p: &str| PHASES.iter().position(|q| *q == p);
+                if rank(phase).is_none() {
+                    return Err(format!("AwaitPhase: no phase {phase:?}; one of {PHASES:?}"));
+                }
                 let start = self.now_ms();
                 let mut seen: Vec<String> = Vec::new();
                 *self.shared.fast_poll.borrow_mut() = Some(observer.clone());
