@@ -12,6 +12,7 @@ use dynakv_core::membership::MemberState;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::node::{CoordinatorError, Node, Receipt, WriteOutcome, WriteRequest};
@@ -219,19 +220,7 @@ impl KvService {
     ) -> Result<(Vec<u8>, proto::Receipt), Status> {
         self.node.metrics.forwarded.inc();
         let mut replicas = replicas.to_vec();
-        // By expected wait within each class: a replica with a request stuck past its hedge
-        // delay goes last among the alive ones long before it is silent.
-        self.node.peers.sort_by_expected_wait(&mut replicas);
-        replicas.sort_by_key(|r| {
-            if self.node.is_unreachable(r) {
-                return 3;
-            }
-            match self.node.member_state(r) {
-                Some(MemberState::Alive) => 0,
-                None | Some(MemberState::Suspect) => 1,
-                Some(MemberState::Down) => 2,
-            }
-        });
+        self.order_for_forward(&mut replicas);
         let mut failures: Vec<String> = Vec::new();
         for replica in replicas {
             if Instant::now() >= deadline {
@@ -282,28 +271,14 @@ impl KvService {
         consistency: Option<proto::Consistency>,
         deadline: Instant,
     ) -> (NodeId, Result<(Vec<u8>, proto::Receipt), Forwarded>) {
-        let Some(mut channel) = self.node.peers.channel(&replica) else {
-            let why = format!("{replica} unknown");
-            return (replica, Err(Forwarded::NotSent(why)));
-        };
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return (replica, Err(Forwarded::Deadline));
         }
-        // Connection establishment has its own short bound: a dropped SYN must not eat the
-        // request's deadline.
-        let connect = self.node.config.raw.limits.peer_connect_timeout_ms;
-        let ready = tokio::time::timeout(
-            remaining.min(Duration::from_millis(connect)),
-            tower::ServiceExt::<tonic::codegen::http::Request<tonic::body::Body>>::ready(
-                &mut channel,
-            ),
-        )
-        .await;
-        if !matches!(ready, Ok(Ok(_))) {
-            let why = format!("{replica} unreachable");
-            return (replica, Err(Forwarded::NotSent(why)));
-        }
+        let channel = match self.connected(&replica, remaining).await {
+            Ok(channel) => channel,
+            Err(why) => return (replica, Err(Forwarded::NotSent(why))),
+        };
         let mut client = KvClient::new(channel)
             .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES);
@@ -403,6 +378,44 @@ impl KvService {
         }
     }
 
+    /// Orders the members a request may be forwarded to: alive ones first, then suspect or
+    /// unknown, down, unreachable; by expected wait within each class, so a member with a
+    /// request stuck past its hedge delay goes last among the alive ones long before it is
+    /// silent.
+    fn order_for_forward(&self, members: &mut [NodeId]) {
+        self.node.peers.sort_by_expected_wait(members);
+        members.sort_by_key(|m| {
+            if self.node.is_unreachable(m) {
+                return 3;
+            }
+            match self.node.member_state(m) {
+                Some(MemberState::Alive) => 0,
+                None | Some(MemberState::Suspect) => 1,
+                Some(MemberState::Down) => 2,
+            }
+        });
+    }
+
+    /// A channel to `member` ready to send on, or why not (`unknown`, or `unreachable` within
+    /// the connect bound: a dropped SYN must not eat the request's deadline).
+    async fn connected(&self, member: &NodeId, remaining: Duration) -> Result<Channel, String> {
+        let Some(mut channel) = self.node.peers.channel(member) else {
+            return Err(format!("{member} unknown"));
+        };
+        let connect = self.node.config.raw.limits.peer_connect_timeout_ms;
+        let ready = tokio::time::timeout(
+            remaining.min(Duration::from_millis(connect)),
+            tower::ServiceExt::<tonic::codegen::http::Request<tonic::body::Body>>::ready(
+                &mut channel,
+            ),
+        )
+        .await;
+        match ready {
+            Ok(Ok(_)) => Ok(channel),
+            _ => Err(format!("{member} unreachable")),
+        }
+    }
+
     /// The answer to a request forwarded to this node while it owns no part of the ring.
     fn not_coordinating(&self, op: &str) -> Status {
         let mut s = answered(Status::unavailable(format!(
@@ -437,17 +450,7 @@ impl KvService {
             )));
         }
         self.node.metrics.forwarded.inc();
-        self.node.peers.sort_by_expected_wait(&mut candidates);
-        candidates.sort_by_key(|c| {
-            if self.node.is_unreachable(c) {
-                return 3;
-            }
-            match self.node.member_state(c) {
-                Some(MemberState::Alive) => 0,
-                None | Some(MemberState::Suspect) => 1,
-                Some(MemberState::Down) => 2,
-            }
-        });
+        self.order_for_forward(&mut candidates);
         self.node.peers.earn_hedge();
         let mut next = candidates.into_iter();
         let mut calls = futures::stream::FuturesUnordered::new();
@@ -538,28 +541,15 @@ impl KvService {
         consistency: Option<proto::Consistency>,
         deadline: Instant,
     ) -> (NodeId, Result<proto::GetResponse, Status>) {
-        let Some(mut channel) = self.node.peers.channel(&member) else {
-            let why = Status::unavailable(format!("{member} unknown"));
-            return (member, Err(why));
-        };
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             let why = Status::deadline_exceeded(format!("no time left to ask {member}"));
             return (member, Err(why));
         }
-        // Connection establishment has its own short bound, as for forwarded writes.
-        let connect = self.node.config.raw.limits.peer_connect_timeout_ms;
-        let ready = tokio::time::timeout(
-            remaining.min(Duration::from_millis(connect)),
-            tower::ServiceExt::<tonic::codegen::http::Request<tonic::body::Body>>::ready(
-                &mut channel,
-            ),
-        )
-        .await;
-        if !matches!(ready, Ok(Ok(_))) {
-            let why = Status::unavailable(format!("{member} unreachable"));
-            return (member, Err(why));
-        }
+        let channel = match self.connected(&member, remaining).await {
+            Ok(channel) => channel,
+            Err(why) => return (member, Err(Status::unavailable(why))),
+        };
         let mut client = KvClient::new(channel)
             .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES);
