@@ -9,6 +9,8 @@ use bytes::Bytes;
 use dynakv_core::NodeId;
 use dynakv_core::dvvset::VersionVector;
 use dynakv_core::membership::MemberState;
+use futures::TryFutureExt;
+use futures::future::Either;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tonic::metadata::{MetadataMap, MetadataValue};
@@ -182,6 +184,7 @@ impl KvService {
             w,
             sloppy: self.sloppy(consistency.as_ref()),
             deadline,
+            forwarded,
         };
         // The coordination runs in its own task: a client that gives up drops this handler, and a
         // write whose local commit already happened must still update the Merkle trees and reach
@@ -195,7 +198,11 @@ impl KvService {
                 r.forwarded = forwarded;
                 (context, r)
             })
-            .map_err(status);
+            .map_err(|e| match e {
+                // Its view moved on since the check above: still nothing was done.
+                CoordinatorError::NotCoordinating => self.not_coordinating(op),
+                e => status(e),
+            });
         self.observe(op, &label, started, result.as_ref().err());
         result
     }
@@ -286,31 +293,33 @@ impl KvService {
         consistency.timeout_ms = remaining.as_millis().min(u32::MAX as u128) as u32;
         let tracked = self.node.peers.track(&replica);
         let probe_key = key.clone();
-        let call = async {
-            match value {
-                Some(v) => {
-                    let req = self.forward_request(proto::PutRequest {
-                        key,
-                        value: v,
-                        context,
-                        consistency: Some(consistency),
-                    });
-                    tokio::time::timeout(remaining, client.put(req))
-                        .await
-                        .map(|r| r.map(|r| r.into_inner()).map(|r| (r.context, r.receipt)))
-                }
-                None => {
-                    let req = self.forward_request(proto::DeleteRequest {
-                        key,
-                        context,
-                        consistency: Some(consistency),
-                    });
-                    tokio::time::timeout(remaining, client.delete(req))
-                        .await
-                        .map(|r| r.map(|r| r.into_inner()).map(|r| (r.context, r.receipt)))
-                }
+        // A put or a delete: the same answer (context, receipt) either way.
+        let call = match value {
+            Some(value) => {
+                let req = self.forward_request(proto::PutRequest {
+                    key,
+                    value,
+                    context,
+                    consistency: Some(consistency),
+                });
+                Either::Left(client.put(req).map_ok(|r| {
+                    let r = r.into_inner();
+                    (r.context, r.receipt)
+                }))
+            }
+            None => {
+                let req = self.forward_request(proto::DeleteRequest {
+                    key,
+                    context,
+                    consistency: Some(consistency),
+                });
+                Either::Right(client.delete(req).map_ok(|r| {
+                    let r = r.into_inner();
+                    (r.context, r.receipt)
+                }))
             }
         };
+        let call = tokio::time::timeout(remaining, call);
         let result = tokio::select! {
             r = call => r,
             () = self.until_silent(&replica, probe_key, deadline) => {
@@ -676,6 +685,12 @@ pub fn status(e: CoordinatorError) -> Status {
         CoordinatorError::Stopping | CoordinatorError::Starting => {
             Status::unavailable(e.to_string())
         }
+        CoordinatorError::NotCoordinating => {
+            let mut s = Status::unavailable(format!("{e}; nothing was applied"));
+            s.metadata_mut()
+                .insert(NOT_COORDINATING_HEADER, MetadataValue::from_static("1"));
+            s
+        }
     };
     answered(s)
 }
@@ -817,7 +832,21 @@ impl Kv for KvService {
             .map_err(answered)?;
         let label = quorum_label(r, self.node.n());
         let deadline = self.deadline(c, &meta);
-        if !self.node.coordinates() {
+        // Coordinated here only while this node owns part of the ring, checked again on the
+        // view the read runs on (it may move on between the two).
+        let local = if self.node.coordinates() {
+            match self
+                .node
+                .read(req.key.clone(), r, self.sloppy(c), deadline)
+                .await
+            {
+                Err(CoordinatorError::NotCoordinating) => None,
+                result => Some(result),
+            }
+        } else {
+            None
+        };
+        let Some(result) = local else {
             let result = if meta.contains_key(FORWARDED_HEADER) {
                 Err(self.not_coordinating("read"))
             } else {
@@ -825,12 +854,8 @@ impl Kv for KvService {
             };
             self.observe("get", &label, started, result.as_ref().err());
             return result.map(Response::new);
-        }
-        let result = self
-            .node
-            .read(req.key, r, self.sloppy(c), deadline)
-            .await
-            .map_err(status);
+        };
+        let result = result.map_err(status);
         self.observe("get", &label, started, result.as_ref().err());
         let out = result?;
         Ok(Response::new(proto::GetResponse {

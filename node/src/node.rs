@@ -246,6 +246,10 @@ pub enum CoordinatorError {
     Storage(#[from] StorageError),
     #[error("this node is stopping; send the request to another node")]
     Stopping,
+    /// This node owns no part of the ring in the view the request was to be coordinated on
+    /// (`RingState::coordinates_reads`): nothing was done, another member may coordinate.
+    #[error("this node owns no part of the ring and does not coordinate this request")]
+    NotCoordinating,
     #[error(
         "this node started and has not heard from the cluster yet (it does not know whether the \
          ring is changing); send the request to another node or retry"
@@ -271,6 +275,7 @@ impl CoordinatorError {
             CoordinatorError::Deadline(_) => "deadline",
             CoordinatorError::Storage(_) => "storage",
             CoordinatorError::Stopping => "stopping",
+            CoordinatorError::NotCoordinating => "not_coordinating",
             CoordinatorError::Starting => "starting",
             CoordinatorError::TooManySiblings { .. } => "too_many_siblings",
         }
@@ -317,6 +322,9 @@ pub struct WriteRequest {
     pub w: usize,
     pub sloppy: bool,
     pub deadline: Instant,
+    /// Forwarded by another node: coordinated only while this node owns part of the ring in the
+    /// view it coordinates on ([`CoordinatorError::NotCoordinating`] otherwise).
+    pub forwarded: bool,
 }
 
 /// Background tasks (late replica answers, read repair) a node keeps at once, at most.
@@ -1057,6 +1065,9 @@ impl Node {
             return Err(CoordinatorError::Starting);
         }
         let (view, _inflight) = self.enter_view();
+        if req.forwarded && !view.rings.coordinates_reads() {
+            return Err(CoordinatorError::NotCoordinating);
+        }
         let n = self.n();
         let pos = key_position(&req.key);
         let (read_primaries, _) = view.read_walk(pos, n);
@@ -1433,6 +1444,10 @@ impl Node {
             return Err(CoordinatorError::Starting);
         }
         let (view, _inflight) = self.enter_view();
+        // Checked on the view the read is coordinated on, not only on the one the service saw.
+        if !view.rings.coordinates_reads() {
+            return Err(CoordinatorError::NotCoordinating);
+        }
         let (primaries, fallbacks) = view.read_walk(key_position(&key), self.n());
         let mut fallbacks = fallbacks.into_iter();
         let mut tracker = QuorumTracker::new(QuorumKind::Read, r, !sloppy);

@@ -166,3 +166,64 @@ fn a_write_forwarded_to_a_frozen_coordinator_fails_fast_not_at_the_deadline() {
         (put.code == 0 && put.json["receipt"]["coordinator"] == "n3").then_some(())
     });
 }
+
+#[test]
+fn a_forward_waits_for_a_coordinator_that_pauses_for_less_than_the_silence_threshold() {
+    // The other side of the test above: a coordinator that stalls briefly (a GC pause, a slow
+    // disk; here SIGSTOP for well under the silence threshold of at least 1 s) is probed past
+    // its hedge delay, answers the probes once it runs again, and is waited for: the write
+    // succeeds through it, coordinated once, with no fast UNAVAILABLE counted.
+    let c = ClusterSpec::new(3).n(1).config_yaml(SLOW_GOSSIP).start();
+    let key = (0..200)
+        .map(|i| format!("s{i}"))
+        .find(|k| {
+            let put = c.cli_at(0, &["put", k, "v0"]).ok();
+            put.json["receipt"]["coordinator"] == "n3"
+        })
+        .expect("one of 200 keys is n3's");
+    let fetches = |c: &Cluster| {
+        metric_value(
+            &c.metrics(2),
+            "dynakv_replica_operations_total",
+            &["op=\"fetch\"", "outcome=\"ok\""],
+        )
+        .unwrap_or(0.0)
+    };
+    let probes_before = fetches(&c);
+
+    let forwarded = |c: &Cluster| {
+        metric_value(&c.metrics(0), "dynakv_forwarded_requests_total", &[]).unwrap_or(0.0)
+    };
+    let forwards_before = forwarded(&c);
+
+    c.stop(2);
+    let put = std::thread::scope(|s| {
+        let put = s.spawn(|| c.cli_at(0, &["put", &key, "v1", "--timeout-ms", "30000"]));
+        // n3 stays stopped from the moment n1 forwards for longer than any hedge delay (at
+        // most 200 ms), so n1 probes it, and for well under the silence threshold.
+        wait_until("n1 forwards the put", Duration::from_secs(30), || {
+            (forwarded(&c) > forwards_before).then_some(())
+        });
+        std::thread::sleep(Duration::from_millis(400));
+        c.cont(2);
+        put.join().expect("the put thread")
+    });
+    let put = put.ok();
+    assert_eq!(put.json["receipt"]["coordinator"], "n3", "{put:?}");
+    assert_eq!(put.json["receipt"]["forwarded"], true, "{put:?}");
+    assert!(
+        fetches(&c) > probes_before,
+        "n1 probed n3 while the forward waited (fetches before: {probes_before})"
+    );
+    assert!(
+        metric_value(
+            &c.metrics(0),
+            "dynakv_fast_unavailable_total",
+            &["op=\"forward\""]
+        )
+        .is_none_or(|v| v == 0.0),
+        "no fast UNAVAILABLE for a coordinator that answered its probes"
+    );
+    let get = c.cli_at(0, &["get", &key]).ok();
+    assert!(get.texts().contains(&"v1".to_string()), "{get:?}");
+}
