@@ -619,7 +619,19 @@ pub async fn follow_gossip(node: Arc<Node>, mut stop: tokio::sync::watch::Receiv
             }
         };
         if background {
-            rebuilding = Some(tokio::task::spawn_blocking(rebuild));
+            // On a thread of its own at a lower CPU priority: the scan is seconds of work on
+            // every node at once right after a ring change commits, and client requests must
+            // not queue behind it (docs/benchmarks.md, "A node joins a loaded cluster").
+            rebuilding = Some(tokio::task::spawn_blocking(move || {
+                std::thread::Builder::new()
+                    .name("dynakv-tree-rebuild".into())
+                    .spawn(move || {
+                        lower_thread_priority();
+                        rebuild()
+                    })
+                    .map(|scan| scan.join().unwrap_or(false))
+                    .unwrap_or(false)
+            }));
         // A current-thread runtime (the simulation): inline, so the run stays deterministic.
         } else if !rebuild() {
             rebuild_due = true;
@@ -629,6 +641,21 @@ pub async fn follow_gossip(node: Arc<Node>, mut stop: tokio::sync::watch::Receiv
     // As when the rebuild ran inside this task: stopped means no scan still running.
     if let Some(running) = rebuilding.take() {
         let _ = running.await;
+    }
+}
+
+/// Lowers the calling thread's CPU priority (nice + 10; on Linux the nice value is per thread).
+/// Best effort: a refusal leaves it as it was.
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain system calls on the calling thread, no memory handed over.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        *libc::__errno_location() = 0;
+        let current = libc::getpriority(libc::PRIO_PROCESS as _, tid);
+        if *libc::__errno_location() == 0 {
+            let _ = libc::setpriority(libc::PRIO_PROCESS as _, tid, (current + 10).min(19));
+        }
     }
 }
 
@@ -1917,6 +1944,23 @@ fn classify(result: Result<replica_response::Result, PeerError>) -> Result<(), R
 mod tests {
     use super::*;
     use crate::storage::{MemoryBackend, StoreConfig, StoreMetrics, WriterMode};
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_rebuild_thread_runs_at_a_lower_priority_and_only_it() {
+        // SAFETY: getpriority on the calling thread.
+        let nice =
+            || unsafe { libc::getpriority(libc::PRIO_PROCESS as _, libc::gettid() as libc::id_t) };
+        let before = nice();
+        let lowered = std::thread::spawn(move || {
+            lower_thread_priority();
+            nice()
+        })
+        .join()
+        .expect("the thread");
+        assert_eq!(lowered, (before + 10).min(19));
+        assert_eq!(nice(), before, "the caller's thread keeps its priority");
+    }
 
     fn open(disk: &MemoryBackend) -> Store {
         let config = StoreConfig {
