@@ -25,6 +25,17 @@ fn gossip_state(c: &Cluster, i: usize, id: &str) -> String {
         .to_string()
 }
 
+/// With n = 1: a key whose only replica is n3, written once (v0) through n1.
+fn a_key_of_n3(c: &Cluster) -> String {
+    (0..200)
+        .map(|i| format!("f{i}"))
+        .find(|k| {
+            let put = c.cli_at(0, &["put", k, "v0"]).ok();
+            put.json["receipt"]["coordinator"] == "n3"
+        })
+        .expect("one of 200 keys is n3's")
+}
+
 #[test]
 fn a_frozen_replica_is_given_up_on_by_its_silence_not_at_the_deadline() {
     let c = ClusterSpec::new(3).n(3).config_yaml(SLOW_GOSSIP).start();
@@ -123,13 +134,7 @@ fn a_write_forwarded_to_a_frozen_coordinator_fails_fast_not_at_the_deadline() {
     // (The connection's keepalive would break it after about 4 s with the same answer; the
     // metric shows which of the two ended it.)
     let c = ClusterSpec::new(3).n(1).config_yaml(SLOW_GOSSIP).start();
-    let key = (0..200)
-        .map(|i| format!("f{i}"))
-        .find(|k| {
-            let put = c.cli_at(0, &["put", k, "v0"]).ok();
-            put.json["receipt"]["coordinator"] == "n3"
-        })
-        .expect("one of 200 keys is n3's");
+    let key = a_key_of_n3(&c);
 
     // Healthy, the forward goes through.
     let put = c.cli_at(0, &["put", &key, "v1"]).ok();
@@ -172,15 +177,9 @@ fn a_forward_waits_for_a_coordinator_that_pauses_for_less_than_the_silence_thres
     // The other side of the test above: a coordinator that stalls briefly (a GC pause, a slow
     // disk; here SIGSTOP for well under the silence threshold of at least 1 s) is probed past
     // its hedge delay, answers the probes once it runs again, and is waited for: the write
-    // succeeds through it, coordinated once, with no fast UNAVAILABLE counted.
+    // succeeds through it, with no fast UNAVAILABLE counted.
     let c = ClusterSpec::new(3).n(1).config_yaml(SLOW_GOSSIP).start();
-    let key = (0..200)
-        .map(|i| format!("s{i}"))
-        .find(|k| {
-            let put = c.cli_at(0, &["put", k, "v0"]).ok();
-            put.json["receipt"]["coordinator"] == "n3"
-        })
-        .expect("one of 200 keys is n3's");
+    let key = a_key_of_n3(&c);
     let fetches = |c: &Cluster| {
         metric_value(
             &c.metrics(2),
