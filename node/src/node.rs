@@ -364,6 +364,10 @@ pub struct Node {
     /// must (see [`Node::wait_for_cluster`]). Until then the node knows nothing of a ring change
     /// under way, or nothing of the ring at all: it coordinates no request and drives no change.
     heard_from_cluster: std::sync::atomic::AtomicBool,
+    /// For a restart in the middle of a ring change: that change's id and the version of the
+    /// committed ring this node restarted with, until its view shows what became of the change
+    /// (see [`Node::wait_for_cluster`]).
+    awaited_change: Mutex<Option<(u64, u64)>>,
     /// Keys a replica write stored although this node holds them in no live ring (a
     /// coordinator whose view lagged behind a committed change), for the rebalance driver to
     /// drop within a tick; at most [`MAX_STRAY_KEYS`].
@@ -716,6 +720,7 @@ impl Node {
             unsynced: Default::default(),
             stopping: Default::default(),
             heard_from_cluster: std::sync::atomic::AtomicBool::new(true),
+            awaited_change: Mutex::new(None),
             stray_keys: Mutex::new(Vec::new()),
             stray_writes: std::sync::atomic::AtomicBool::new(false),
             peers,
@@ -733,10 +738,16 @@ impl Node {
 
     /// Makes this node wait until gossip hears from another member before it coordinates a
     /// request, takes an admin change or drives a ring change. Two starts need it:
-    /// - a restart in the middle of a ring change it had acked: the others may have gone on to
-    ///   stream the moving ranges, and a write it coordinated on the old ring alone could miss
-    ///   the new owners. (A node that was down when a change began cannot miss it: the change
-    ///   waits for its ack before anything streams.)
+    /// - a restart in the middle of ring change `acked`, which it had acked: the others may
+    ///   have gone on to stream the moving ranges, and a write it coordinated on the old ring
+    ///   alone could miss the new owners, and a sweep on the old ring alone would drop keys it
+    ///   holds in the new one (whose pull it may have finished before it stopped). Hearing one
+    ///   member is not enough: that one may not carry the proposal (it restarted too, say). The
+    ///   node waits until its view shows the change or a committed ring past the one it
+    ///   restarted with ([`RingState::knows_fate_of`]). Meanwhile it acks another change it
+    ///   sees (a removal of that change's proposer, which it may never hear of, needs it), but
+    ///   coordinates nothing and drops nothing. (A node that was down when a change began
+    ///   cannot miss it: the change waits for its ack before anything streams.)
     /// - a node joining through seeds that knows no other member yet: its view is a ring of
     ///   its own. Were it to serve or commit on it, it would answer reads as the only replica
     ///   of every key, acknowledge writes no other node holds, and bring its own ring into the
@@ -744,14 +755,32 @@ impl Node {
     ///
     /// A node alone in its ring whose seeds are only itself (the first node of a new cluster
     /// of one) does not wait: there is nobody to hear from.
-    pub fn wait_for_cluster(&self) {
+    pub fn wait_for_cluster(&self, acked: Option<u64>) {
+        let view = self.view();
         let seeds = &self.config.raw.seeds;
-        let alone = self.view().ring.nodes().iter().all(|m| m.id == self.id)
+        let alone = view.ring.nodes().iter().all(|m| m.id == self.id)
             && seeds.iter().all(|s| *s == self.config.advertise);
         if !alone {
+            *self
+                .awaited_change
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = acked.map(|id| (id, view.ring.version()));
             self.heard_from_cluster
                 .store(false, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+
+    /// Whether the rebalance driver may ack the changes of its view: once the node heard from
+    /// the cluster, or, while a restarted node waits to hear what became of its change, for a
+    /// change it sees (see [`Node::wait_for_cluster`]).
+    pub fn may_ack(&self, view: &ClusterView) -> bool {
+        self.has_heard_from_cluster()
+            || (self
+                .awaited_change
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+                && !view.rings.changes().is_empty())
     }
 
     /// Whether this node may act on its view (see [`Node::wait_for_cluster`]).
@@ -870,8 +899,17 @@ impl Node {
             .any(|m| m.id != self.id && m.state == MemberState::Alive);
         let changed = self.follow_snapshot(previous, snapshot);
         if heard && changed.is_some() {
-            self.heard_from_cluster
-                .store(true, std::sync::atomic::Ordering::SeqCst);
+            let mut awaited = self
+                .awaited_change
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let knows = awaited
+                .is_none_or(|(id, restarted_on)| self.view().rings.knows_fate_of(id, restarted_on));
+            if knows {
+                *awaited = None;
+                self.heard_from_cluster
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
         }
         changed.unwrap_or(false)
     }

@@ -34,6 +34,7 @@ use crate::storage::{ScanLimit, StorageError, Store, Table, data_key};
 const METADATA_KEY: &[u8] = b"ring.own_metadata";
 const COMMITTED_RING_KEY: &[u8] = b"ring.committed";
 const REMOVALS_KEY: &[u8] = b"ring.remove_requests";
+const AWAITED_CHANGE_KEY: &[u8] = b"ring.awaited_change";
 
 /// How often the driver looks again without a gossip event.
 const TICK: Duration = Duration::from_millis(100);
@@ -58,6 +59,26 @@ pub async fn save_metadata(store: &Store, meta: &NodeMetadata) -> Result<(), Sto
 pub fn load_committed_ring(store: &Store) -> Option<Vec<NodeSpec>> {
     let bytes = store.get(Table::Meta, COMMITTED_RING_KEY).ok()??;
     serde_json::from_slice(&bytes).ok()
+}
+
+/// The ring change this node must hear the fate of before it acts on its view (see
+/// `Node::wait_for_cluster`): the one its last gossiped metadata acked, or, when it stopped
+/// again before it heard, the one it was waiting for then. Recorded until it has heard.
+pub async fn take_awaited_change(store: &Store) -> Result<Option<u64>, StorageError> {
+    let recorded = store
+        .get(Table::Meta, AWAITED_CHANGE_KEY)?
+        .and_then(|b| serde_json::from_slice::<u64>(&b).ok());
+    let awaited = load_metadata(store)
+        .and_then(|m| m.change.ack.map(|a| a.change))
+        .or(recorded);
+    if let Some(id) = awaited
+        && recorded != Some(id)
+    {
+        store
+            .put(Table::Meta, AWAITED_CHANGE_KEY.to_vec(), encode(&id)?)
+            .await?;
+    }
+    Ok(awaited)
 }
 
 /// Removals an admin asked this node for.
@@ -108,6 +129,8 @@ struct Driver {
     /// A stray write was seen: sweep again, at most once per [`STRAY_SWEEP_SPACING`].
     stray_due: bool,
     last_sweep: Option<Instant>,
+    /// The record of a change this node awaited at its start is gone.
+    awaited_cleared: bool,
 }
 
 /// Runs the driver until `stop`.
@@ -137,12 +160,12 @@ pub async fn run(node: Arc<Node>, rebalance: Arc<Rebalance>, mut stop: watch::Re
 }
 
 async fn step(node: &Arc<Node>, rebalance: &Rebalance, d: &mut Driver) -> Result<(), StorageError> {
-    if !node.has_heard_from_cluster() {
-        // Its view may be a ring of its own (see `Node::wait_for_cluster`): no proposal, ack
-        // or sweep on it.
+    let view = node.view();
+    if !node.may_ack(&view) {
+        // Its view may be a ring of its own, or miss a change it acked before it restarted
+        // (see `Node::wait_for_cluster`): no proposal, ack or sweep on it.
         return Ok(());
     }
-    let view = node.view();
     let rings = &view.rings;
     let n = node.n();
     let mut progress = LocalProgress::default();
@@ -222,6 +245,18 @@ async fn step(node: &Arc<Node>, rebalance: &Rebalance, d: &mut Driver) -> Result
         }
     }
 
+    if !node.has_heard_from_cluster() {
+        // Acks only, while a restarted node learns what became of its change.
+        return Ok(());
+    }
+    if !d.awaited_cleared {
+        if node.store.get(Table::Meta, AWAITED_CHANGE_KEY)?.is_some() {
+            node.store
+                .delete(Table::Meta, AWAITED_CHANGE_KEY.to_vec())
+                .await?;
+        }
+        d.awaited_cleared = true;
+    }
     // A new committed ring: remember it, and drop what this node holds in no live ring.
     if d.committed_version != Some(view.ring.version()) {
         node.store

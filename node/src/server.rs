@@ -189,8 +189,7 @@ where
         .unwrap_or_default();
     // A node that stopped while it took part in a ring change must hear how far the change got
     // before it coordinates a write (see `Node::wait_for_cluster`).
-    let restarted_mid_change =
-        crate::rebalance::load_metadata(&store).is_some_and(|m| m.change.ack.is_some());
+    let restarted_mid_change = crate::rebalance::take_awaited_change(&store).await?;
     let metadata = crate::rebalance::initial_metadata(
         &store,
         config.weight,
@@ -259,8 +258,8 @@ where
             .nodes()
             .iter()
             .all(|m| m.id == config.node_id);
-    if restarted_mid_change || lone_joiner {
-        node.wait_for_cluster();
+    if restarted_mid_change.is_some() || lone_joiner {
+        node.wait_for_cluster(restarted_mid_change);
     }
     let keys = node.rebuild_trees()?;
     tracing::info!(keys, "merkle trees rebuilt from storage");

@@ -348,6 +348,15 @@ impl RingState {
         &self.changes
     }
 
+    /// Whether this view shows what became of change `id`, which this node had acked before it
+    /// stopped, given `restarted_on`, the version of the committed ring it restarted with: the
+    /// change is still visible, or the committed ring has moved on (the change committed, or
+    /// was overtaken and withdrawn). A view that shows neither has not heard the proposer yet:
+    /// it may still be missing a ring every acknowledged write reaches.
+    pub fn knows_fate_of(&self, id: u64, restarted_on: u64) -> bool {
+        self.changes.iter().any(|c| c.id == id) || self.committed.version() != restarted_on
+    }
+
     /// The change under way, if any.
     pub fn current(&self) -> Option<&Change> {
         self.changes.first().filter(|_| self.has_current)

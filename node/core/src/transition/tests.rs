@@ -724,3 +724,49 @@ proptest! {
         prop_assert_eq!(state.write_rings().len(), 1);
     }
 }
+
+#[test]
+fn a_restarted_node_knows_the_fate_of_its_change_only_once_it_hears_the_proposer() {
+    // n5 joins; n4 takes part and crashes once the change streams. It restarts with the
+    // committed ring it recorded (no proposal in it), and hears n2 before n5.
+    let mut c = Cluster::new(&[100, 100, 100, 100, 0]);
+    let (n2, n4, n5) = (id("n2"), id("n4"), id("n5"));
+    c.set_target("n5", 25);
+    for _ in 0..12 {
+        if c.state(&n4).phase() >= Some(Phase::Streaming) {
+            break;
+        }
+        c.settle(1);
+    }
+    let state = c.state(&n4);
+    assert!(state.phase() >= Some(Phase::Streaming));
+    let change = state.current().expect("the join runs").id;
+    let restarted_on = state.committed().version();
+    let recorded: BTreeMap<NodeId, NodeMetadata> = c.heard[&n4]
+        .iter()
+        .map(|(node, m)| (node.clone(), meta(m.weight, m.tokens.clone())))
+        .collect();
+    c.heard.insert(n4.clone(), recorded.clone());
+    let restarted = c.state(&n4);
+    assert!(
+        restarted.changes().is_empty(),
+        "the recorded ring shows no change"
+    );
+    assert!(!restarted.knows_fate_of(change, restarted_on));
+    c.hear(&n4, &n2);
+    assert!(!c.state(&n4).knows_fate_of(change, restarted_on));
+    c.hear(&n4, &n5);
+    assert!(c.state(&n4).knows_fate_of(change, restarted_on));
+
+    // Once the change committed, a node that restarts on the older ring learns its fate from
+    // the proposer's committed weight.
+    c.settle(20);
+    assert_eq!(c.truth[&n5].weight, 25);
+    c.heard.insert(n4.clone(), recorded);
+    c.hear(&n4, &n2);
+    assert!(!c.state(&n4).knows_fate_of(change, restarted_on));
+    c.hear(&n4, &n5);
+    let state = c.state(&n4);
+    assert!(state.changes().is_empty());
+    assert!(state.knows_fate_of(change, restarted_on));
+}
