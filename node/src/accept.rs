@@ -189,6 +189,7 @@ where
         let mut pending: VecDeque<(tokio::task::AbortHandle, Arc<AtomicU8>)> = VecDeque::new();
         loop {
             let accepted = tokio::select! {
+                biased;
                 accepted = incoming.next() => accepted,
                 // The server stopped: stop accepting (and close what is still handshaking).
                 _ = tx.closed() => None,

@@ -320,7 +320,12 @@ impl KvService {
             }
         };
         let call = tokio::time::timeout(remaining, call);
+        // Biased (here and in every select the simulation runs through): tokio picks an
+        // unbiased select's first branch from a per-runtime RNG that is not the simulation's
+        // seed, so a run would not replay. And an answer wins over a silence verdict that
+        // comes due in the same poll.
         let result = tokio::select! {
+            biased;
             r = call => r,
             () = self.until_silent(&replica, probe_key, deadline) => {
                 self.node.metrics.fast_unavailable.with_label_values(&["forward"]).inc();
@@ -502,6 +507,7 @@ impl KvService {
                 }
             };
             tokio::select! {
+                biased;
                 Some((c, result)) = futures::StreamExt::next(&mut calls) => match result {
                     Ok(answer) => {
                         if hedged && first.as_ref() != Some(&c) {

@@ -277,8 +277,10 @@ const CI_NEMESIS: &[(&str, u64)] = &[
 /// The `nemesis-membership` seeds of the CI (one costs about thirty of the others; the long run
 /// in docs/testing.md covers thousands). Seed 5: two drains, two joins (one given its weight
 /// after it starts, one ramping itself), crashes, then a member that dies for good and is
-/// removed under the faults that follow.
-const CI_MEMBERSHIP_SEEDS: &[u64] = &[5];
+/// removed under the faults that follow. Seed 8327: three nodes crash mid-join and restart
+/// together; one that had finished its pull hears another restarted node before the proposer
+/// (the bug of `RingState::knows_fate_of`).
+const CI_MEMBERSHIP_SEEDS: &[u64] = &[5, 8327];
 
 /// The CI nemesis seeds: `profile` with seeds `first..first + count`.
 fn nemesis(profile: &str, first: u64, count: u64) {
@@ -314,6 +316,11 @@ fn nemesis_carts_3_seeds_1_to_8() {
 #[test]
 fn nemesis_membership_seed_5() {
     nemesis("nemesis-membership", CI_MEMBERSHIP_SEEDS[0], 1);
+}
+
+#[test]
+fn nemesis_membership_seed_8327() {
+    nemesis("nemesis-membership", CI_MEMBERSHIP_SEEDS[1], 1);
 }
 
 /// Same seed, same run: the history, the schedule and the final storage are identical, also
