@@ -16,6 +16,7 @@ foreground p99 during the handoff against before it (issue: membership change, p
   RATE=134217728 scripts/bench-join.py        # handoff.max_bytes_per_sec (default: the node's)
   SETS="handoff.parallel_ranges=4" scripts/bench-join.py  # more `--set`s for every node
   CLIENTS=0 scripts/bench-join.py             # the handoff alone, no foreground load
+  AFTER=4 scripts/bench-join.py               # bench chunks after the commit (default 1)
   PROFILE=/tmp/join.perf scripts/bench-join.py # `perf record -a -g` for PROFILE_S (5) seconds
                                                # from the first "streaming" sample
 """
@@ -34,6 +35,7 @@ KEYS = int(os.environ.get("KEYS", "1000000"))
 VALUE_SIZE = int(os.environ.get("VALUE_SIZE", "1024"))
 CLIENTS = int(os.environ.get("CLIENTS", "16"))
 CHUNK_S = int(os.environ.get("CHUNK_S", "10"))
+AFTER = int(os.environ.get("AFTER", "1"))
 RATE = os.environ.get("RATE")
 SETS = os.environ.get("SETS", "")
 PROFILE = os.environ.get("PROFILE")
@@ -175,7 +177,8 @@ def main():
         sampler.join()
         for p in profiler:
             p.wait()
-        after = [dict(bench_chunk(dynakv), phase="after")] if CLIENTS else []
+        after = [dict(bench_chunk(dynakv), phase="after")
+                 for _ in range(AFTER if CLIENTS else 0)]
 
         streaming = [s for s in samples if s[2] == "streaming"]
         moved = max((s[3] for s in samples), default=0)

@@ -212,30 +212,53 @@ impl Live {
     }
 }
 
-/// Shared between the pulls of one change: the rate limit and the live progress.
-struct Shared {
-    live: Arc<Mutex<Live>>,
-    limiter: Mutex<(Instant, u64)>,
+/// A byte rate limit shared by the tasks that take from it: the handoff's pulls, and the
+/// sweep that deletes what a node no longer replicates after a commit.
+pub struct Pacer {
+    /// Since when, and how many bytes were taken since then.
+    taken: Mutex<(Instant, u64)>,
     max_bytes_per_sec: u64,
 }
 
-impl Shared {
-    /// Waits until pulling `bytes` more keeps the average under the limit.
-    async fn pace(&self, bytes: u64) {
-        let wait = {
-            let mut l = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
-            l.1 += bytes;
-            let due = l.0 + Duration::from_secs_f64(l.1 as f64 / self.max_bytes_per_sec as f64);
-            let now = Instant::now();
-            // Forget idle time: a burst after a pause does not get a credit larger than 1 s.
-            if now > due + Duration::from_secs(1) {
-                *l = (now - Duration::from_secs(1), 0);
-            }
-            due.saturating_duration_since(now)
-        };
+impl Pacer {
+    pub fn new(max_bytes_per_sec: u64) -> Pacer {
+        Pacer {
+            taken: Mutex::new((Instant::now(), 0)),
+            max_bytes_per_sec: max_bytes_per_sec.max(1),
+        }
+    }
+
+    /// Waits until taking `bytes` more keeps the average under the limit.
+    pub async fn pace(&self, bytes: u64) {
+        let wait = self.take(bytes, Instant::now());
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Takes `bytes` at `now`: how long to wait before going on.
+    fn take(&self, bytes: u64, now: Instant) -> Duration {
+        let mut l = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let rate = self.max_bytes_per_sec as f64;
+        // Forget idle time: a burst after a pause does not get a credit larger than 1 s.
+        if now > l.0 + Duration::from_secs_f64(l.1 as f64 / rate) + Duration::from_secs(1) {
+            *l = (now - Duration::from_secs(1), 0);
+        }
+        l.1 += bytes;
+        let due = l.0 + Duration::from_secs_f64(l.1 as f64 / rate);
+        due.saturating_duration_since(now)
+    }
+}
+
+/// Shared between the pulls of one change: the rate limit and the live progress.
+struct Shared {
+    live: Arc<Mutex<Live>>,
+    pacer: Pacer,
+}
+
+impl Shared {
+    async fn pace(&self, bytes: u64) {
+        self.pacer.pace(bytes).await;
     }
 
     fn record(&self, range: usize, update: impl FnOnce(&mut RangeProgress), moved: u64) {
@@ -277,8 +300,7 @@ pub async fn run<H: HandoffHost>(
     live.lock().unwrap_or_else(|p| p.into_inner()).progress = Some(progress.clone());
     let shared = Arc::new(Shared {
         live,
-        limiter: Mutex::new((Instant::now(), 0)),
-        max_bytes_per_sec: config.max_bytes_per_sec,
+        pacer: Pacer::new(config.max_bytes_per_sec),
     });
     let metrics = host.metrics().clone();
     let set_gauges = |p: &Progress| {
@@ -806,6 +828,20 @@ pub fn transfers(me: &NodeId, progress: &Progress) -> BTreeMap<NodeId, Vec<Range
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pacer_holds_the_average_to_its_rate_and_forgets_idle_time() {
+        let pacer = Pacer::new(1_000);
+        let start = pacer.taken.lock().unwrap().0;
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // Half a second's worth at the start: due in half a second.
+        assert_eq!(pacer.take(500, at(0)), Duration::from_millis(500));
+        // 2,000 bytes in all at 1,000 B/s: due two seconds after the start.
+        assert_eq!(pacer.take(1_500, at(500)), Duration::from_millis(1_500));
+        assert_eq!(pacer.take(0, at(2_000)), Duration::ZERO);
+        // Ten idle seconds earn a credit of one second only: 3,000 bytes then wait 2 s.
+        assert_eq!(pacer.take(3_000, at(12_000)), Duration::from_secs(2));
+    }
 
     #[test]
     fn sub_ranges_tile_the_range_and_every_position_finds_its_part() {

@@ -450,9 +450,14 @@ fn note_commit(node: &Node, before: &NodeMetadata, after: &NodeMetadata) {
 
 /// Deletes every key this node replicates in no live ring (each only if unchanged since it was
 /// read). Returns how many it deleted.
+///
+/// Paced like the handoff that moved them (`handoff.max_bytes_per_sec`, bytes of the values
+/// deleted): right after a commit every old owner has its whole share of the moved ranges to
+/// delete, and those deletes share the storage writer with client writes.
 async fn drop_unowned(node: &Node) -> Result<u64, StorageError> {
     use std::ops::Bound;
     let n = node.n();
+    let pacer = handoff::Pacer::new(node.config.raw.handoff.max_bytes_per_sec);
     let mut dropped = 0u64;
     let mut after: Option<Vec<u8>> = None;
     loop {
@@ -482,11 +487,17 @@ async fn drop_unowned(node: &Node) -> Result<u64, StorageError> {
                 continue;
             }
             let digest = dynakv_core::hash::hash128(value);
-            purges.push(node.purge_local(client_key, digest));
+            let bytes = (key.len() + value.len()) as u64;
+            purges.push(futures::TryFutureExt::map_ok(
+                node.purge_local(client_key, digest),
+                move |purged| purged.then_some(bytes),
+            ));
         }
+        let mut page_bytes = 0u64;
         while let Some(purged) = futures::StreamExt::next(&mut purges).await {
-            if purged? {
+            if let Some(bytes) = purged? {
                 dropped += 1;
+                page_bytes += bytes;
                 node.metrics.handoff_dropped_keys.inc();
             }
         }
@@ -494,7 +505,9 @@ async fn drop_unowned(node: &Node) -> Result<u64, StorageError> {
             Some(k) => after = Some(k),
             None => return Ok(dropped),
         }
-        // A page with nothing to drop awaits nothing: give the worker back between pages.
+        // Before the next page (none after the last one: a short sweep ends at once). A page
+        // with nothing to drop awaits nothing: give the worker back between pages.
+        pacer.pace(page_bytes).await;
         tokio::task::yield_now().await;
     }
 }
