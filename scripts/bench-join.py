@@ -19,6 +19,7 @@ foreground p99 during the handoff against before it (issue: membership change, p
   AFTER=4 scripts/bench-join.py               # bench chunks after the commit (default 1)
   PROFILE=/tmp/join.perf scripts/bench-join.py # `perf record -a -g` for PROFILE_S (5) seconds
                                                # from the first "streaming" sample
+  PROFILE_AT=commit PROFILE=/tmp/c.perf ...    # the same from the change's commit on
 """
 import json
 import os
@@ -40,6 +41,7 @@ RATE = os.environ.get("RATE")
 SETS = os.environ.get("SETS", "")
 PROFILE = os.environ.get("PROFILE")
 PROFILE_S = os.environ.get("PROFILE_S", "5")
+PROFILE_AT = os.environ.get("PROFILE_AT", "streaming")
 BASE = "127.0.4."
 EP = ",".join(f"{BASE}{i}:7100" for i in (2, 3, 4))
 
@@ -148,7 +150,8 @@ def main():
                 s = status(dynakv)
                 if s:
                     r = s["rebalance"]
-                    if PROFILE and not profiler and r["phase"] == "streaming":
+                    if PROFILE and PROFILE_AT == "streaming" and not profiler \
+                            and r["phase"] == "streaming":
                         profiler.append(subprocess.Popen(
                             ["perf", "record", "-a", "-g", "-F", "999", "-o", PROFILE,
                              "--", "sleep", PROFILE_S],
@@ -175,11 +178,15 @@ def main():
         t1 = time.time()
         done.set()
         sampler.join()
-        for p in profiler:
-            p.wait()
+        if PROFILE and PROFILE_AT == "commit":
+            profiler.append(subprocess.Popen(
+                ["perf", "record", "-a", "-g", "-F", "999", "-o", PROFILE, "--", "sleep", PROFILE_S],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         after = [dict(bench_chunk(dynakv), phase="after")
                  for _ in range(AFTER if CLIENTS else 0)]
 
+        for p in profiler:
+            p.wait()
         streaming = [s for s in samples if s[2] == "streaming"]
         moved = max((s[3] for s in samples), default=0)
         keys = max((s[4] for s in samples), default=0)
