@@ -212,7 +212,7 @@ impl Live {
     }
 }
 
-/// A byte rate limit shared by the tasks that take from it: the handoff's pulls, and the
+/// A byte rate limit: one shared by the parallel pulls of a change's handoff, and one for each
 /// sweep that deletes what a node no longer replicates after a commit.
 pub struct Pacer {
     /// Since when, and how many bytes were taken since then.
@@ -257,10 +257,6 @@ struct Shared {
 }
 
 impl Shared {
-    async fn pace(&self, bytes: u64) {
-        self.pacer.pace(bytes).await;
-    }
-
     fn record(&self, range: usize, update: impl FnOnce(&mut RangeProgress), moved: u64) {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let mut source = None;
@@ -531,7 +527,7 @@ async fn stream_range<H: HandoffHost>(
             .handoff_bytes
             .with_label_values(&["received"])
             .inc_by(bytes);
-        shared.pace(bytes).await;
+        shared.pacer.pace(bytes).await;
     }
     shared.record(
         index,
@@ -622,7 +618,7 @@ async fn catch_up<H: HandoffHost>(
                 let (keys, bytes) = merge_page(host, &other, page.entries).await?;
                 host.metrics().handoff_caught_up.inc_by(keys);
                 shared.record(index, |_| {}, bytes);
-                shared.pace(bytes).await;
+                shared.pacer.pace(bytes).await;
             }
         }
     }

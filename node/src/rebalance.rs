@@ -64,7 +64,7 @@ pub fn load_committed_ring(store: &Store) -> Option<Vec<NodeSpec>> {
 /// The ring change this node must hear the fate of before it acts on its view (see
 /// `Node::wait_for_cluster`): the one its last gossiped metadata acked, or, when it stopped
 /// again before it heard, the one it was waiting for then. Recorded until it has heard.
-pub async fn take_awaited_change(store: &Store) -> Result<Option<u64>, StorageError> {
+pub async fn record_awaited_change(store: &Store) -> Result<Option<u64>, StorageError> {
     let recorded = store
         .get(Table::Meta, AWAITED_CHANGE_KEY)?
         .and_then(|b| serde_json::from_slice::<u64>(&b).ok());

@@ -189,7 +189,7 @@ where
         .unwrap_or_default();
     // A node that stopped while it took part in a ring change must hear how far the change got
     // before it coordinates a write (see `Node::wait_for_cluster`).
-    let restarted_mid_change = crate::rebalance::take_awaited_change(&store).await?;
+    let restarted_mid_change = crate::rebalance::record_awaited_change(&store).await?;
     let metadata = crate::rebalance::initial_metadata(
         &store,
         config.weight,
