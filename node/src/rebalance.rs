@@ -451,65 +451,71 @@ fn note_commit(node: &Node, before: &NodeMetadata, after: &NodeMetadata) {
 /// Deletes every key this node replicates in no live ring (each only if unchanged since it was
 /// read). Returns how many it deleted.
 ///
+/// Stored keys are ordered by ring position, so only the ranges this node does not replicate
+/// are read: the scan meets the keys to delete and nothing else, instead of reading every value
+/// stored here (which, right after a commit, every node does at once while serving clients).
 /// Paced like the handoff that moved them (`handoff.max_bytes_per_sec`, bytes of the values
-/// deleted): right after a commit every old owner has its whole share of the moved ranges to
-/// delete, and those deletes share the storage writer with client writes.
+/// deleted): every old owner has its whole share of the moved ranges to delete, and those
+/// deletes share the storage writer with client writes.
 async fn drop_unowned(node: &Node) -> Result<u64, StorageError> {
-    use std::ops::Bound;
     let n = node.n();
+    let ranges = {
+        let view = node.view();
+        // A change is under way: the next commit drops.
+        if !view.rings.changes().is_empty() {
+            return Ok(0);
+        }
+        dynakv_core::ring::foreign_ranges(view.rings.committed(), n, &node.id)
+    };
     let pacer = handoff::Pacer::new(node.config.raw.handoff.max_bytes_per_sec);
     let mut dropped = 0u64;
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let from = match &after {
-            Some(k) => Bound::Excluded(k.as_slice()),
-            None => Bound::Unbounded,
-        };
-        let page = node.store.scan(
-            Table::Data,
-            from,
-            Bound::Unbounded,
-            ScanLimit::entries(1024),
-        )?;
-        let view = node.view();
-        // A change appeared meanwhile: stop; the next commit drops again.
-        if !view.rings.changes().is_empty() {
-            return Ok(dropped);
-        }
-        // A page's deletes go to the writer together, so that they share its group commits
-        // instead of waiting for one fsync each.
-        let mut purges = futures::stream::FuturesUnordered::new();
-        for (key, value) in &page.entries {
-            let Some((pos, client_key)) = split_data_key(key) else {
-                continue;
-            };
-            if view.rings.holds(pos, n) {
-                continue;
+    // Bytes deleted by the page before, paced before the next one: nothing waits after the
+    // last page, so a short sweep ends at once.
+    let mut unpaced = 0u64;
+    for (start, end) in ranges {
+        let mut after: Vec<u8> = Vec::new();
+        loop {
+            pacer.pace(std::mem::take(&mut unpaced)).await;
+            let page =
+                handoff::scan_range(&node.store, start, end, &after, ScanLimit::entries(1024))?;
+            let view = node.view();
+            // A change appeared meanwhile: stop; the next commit drops again.
+            if !view.rings.changes().is_empty() {
+                return Ok(dropped);
             }
-            let digest = dynakv_core::hash::hash128(value);
-            let bytes = (key.len() + value.len()) as u64;
-            purges.push(futures::TryFutureExt::map_ok(
-                node.purge_local(client_key, digest),
-                move |purged| purged.then_some(bytes),
-            ));
-        }
-        let mut page_bytes = 0u64;
-        while let Some(purged) = futures::StreamExt::next(&mut purges).await {
-            if let Some(bytes) = purged? {
-                dropped += 1;
-                page_bytes += bytes;
-                node.metrics.handoff_dropped_keys.inc();
+            // A page's deletes go to the writer together, so that they share its group commits
+            // instead of waiting for one fsync each.
+            let mut purges = futures::stream::FuturesUnordered::new();
+            for (key, value) in &page.entries {
+                let Some((pos, client_key)) = split_data_key(key) else {
+                    continue;
+                };
+                if view.rings.holds(pos, n) {
+                    continue;
+                }
+                let digest = dynakv_core::hash::hash128(value);
+                let bytes = (key.len() + value.len()) as u64;
+                purges.push(futures::TryFutureExt::map_ok(
+                    node.purge_local(client_key, digest),
+                    move |purged| purged.then_some(bytes),
+                ));
+            }
+            while let Some(purged) = futures::StreamExt::next(&mut purges).await {
+                if let Some(bytes) = purged? {
+                    dropped += 1;
+                    unpaced += bytes;
+                    node.metrics.handoff_dropped_keys.inc();
+                }
+            }
+            match page.next {
+                Some(k) => after = k,
+                None => break,
             }
         }
-        match page.next {
-            Some(k) => after = Some(k),
-            None => return Ok(dropped),
-        }
-        // Before the next page (none after the last one: a short sweep ends at once). A page
-        // with nothing to drop awaits nothing: give the worker back between pages.
-        pacer.pace(page_bytes).await;
+        // Between ranges, most of which hold nothing to read: give the worker back.
         tokio::task::yield_now().await;
     }
+    Ok(dropped)
 }
 
 /// The metadata this node starts with: what it last gossiped (kept across restarts), or, on

@@ -507,6 +507,77 @@ pub fn handoffs(old: &Ring, new: &Ring, n: usize, to: &NodeId) -> Vec<Handoff> {
     out
 }
 
+/// A key range `(start, end]` (wrapping as [`RangeMove`]'s) and its replicas, in preference
+/// order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaRange {
+    pub start: u64,
+    pub end: u64,
+    pub replicas: Vec<NodeId>,
+}
+
+impl ReplicaRange {
+    /// Whether the key position `pos` lies in the range.
+    pub fn contains(&self, pos: u64) -> bool {
+        range_contains(self.start, self.end, pos)
+    }
+}
+
+/// The ring cut into ranges of one preference list (of `n` replicas) each, in clockwise order
+/// from the range that wraps past zero, adjacent ranges with the same list merged. Together they
+/// cover the whole key space once; a ring without tokens has none.
+pub fn replica_ranges(ring: &Ring, n: usize) -> Vec<ReplicaRange> {
+    let mut out: Vec<ReplicaRange> = Vec::new();
+    for_each_segment(ring, ring, n, |segment| {
+        let replicas: Vec<NodeId> = segment
+            .new
+            .iter()
+            .map(|&node| ring.nodes[node].id.clone())
+            .collect();
+        match out.last_mut() {
+            Some(last) if last.end == segment.start && last.replicas == replicas => {
+                last.end = segment.end;
+            }
+            _ => out.push(ReplicaRange {
+                start: segment.start,
+                end: segment.end,
+                replicas,
+            }),
+        }
+    });
+    if out.len() > 1 {
+        let (first, last) = (&out[0], &out[out.len() - 1]);
+        if last.end == first.start && last.replicas == first.replicas {
+            let start = last.start;
+            out.pop();
+            out[0].start = start;
+        }
+    }
+    out
+}
+
+/// The key ranges `(start, end]` (wrapping as [`RangeMove`]'s) whose `n` replicas do not
+/// include node `id`, in clockwise order, adjacent ones merged: where every key `id` stores is
+/// one it may drop. A node without tokens gets the whole ring (`start == end`); a ring without
+/// tokens gives nothing.
+pub fn foreign_ranges(ring: &Ring, n: usize, id: &NodeId) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for range in replica_ranges(ring, n) {
+        if range.replicas.contains(id) {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.1 == range.start => last.1 = range.end,
+            _ => out.push((range.start, range.end)),
+        }
+    }
+    if out.len() > 1 && out[out.len() - 1].1 == out[0].0 {
+        let (start, _) = out.pop().expect("more than one");
+        out[0].0 = start;
+    }
+    out
+}
+
 /// Fraction of the new ring's key-replicas that sit on a node that did not hold them in the old
 /// ring: the share of the data a change has to copy.
 pub fn moved_fraction(old: &Ring, new: &Ring, n: usize) -> f64 {
@@ -1758,6 +1829,42 @@ mod tests {
     }
 
     #[test]
+    fn foreign_ranges_are_where_a_node_is_no_replica_merged_across_zero() {
+        const QUARTER: u64 = 1 << 62;
+        let ring = Ring::new(vec![
+            spec("a", None, &[QUARTER, 3 * QUARTER]),
+            spec("b", None, &[2 * QUARTER]),
+        ])
+        .unwrap();
+        // One replica: a holds (3Q, Q] (across zero) and (2Q, 3Q], b holds (Q, 2Q].
+        assert_eq!(foreign_ranges(&ring, 1, &id("a")), [(QUARTER, 2 * QUARTER)]);
+        assert_eq!(foreign_ranges(&ring, 1, &id("b")), [(2 * QUARTER, QUARTER)]);
+        assert_eq!(
+            replica_ranges(&ring, 1),
+            [
+                ReplicaRange {
+                    start: 2 * QUARTER,
+                    end: QUARTER,
+                    replicas: vec![id("a")]
+                },
+                ReplicaRange {
+                    start: QUARTER,
+                    end: 2 * QUARTER,
+                    replicas: vec![id("b")]
+                },
+            ]
+        );
+        // Two replicas: both hold everything; a stranger holds nothing, the whole ring.
+        assert!(foreign_ranges(&ring, 2, &id("a")).is_empty());
+        let whole = foreign_ranges(&ring, 2, &id("c"));
+        assert_eq!(whole.len(), 1);
+        assert_eq!(whole[0].0, whole[0].1);
+        let empty = Ring::new(vec![spec("a", None, &[])]).unwrap();
+        assert!(foreign_ranges(&empty, 1, &id("a")).is_empty());
+        assert!(replica_ranges(&empty, 1).is_empty());
+    }
+
+    #[test]
     fn a_change_of_every_list_is_one_range_round_the_ring() {
         let old = Ring::new(vec![spec("a", None, &[100])]).unwrap();
         let new = Ring::new(vec![spec("b", None, &[100])]).unwrap();
@@ -1954,6 +2061,35 @@ mod tests {
                 let walked: BTreeSet<usize> = walk.iter().copied().collect();
                 prop_assert_eq!(walk.len(), active.len());
                 prop_assert_eq!(walked, active.iter().copied().collect::<BTreeSet<usize>>());
+            }
+        }
+
+        #[test]
+        fn replica_and_foreign_ranges_agree_with_preference_lists(
+            members in members(8),
+            n in 1usize..=4,
+            key_positions in prop::collection::vec(any::<u64>(), 64),
+        ) {
+            let ring = Ring::balanced(&members, 8, n);
+            let ranges = replica_ranges(&ring, n);
+            for key_pos in key_positions {
+                let list = ids(&ring, &ring.preference_list(key_pos, n));
+                if ranges.is_empty() {
+                    // No node has tokens: nobody holds anything.
+                    prop_assert!(list.is_empty());
+                    continue;
+                }
+                let holding: Vec<&ReplicaRange> =
+                    ranges.iter().filter(|r| r.contains(key_pos)).collect();
+                prop_assert_eq!(holding.len(), 1, "{} in {:?}", key_pos, ranges);
+                let replicas: Vec<String> =
+                    holding[0].replicas.iter().map(|r| r.to_string()).collect();
+                prop_assert_eq!(&replicas, &list);
+                for node in ring.nodes() {
+                    let foreign = foreign_ranges(&ring, n, &node.id);
+                    let outside = foreign.iter().any(|&(s, e)| range_contains(s, e, key_pos));
+                    prop_assert_eq!(outside, !list.contains(&node.id.to_string()));
+                }
             }
         }
 
