@@ -7,7 +7,7 @@
 //! handles and its own due timers, and executes the engine's effects: a send becomes a short
 //! task of its own (at most [`MAX_SENDS_IN_FLIGHT`]; a send that cannot start is dropped, as a
 //! datagram would be: SWIM expects loss), a timer goes into a deadline set the task sleeps on,
-//! and a new snapshot is published on a `watch` channel, from which the node rebuilds its
+//! and a new snapshot is published on a `watch` channel, from which the node builds its
 //! ring and the coordinator reads liveness ([`Gossip::state_of`]).
 
 use std::collections::{BTreeMap, BTreeSet};

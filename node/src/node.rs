@@ -17,6 +17,7 @@ use dynakv_core::dvvset::{Clock, Sibling, VersionVector};
 use dynakv_core::hash::key_position;
 use dynakv_core::hlc::{HybridClock, Timestamp};
 use dynakv_core::membership::{MemberState, MembershipSnapshot};
+use dynakv_core::merkle::{MerkleTree, entry_hash};
 use dynakv_core::quorum::{QuorumError, QuorumKind, QuorumTracker, ReplicaFailure, Vote};
 use dynakv_core::ring::{Member, NodeSpec, Ring};
 use dynakv_core::transition::RingState;
@@ -33,7 +34,7 @@ use crate::peer::{PeerError, PeerPool};
 use crate::proto::{FetchRequest, StoreRequest, replica_error, replica_request, replica_response};
 use crate::storage::{StorageError, Store, Table};
 pub use crate::storage::{data_key, split_data_key};
-use crate::trees::Trees;
+use crate::trees::{PeerMap, Settled, Trees};
 
 /// Milliseconds since the Unix epoch, as the node's environment tells it (the simulation passes
 /// simulated time).
@@ -563,13 +564,22 @@ impl crate::handoff::HandoffHost for Node {
 }
 
 /// Follows gossip for the node: every new snapshot goes to [`Node::apply_membership`], and a
-/// changed ring rebuilds the Merkle trees (their peer sets follow the ring). Stops with `stop`.
+/// changed ring moves the Merkle trees to it (their peer sets follow the ring). Stops with
+/// `stop`.
 ///
-/// The rebuild scans all of storage (seconds at a million keys), so on a multi-threaded runtime
-/// it runs on a blocking thread while views go on being applied: a view that waited for it would
-/// hold back the next ring change's acks and every liveness change for as long. Rebuilds run one
-/// at a time; ring changes during one are folded into one more rebuild after it.
+/// The move reads only the tree segments a range boundary cuts (see [`Trees::follow`]), but that
+/// is still thousands of keys on every node at once right after a commit, so on a
+/// multi-threaded runtime it runs on a thread of its own while views go on being applied: a view
+/// that waited for it would hold back the next ring change's acks and every liveness change for
+/// as long. Moves run one at a time; ring changes during one are folded into one more after it.
+/// Segments a write in flight kept from settling are scanned again shortly after.
 pub async fn follow_gossip(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// Waits before scanning again the segments a write in flight kept from settling: doubling
+    /// from the first to the last, then every last (a few segments' scan, until they settle).
+    const SETTLE_RETRY: [std::time::Duration; 2] = [
+        std::time::Duration::from_millis(50),
+        std::time::Duration::from_secs(5),
+    ];
     let mut snapshots = node.gossip.subscribe();
     let mut previous = snapshots.borrow_and_update().clone();
     // Take in the snapshot gossip holds now too: it may have met the cluster already (gossip
@@ -579,11 +589,29 @@ pub async fn follow_gossip(node: Arc<Node>, mut stop: tokio::sync::watch::Receiv
         tokio::runtime::Handle::current().runtime_flavor(),
         tokio::runtime::RuntimeFlavor::MultiThread
     );
-    let mut rebuilding: Option<tokio::task::JoinHandle<bool>> = None;
-    let mut rebuild_due = false;
-    // A rebuild failed: the next one waits for the next snapshot, not a tight loop.
+    let mut moving: Option<tokio::task::JoinHandle<(Option<TreeWork>, std::time::Duration)>> = None;
+    let mut move_due = false;
+    // A move failed: the next one waits for the next snapshot, not a tight loop.
     let mut held = false;
+    // Cut segments left to settle, when to try again, and the wait before that.
+    let mut unsettled: Option<(TreeWork, Instant, std::time::Duration)> = None;
+    let after_move = |work: Option<TreeWork>,
+                      unsettled: &mut Option<(TreeWork, Instant, std::time::Duration)>,
+                      wait: std::time::Duration| {
+        let work = work?;
+        if !work.unsettled.is_empty() {
+            if wait >= SETTLE_RETRY[1] {
+                tracing::warn!(
+                    segments = work.unsettled.len(),
+                    "merkle tree segments still have writes in flight; trying again"
+                );
+            }
+            *unsettled = Some((work, Instant::now() + wait, (wait * 2).min(SETTLE_RETRY[1])));
+        }
+        Some(())
+    };
     loop {
+        let retry_at = unsettled.as_ref().map(|u| u.1);
         tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
@@ -592,58 +620,86 @@ pub async fn follow_gossip(node: Arc<Node>, mut stop: tokio::sync::watch::Receiv
                     break;
                 }
                 let snapshot = snapshots.borrow_and_update().clone();
-                rebuild_due |= node.apply_membership(&previous, &snapshot);
+                move_due |= node.apply_membership(&previous, &snapshot);
                 previous = snapshot;
                 held = false;
             }
-            done = async { rebuilding.as_mut().expect("guarded").await }, if rebuilding.is_some() => {
-                rebuilding = None;
-                // A storage error or a panic leaves the trees cleared or half built.
-                if !matches!(done, Ok(true)) {
-                    rebuild_due = true;
+            done = async { moving.as_mut().expect("guarded").await }, if moving.is_some() => {
+                let (work, wait) = done.unwrap_or((None, SETTLE_RETRY[0]));
+                moving = None;
+                // A storage error or a panic leaves segments unsettled: move again.
+                if after_move(work, &mut unsettled, wait).is_none() {
+                    move_due = true;
                     held = true;
                 }
             }
+            _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await },
+                if retry_at.is_some() && moving.is_none() && !move_due => {}
         }
-        if !rebuild_due || held || rebuilding.is_some() {
+        if moving.is_some() {
             continue;
         }
-        rebuild_due = false;
-        let rebuild = {
+        let (job, wait): (Box<dyn FnOnce() -> Option<TreeWork> + Send>, _) = if move_due && !held {
+            move_due = false;
+            unsettled = None;
             let node = node.clone();
-            move || match node.rebuild_trees() {
-                Ok(keys) => {
-                    tracing::info!(keys, "merkle trees rebuilt for the new ring");
-                    true
+            let job = Box::new(move || match node.retarget_trees() {
+                Ok(work) => {
+                    tracing::info!(
+                        scanned = work.scanned,
+                        unsettled = work.unsettled.len(),
+                        "merkle trees moved to the new ring"
+                    );
+                    Some(work)
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "merkle trees not rebuilt for the new ring");
-                    false
+                    tracing::error!(error = %e, "merkle trees not moved to the new ring");
+                    None
                 }
-            }
+            });
+            (
+                job as Box<dyn FnOnce() -> Option<TreeWork> + Send>,
+                SETTLE_RETRY[0],
+            )
+        } else if !move_due
+            && let Some((work, _, wait)) = unsettled.take_if(|u| u.1 <= Instant::now())
+        {
+            let node = node.clone();
+            let job = Box::new(move || {
+                match node.settle_trees(work.generation, work.map, work.unsettled) {
+                    Ok(work) => Some(work),
+                    Err(e) => {
+                        tracing::error!(error = %e, "merkle tree segments not settled");
+                        None
+                    }
+                }
+            });
+            (job as Box<dyn FnOnce() -> Option<TreeWork> + Send>, wait)
+        } else {
+            continue;
         };
         if background {
-            // On a thread of its own at a lower CPU priority: the scan is seconds of work on
-            // every node at once right after a ring change commits, and client requests must
-            // not queue behind it (docs/benchmarks.md, "A node joins a loaded cluster").
-            rebuilding = Some(tokio::task::spawn_blocking(move || {
-                std::thread::Builder::new()
-                    .name("dynakv-tree-rebuild".into())
+            // On a thread of its own at a lower CPU priority: client requests must not queue
+            // behind the scan (docs/benchmarks.md, "A node joins a loaded cluster").
+            moving = Some(tokio::task::spawn_blocking(move || {
+                let work = std::thread::Builder::new()
+                    .name("dynakv-tree-move".into())
                     .spawn(move || {
                         lower_thread_priority();
-                        rebuild()
+                        job()
                     })
-                    .map(|scan| scan.join().unwrap_or(false))
-                    .unwrap_or(false)
+                    .ok()
+                    .and_then(|scan| scan.join().ok().flatten());
+                (work, wait)
             }));
         // A current-thread runtime (the simulation): inline, so the run stays deterministic.
-        } else if !rebuild() {
-            rebuild_due = true;
+        } else if after_move(job(), &mut unsettled, wait).is_none() {
+            move_due = true;
             held = true;
         }
     }
-    // As when the rebuild ran inside this task: stopped means no scan still running.
-    if let Some(running) = rebuilding.take() {
+    // As when the move ran inside this task: stopped means no scan still running.
+    if let Some(running) = moving.take() {
         let _ = running.await;
     }
 }
@@ -661,6 +717,18 @@ fn lower_thread_priority() {
             let _ = libc::setpriority(libc::PRIO_PROCESS as _, tid, (current + 10).min(19));
         }
     }
+}
+
+/// What a move of the Merkle trees to a new ring did (see [`Node::retarget_trees`]).
+#[derive(Debug)]
+pub struct TreeWork {
+    /// The trees' ring the work was for.
+    pub generation: u64,
+    pub map: Arc<PeerMap>,
+    /// Keys read from storage.
+    pub scanned: u64,
+    /// Cut segments a write in flight kept from settling: try again shortly.
+    pub unsettled: Vec<u32>,
 }
 
 /// Counts one coordinated request against the view it started on.
@@ -1060,11 +1128,6 @@ impl Node {
         prefs.into_iter().filter(|p| *p != self.id).collect()
     }
 
-    /// Whether `peer` and this node are both replicas of the stored key.
-    pub fn shares_with(&self, view: &ClusterView, stored_key: &[u8], peer: &NodeId) -> bool {
-        self.co_replicas(view, stored_key).contains(peer)
-    }
-
     /// The keys and bytes this node likely holds in ring range `(start, end]`: its totals scaled
     /// by the range's share of the key space it replicates (for handoff progress estimates).
     pub fn estimate_range(&self, start: u64, end: u64) -> (u64, u64) {
@@ -1091,11 +1154,15 @@ impl Node {
         )
     }
 
-    /// Rebuilds the Merkle trees from storage (at start, and after a ring change).
+    /// The peers the Merkle trees follow: this node's co-replicas in the committed ring of `view`.
+    pub fn peer_map(&self, view: &ClusterView) -> PeerMap {
+        PeerMap::new(&view.ring, self.n(), &self.id)
+    }
+
+    /// Rebuilds the Merkle trees from a scan of all of storage (at start, before serving).
     pub fn rebuild_trees(&self) -> Result<u64, StorageError> {
         use std::ops::Bound;
-        let view = self.view();
-        self.trees.clear();
+        self.trees.reset(self.peer_map(&self.view()));
         let mut count = 0;
         let mut after: Option<Vec<u8>> = None;
         loop {
@@ -1110,8 +1177,7 @@ impl Node {
                 crate::storage::ScanLimit::entries(4096),
             )?;
             for (k, v) in &page.entries {
-                let peers = self.co_replicas(&view, k);
-                self.trees.record(peers.iter(), k, None, Some(v));
+                self.trees.record(k, None, Some(v));
                 count += 1;
             }
             match page.next {
@@ -1119,6 +1185,82 @@ impl Node {
                 None => return Ok(count),
             }
         }
+    }
+
+    /// Moves the Merkle trees to the committed ring of the current view (after a ring change):
+    /// in memory, but for the segments a range boundary cuts, which are scanned (see
+    /// [`Trees::follow`]).
+    pub fn retarget_trees(&self) -> Result<TreeWork, StorageError> {
+        let (generation, map, cut) = self.trees.follow(self.peer_map(&self.view()));
+        self.settle_trees(generation, map, cut)
+    }
+
+    /// Fills the leaves of cut segments from a scan of each; those with a write in flight are
+    /// returned to be tried again shortly.
+    pub fn settle_trees(
+        &self,
+        generation: u64,
+        map: Arc<PeerMap>,
+        segments: Vec<u32>,
+    ) -> Result<TreeWork, StorageError> {
+        use std::ops::Bound;
+        let mut work = TreeWork {
+            generation,
+            map: map.clone(),
+            scanned: 0,
+            unsettled: Vec::new(),
+        };
+        let shape = MerkleTree::new(self.trees.leaf_bits()).map_err(|e| StorageError::Corrupt {
+            detail: e.to_string(),
+        })?;
+        for segment in segments {
+            let Some((lo, hi)) = shape.segment_range(segment) else {
+                continue;
+            };
+            let (lo_key, hi_key) = (lo.to_be_bytes(), hi.wrapping_add(1).to_be_bytes());
+            let to = if hi == u64::MAX {
+                Bound::Unbounded
+            } else {
+                Bound::Excluded(&hi_key[..])
+            };
+            let mut own = 0u128;
+            let mut shared: BTreeMap<NodeId, u128> = BTreeMap::new();
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let from = match &after {
+                    Some(k) => Bound::Excluded(k.as_slice()),
+                    None => Bound::Included(&lo_key[..]),
+                };
+                let page = self.store.scan(
+                    Table::Data,
+                    from,
+                    to,
+                    crate::storage::ScanLimit::entries(4096),
+                )?;
+                for (k, v) in &page.entries {
+                    let Some((pos, _)) = split_data_key(k) else {
+                        continue;
+                    };
+                    let entry = entry_hash(k, dynakv_core::hash::hash128(v));
+                    own ^= entry;
+                    for peer in map.peers(pos) {
+                        *shared.entry(peer.clone()).or_default() ^= entry;
+                    }
+                    work.scanned += 1;
+                }
+                match page.next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+            match self.trees.settle(generation, segment, own, &shared) {
+                Settled::Done => {}
+                Settled::Busy => work.unsettled.push(segment),
+                // A newer ring's move took over.
+                Settled::Stale => return Ok(work),
+            }
+        }
+        Ok(work)
     }
 
     /// Coordinates a put or delete. The caller has validated sizes and decoded the context.
@@ -1144,8 +1286,6 @@ impl Node {
             targets,
             fallbacks,
         } = view.write_targets(pos, n);
-        // The Merkle trees follow the committed ring.
-        let primaries: Vec<NodeId> = sets.first().cloned().unwrap_or_default();
         let stored_key = data_key(&req.key);
         let ts = self.now();
         let sibling = match req.value {
@@ -1201,17 +1341,12 @@ impl Node {
         // Merkle trees learn the write only once it is on disk.
         let local = {
             let this = self.clone();
-            let peers: Vec<NodeId> = primaries
-                .iter()
-                .filter(|p| **p != self.id)
-                .cloned()
-                .collect();
             let (stored_key, encoded) = (stored_key.clone(), encoded.clone());
             tokio::spawn(async move {
                 let committed = durable.await;
                 if committed.is_ok() {
                     this.trees
-                        .record(peers.iter(), &stored_key, old.as_deref(), Some(&encoded));
+                        .record(&stored_key, old.as_deref(), Some(&encoded));
                 }
                 drop(unsynced);
                 committed
@@ -1872,9 +2007,7 @@ impl Node {
                 if !view.rings.holds(key_position(&key), self.n()) {
                     self.note_stray(key.clone());
                 }
-                let peers = self.co_replicas(&view, &stored_key);
-                self.trees
-                    .record(peers.iter(), &stored_key, old.as_deref(), Some(&new));
+                self.trees.record(&stored_key, old.as_deref(), Some(&new));
                 Ok(true)
             }
         }
@@ -1900,10 +2033,7 @@ impl Node {
         match purged {
             None => Ok(false),
             Some(old) => {
-                let view = self.view();
-                let peers = self.co_replicas(&view, &stored_key);
-                self.trees
-                    .record(peers.iter(), &stored_key, Some(&old), None);
+                self.trees.record(&stored_key, Some(&old), None);
                 Ok(true)
             }
         }
@@ -1985,7 +2115,7 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn the_rebuild_thread_runs_at_a_lower_priority_and_only_it() {
+    fn the_tree_move_thread_runs_at_a_lower_priority_and_only_it() {
         // SAFETY: getpriority on the calling thread.
         let nice =
             || unsafe { libc::getpriority(libc::PRIO_PROCESS as _, libc::gettid() as libc::id_t) };
