@@ -835,6 +835,9 @@ pub struct HandoffConfig {
     pub summary_bits: u32,
     /// Back-off after a failed pull, in milliseconds (doubling up to 16x).
     pub retry_backoff_ms: u64,
+    /// Keys an old owner deletes per second, at most, once a change has committed and it no
+    /// longer replicates them (each delete is a write through the storage writer clients use).
+    pub max_drop_keys_per_sec: u64,
 }
 
 impl Default for HandoffConfig {
@@ -846,6 +849,7 @@ impl Default for HandoffConfig {
             page_bytes: 1024 * 1024,
             summary_bits: 8,
             retry_backoff_ms: 200,
+            max_drop_keys_per_sec: 2_000,
         }
     }
 }
@@ -868,6 +872,9 @@ impl HandoffConfig {
         }
         if self.retry_backoff_ms == 0 {
             return Err("handoff.retry_backoff_ms must be above 0".into());
+        }
+        if self.max_drop_keys_per_sec == 0 {
+            return Err("handoff.max_drop_keys_per_sec must be above 0".into());
         }
         Ok(())
     }

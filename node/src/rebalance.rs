@@ -455,8 +455,9 @@ fn note_commit(node: &Node, before: &NodeMetadata, after: &NodeMetadata) {
 /// are read: the scan meets the keys to delete and nothing else, instead of reading every value
 /// stored here (which, right after a commit, every node does at once while serving clients).
 /// Paced like the handoff that moved them (`handoff.max_bytes_per_sec`, bytes of the values
-/// deleted): every old owner has its whole share of the moved ranges to delete, and those
-/// deletes share the storage writer with client writes.
+/// deleted) and at most `handoff.max_drop_keys_per_sec` keys a second: every old owner has its
+/// whole share of the moved ranges to delete, each delete is a write through the storage writer
+/// clients use, and nothing is urgent about it (the keys are served by their new owners).
 async fn drop_unowned(node: &Node) -> Result<u64, StorageError> {
     let n = node.n();
     let ranges = {
@@ -467,15 +468,17 @@ async fn drop_unowned(node: &Node) -> Result<u64, StorageError> {
         }
         dynakv_core::ring::foreign_ranges(view.rings.committed(), n, &node.id)
     };
-    let pacer = handoff::Pacer::new(node.config.raw.handoff.max_bytes_per_sec);
+    let bytes_pacer = handoff::Pacer::new(node.config.raw.handoff.max_bytes_per_sec);
+    let keys_pacer = handoff::Pacer::new(node.config.raw.handoff.max_drop_keys_per_sec);
     let mut dropped = 0u64;
-    // Bytes deleted by the page before, paced before the next one: nothing waits after the
-    // last page, so a short sweep ends at once.
-    let mut unpaced = 0u64;
+    // Keys and bytes deleted by the page before, paced before the next one: nothing waits
+    // after the last page, so a short sweep ends at once.
+    let (mut unpaced_keys, mut unpaced) = (0u64, 0u64);
     for (start, end) in ranges {
         let mut after: Vec<u8> = Vec::new();
         loop {
-            pacer.pace(std::mem::take(&mut unpaced)).await;
+            bytes_pacer.pace(std::mem::take(&mut unpaced)).await;
+            keys_pacer.pace(std::mem::take(&mut unpaced_keys)).await;
             let page =
                 handoff::scan_range(&node.store, start, end, &after, ScanLimit::entries(1024))?;
             let view = node.view();
@@ -503,6 +506,7 @@ async fn drop_unowned(node: &Node) -> Result<u64, StorageError> {
             while let Some(purged) = futures::StreamExt::next(&mut purges).await {
                 if let Some(bytes) = purged? {
                     dropped += 1;
+                    unpaced_keys += 1;
                     unpaced += bytes;
                     node.metrics.handoff_dropped_keys.inc();
                 }
