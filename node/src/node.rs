@@ -829,6 +829,13 @@ impl Node {
         let alone = view.ring.nodes().iter().all(|m| m.id == self.id)
             && seeds.iter().all(|s| *s == self.config.advertise);
         if !alone {
+            if let Some(id) = acked {
+                tracing::info!(
+                    change = format!("{id:016x}"),
+                    "restarted in the middle of a ring change: coordinating nothing until this \
+                     node hears how the change went"
+                );
+            }
             *self
                 .awaited_change
                 .lock()
@@ -974,7 +981,12 @@ impl Node {
             let knows = awaited
                 .is_none_or(|(id, restarted_on)| self.view().rings.knows_fate_of(id, restarted_on));
             if knows {
-                *awaited = None;
+                if let Some((id, _)) = awaited.take() {
+                    tracing::info!(
+                        change = format!("{id:016x}"),
+                        "heard how the ring change this node restarted in went"
+                    );
+                }
                 self.heard_from_cluster
                     .store(true, std::sync::atomic::Ordering::SeqCst);
             }

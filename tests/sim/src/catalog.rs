@@ -56,6 +56,7 @@ pub fn hand_written() -> Vec<Scenario> {
         receiver_crash_mid_handoff(),
         sender_crash_mid_handoff(),
         coordinator_crash_mid_change(),
+        participant_crashes_twice_while_the_proposer_is_down(),
         partition_during_change_waits_then_completes(),
         two_weight_changes_at_once(),
         change_requested_during_a_change(),
@@ -763,6 +764,45 @@ pub fn coordinator_crash_mid_change() -> Scenario {
             member("n2", "n5", "normal", Some(100)),
             Step::get(3, "k").via("n5").level(Level::All).strict(),
             Step::wait_idle(),
+            Step::wait_ms(1_000),
+        ])
+}
+
+/// A node that acked a change loses power while the change's proposer is down too, restarts
+/// where only another restarted node can reach it (which knows nothing of the change), loses
+/// power again before it hears how the change went, and restarts once more: its record of the
+/// change it acked must keep it waiting through both restarts (coordinating nothing, dropping
+/// nothing), until the proposer is back and the change completes. Nothing acknowledged is lost.
+pub fn participant_crashes_twice_while_the_proposer_is_down() -> Scenario {
+    Scenario::siblings("participant-crashes-twice-while-the-proposer-is-down", 4)
+        .with_spares(1)
+        .with_slow_handoff()
+        .with_workload(membership_load())
+        .steps(vec![
+            Step::wait_ms(2_000),
+            Step::join("n5"),
+            Step::await_member("n1", "n5", "alive", 10_000),
+            Step::await_member("n5", "n1", "alive", 10_000),
+            Step::set_weight("n5", 100),
+            Step::await_phase("n1", "streaming", 1, 20_000),
+            Step::crash("n5"),
+            Step::partition(&[&["n1", "n4", "n5"], &["n2", "n3"]]),
+            Step::crash("n2"),
+            Step::crash("n3"),
+            Step::wait_ms(500),
+            Step::restart("n2"),
+            Step::restart("n3"),
+            Step::wait_ms(1_500),
+            Step::crash("n3"),
+            Step::wait_ms(500),
+            Step::restart("n3"),
+            Step::wait_ms(1_000),
+            Step::Heal,
+            Step::wait_ms(500),
+            Step::restart("n5"),
+            Step::await_ring(60_000),
+            member("n1", "n5", "normal", Some(100)),
+            member("n3", "n5", "normal", Some(100)),
             Step::wait_ms(1_000),
         ])
 }

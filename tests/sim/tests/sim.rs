@@ -210,6 +210,11 @@ fn coordinator_crash_mid_change() {
 }
 
 #[test]
+fn participant_crashes_twice_while_the_proposer_is_down() {
+    hand_written("participant-crashes-twice-while-the-proposer-is-down");
+}
+
+#[test]
 fn partition_during_change_waits_then_completes() {
     hand_written("partition-during-change-waits-then-completes");
 }
