@@ -9,7 +9,8 @@ foreground p99 during the handoff against before it (issue: membership change, p
      runs in CHUNK_S chunks until the change is done;
   4. prints one JSON object: the streaming rate (bytes moved / time in phase "streaming"), the
      time from the request until n4 serves its share (the change committed), and each chunk's
-     p99 per operation, marked before / during.
+     p99 per operation, marked before / during / after, with where the machine's time went in
+     it (`cpu`: busy, iowait and steal shares of all cores, and the nodes' share).
 
   scripts/bench-join.py                       # KEYS=1000000 VALUE_SIZE=1024 by default
   KEYS=200000 scripts/bench-join.py           # a quicker run
@@ -77,7 +78,41 @@ def status(dynakv, quiet=False):
     return s
 
 
-def bench_chunk(dynakv):
+def cpu_snapshot(work):
+    """Machine-wide CPU ticks by kind, and the CPU ticks of the nodes (every process whose
+    command line names the run's directory)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal
+    machine = {"busy": sum(fields[0:3]) + sum(fields[5:7]), "idle": fields[3],
+               "iowait": fields[4], "steal": fields[7] if len(fields) > 7 else 0}
+    nodes = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if work.encode() not in f.read():
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()
+            nodes += int(stat[11]) + int(stat[12])
+        except OSError:
+            continue
+    return machine, nodes
+
+
+def cpu_delta(before, after):
+    """Shares of the machine's time in a chunk (percent of all cores), and the nodes' share."""
+    (m0, n0), (m1, n1) = before, after
+    total = sum(m1[k] - m0[k] for k in m0) or 1
+    out = {k + "_pct": round(100 * (m1[k] - m0[k]) / total, 1) for k in m0 if k != "idle"}
+    out["nodes_pct"] = round(100 * (n1 - n0) / total, 1)
+    return out
+
+
+def bench_chunk(dynakv, work=None):
+    started = cpu_snapshot(work) if work else None
     out = subprocess.run(
         [dynakv, "bench", "-e", EP, "-W", "A", "-k", str(KEYS), "-s", str(VALUE_SIZE),
          "-c", str(CLIENTS), "-t", f"{CHUNK_S}s", "--warmup", "0s", "--no-progress",
@@ -91,6 +126,10 @@ def bench_chunk(dynakv):
     for op in run.get("by_op", []):
         row[op["op"] + "_p99_ms"] = round(op["latency_ms"]["p99"], 2)
     row["errors"] = sum(e.get("count", 0) for e in run.get("error_codes", []))
+    if started:
+        # Where the machine's time went: a slow chunk with the nodes busy is the product's; one
+        # with steal or iowait high, or the nodes idle, is the machine's.
+        row["cpu"] = cpu_delta(started, cpu_snapshot(work))
     return row
 
 
@@ -122,7 +161,7 @@ def main():
             stdout=subprocess.DEVNULL,
         )
         load_s = time.time() - t
-        before = [dict(bench_chunk(dynakv), phase="before") for _ in range(2 if CLIENTS else 0)]
+        before = [dict(bench_chunk(dynakv, work), phase="before") for _ in range(2 if CLIENTS else 0)]
 
         # n4 takes the cluster's settings from n1's config file (its id, addresses and data
         # directory from the flags); it is in no member list and joins through the seed.
@@ -172,7 +211,7 @@ def main():
         during = []
         while change.poll() is None:
             if CLIENTS:
-                during.append(dict(bench_chunk(dynakv), phase="during"))
+                during.append(dict(bench_chunk(dynakv, work), phase="during"))
             else:
                 time.sleep(0.2)
         t1 = time.time()
@@ -182,7 +221,7 @@ def main():
             profiler.append(subprocess.Popen(
                 ["perf", "record", "-a", "-g", "-F", "999", "-o", PROFILE, "--", "sleep", PROFILE_S],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        after = [dict(bench_chunk(dynakv), phase="after")
+        after = [dict(bench_chunk(dynakv, work), phase="after")
                  for _ in range(AFTER if CLIENTS else 0)]
 
         for p in profiler:
