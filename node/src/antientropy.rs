@@ -116,7 +116,10 @@ pub fn handle_merkle(
 }
 
 /// The stored key range of one segment: stored keys start with the 8-byte big-endian position.
-fn segment_bounds(tree: &MerkleTree, segment: u32) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+pub(crate) fn segment_bounds(
+    tree: &MerkleTree,
+    segment: u32,
+) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
     let (lo, hi) = tree.segment_range(segment)?;
     let end = hi.checked_add(1).map(|e| e.to_be_bytes().to_vec());
     Some((lo.to_be_bytes().to_vec(), end))

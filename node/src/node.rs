@@ -1226,14 +1226,12 @@ impl Node {
             detail: e.to_string(),
         })?;
         for segment in segments {
-            let Some((lo, hi)) = shape.segment_range(segment) else {
+            let Some((lo_key, hi_key)) = crate::antientropy::segment_bounds(&shape, segment) else {
                 continue;
             };
-            let (lo_key, hi_key) = (lo.to_be_bytes(), hi.wrapping_add(1).to_be_bytes());
-            let to = if hi == u64::MAX {
-                Bound::Unbounded
-            } else {
-                Bound::Excluded(&hi_key[..])
+            let to = match &hi_key {
+                Some(h) => Bound::Excluded(h.as_slice()),
+                None => Bound::Unbounded,
             };
             let mut own = 0u128;
             let mut shared: BTreeMap<NodeId, u128> = BTreeMap::new();
@@ -1241,7 +1239,7 @@ impl Node {
             loop {
                 let from = match &after {
                     Some(k) => Bound::Excluded(k.as_slice()),
-                    None => Bound::Included(&lo_key[..]),
+                    None => Bound::Included(lo_key.as_slice()),
                 };
                 let page = self.store.scan(
                     Table::Data,

@@ -409,35 +409,23 @@ fn check_weight(id: &NodeId, weight: u32) -> Result<(), RingError> {
 /// clockwise order from the range that wraps past zero; adjacent ranges with the same change are
 /// merged.
 pub fn moved_ranges(old: &Ring, new: &Ring, n: usize) -> Vec<RangeMove> {
-    let mut moves: Vec<RangeMove> = Vec::new();
+    let mut moves = Vec::new();
     for_each_segment(old, new, n, |segment| {
         let from = missing_from(&segment.old, old, &segment.new, new);
         let to = missing_from(&segment.new, new, &segment.old, old);
-        if from.is_empty() && to.is_empty() {
-            return;
-        }
-        match moves.last_mut() {
-            Some(last) if last.end == segment.start && last.from == from && last.to == to => {
-                last.end = segment.end;
-            }
-            _ => moves.push(RangeMove {
-                start: segment.start,
-                end: segment.end,
-                from,
-                to,
-            }),
+        if !from.is_empty() || !to.is_empty() {
+            push_merged(&mut moves, segment.start, segment.end, (from, to));
         }
     });
-    // The last range may continue into the first one across zero.
-    if moves.len() > 1 {
-        let (first, last) = (&moves[0], &moves[moves.len() - 1]);
-        if last.end == first.start && last.from == first.from && last.to == first.to {
-            let start = last.start;
-            moves.pop();
-            moves[0].start = start;
-        }
-    }
-    moves
+    merged_across_zero(moves)
+        .into_iter()
+        .map(|(start, end, (from, to))| RangeMove {
+            start,
+            end,
+            from,
+            to,
+        })
+        .collect()
 }
 
 /// A key range `(start, end]` that node `to` replicates in a new ring and not in the old one
@@ -472,7 +460,7 @@ pub fn range_contains(start: u64, end: u64, pos: u64) -> bool {
 /// Ranges nobody held in `old` (a ring that owned nothing yet) have nothing to hand over and are
 /// left out.
 pub fn handoffs(old: &Ring, new: &Ring, n: usize, to: &NodeId) -> Vec<Handoff> {
-    let mut out: Vec<Handoff> = Vec::new();
+    let mut out = Vec::new();
     for_each_segment(old, new, n, |segment| {
         if segment.old.is_empty()
             || !contains_id(&segment.new, new, to)
@@ -485,26 +473,16 @@ pub fn handoffs(old: &Ring, new: &Ring, n: usize, to: &NodeId) -> Vec<Handoff> {
             .iter()
             .map(|&node| old.nodes[node].id.clone())
             .collect();
-        match out.last_mut() {
-            Some(last) if last.end == segment.start && last.sources == sources => {
-                last.end = segment.end;
-            }
-            _ => out.push(Handoff {
-                start: segment.start,
-                end: segment.end,
-                sources,
-            }),
-        }
+        push_merged(&mut out, segment.start, segment.end, sources);
     });
-    if out.len() > 1 {
-        let (first, last) = (&out[0], &out[out.len() - 1]);
-        if last.end == first.start && last.sources == first.sources {
-            let start = last.start;
-            out.pop();
-            out[0].start = start;
-        }
-    }
-    out
+    merged_across_zero(out)
+        .into_iter()
+        .map(|(start, end, sources)| Handoff {
+            start,
+            end,
+            sources,
+        })
+        .collect()
 }
 
 /// A key range `(start, end]` (wrapping as [`RangeMove`]'s) and its replicas, in preference
@@ -527,33 +505,23 @@ impl ReplicaRange {
 /// from the range that wraps past zero, adjacent ranges with the same list merged. Together they
 /// cover the whole key space once; a ring without tokens has none.
 pub fn replica_ranges(ring: &Ring, n: usize) -> Vec<ReplicaRange> {
-    let mut out: Vec<ReplicaRange> = Vec::new();
+    let mut out = Vec::new();
     for_each_segment(ring, ring, n, |segment| {
         let replicas: Vec<NodeId> = segment
             .new
             .iter()
             .map(|&node| ring.nodes[node].id.clone())
             .collect();
-        match out.last_mut() {
-            Some(last) if last.end == segment.start && last.replicas == replicas => {
-                last.end = segment.end;
-            }
-            _ => out.push(ReplicaRange {
-                start: segment.start,
-                end: segment.end,
-                replicas,
-            }),
-        }
+        push_merged(&mut out, segment.start, segment.end, replicas);
     });
-    if out.len() > 1 {
-        let (first, last) = (&out[0], &out[out.len() - 1]);
-        if last.end == first.start && last.replicas == first.replicas {
-            let start = last.start;
-            out.pop();
-            out[0].start = start;
-        }
-    }
-    out
+    merged_across_zero(out)
+        .into_iter()
+        .map(|(start, end, replicas)| ReplicaRange {
+            start,
+            end,
+            replicas,
+        })
+        .collect()
 }
 
 /// The key ranges `(start, end]` (wrapping as [`RangeMove`]'s) whose `n` replicas do not
@@ -561,19 +529,36 @@ pub fn replica_ranges(ring: &Ring, n: usize) -> Vec<ReplicaRange> {
 /// one it may drop. A node without tokens gets the whole ring (`start == end`); a ring without
 /// tokens gives nothing.
 pub fn foreign_ranges(ring: &Ring, n: usize, id: &NodeId) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut out = Vec::new();
     for range in replica_ranges(ring, n) {
-        if range.replicas.contains(id) {
-            continue;
-        }
-        match out.last_mut() {
-            Some(last) if last.1 == range.start => last.1 = range.end,
-            _ => out.push((range.start, range.end)),
+        if !range.replicas.contains(id) {
+            push_merged(&mut out, range.start, range.end, ());
         }
     }
-    if out.len() > 1 && out[out.len() - 1].1 == out[0].0 {
-        let (start, _) = out.pop().expect("more than one");
-        out[0].0 = start;
+    merged_across_zero(out)
+        .into_iter()
+        .map(|(start, end, ())| (start, end))
+        .collect()
+}
+
+/// Appends the range `(start, end]` with `key`, extending the last range instead when it ends
+/// at `start` with an equal key.
+fn push_merged<K: PartialEq>(out: &mut Vec<(u64, u64, K)>, start: u64, end: u64, key: K) {
+    match out.last_mut() {
+        Some(last) if last.1 == start && last.2 == key => last.1 = end,
+        _ => out.push((start, end, key)),
+    }
+}
+
+/// Merges the last range into the first when it continues it across zero with an equal key
+/// (the ranges run clockwise from the one that wraps past zero).
+fn merged_across_zero<K: PartialEq>(mut out: Vec<(u64, u64, K)>) -> Vec<(u64, u64, K)> {
+    if out.len() > 1 {
+        let (first, last) = (&out[0], &out[out.len() - 1]);
+        if last.1 == first.0 && last.2 == first.2 {
+            let (start, _, _) = out.pop().expect("more than one");
+            out[0].0 = start;
+        }
     }
     out
 }
