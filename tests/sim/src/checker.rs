@@ -34,6 +34,9 @@
 //!   reports); (d) is checked against the replicas of that ring, and no node outside a key's
 //!   final replicas holds the key (old owners dropped what they handed over; drained, left and
 //!   removed nodes hold nothing). A ring change still running when settling ends breaks (f).
+//! - **(g) gossip goes quiet.** Over the settle phase's last 10 s every running node sends at
+//!   most 50 gossip packets a second (steady state is about two). Measured by the harness
+//!   (`Gossip.Members` counters), not by this module.
 //!
 //! Nodes removed for good take their disks with them: a write acknowledged only by such nodes
 //! is not required to survive (as a W=1 write is not when its one disk dies).
@@ -68,6 +71,8 @@ pub enum Invariant {
     StaleRead,
     /// (f)
     Placement,
+    /// (g)
+    GossipStorm,
     /// A scenario's own `Assert` step.
     Assertion,
     /// The run itself failed (a node stopped with an error, simulated code panicked, a wait
@@ -84,6 +89,7 @@ impl Invariant {
             Invariant::Divergence => "(d) replicas diverge",
             Invariant::StaleRead => "(e) quorum read missed an acknowledged write",
             Invariant::Placement => "(f) placement differs from the final ring",
+            Invariant::GossipStorm => "(g) gossip did not quiet down once settled",
             Invariant::Assertion => "scenario assertion",
             Invariant::Harness => "harness",
         }

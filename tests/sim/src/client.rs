@@ -480,6 +480,45 @@ async fn poll_status(node: String, shared: Rc<Shared>, poll_ms: u64) {
     }
 }
 
+/// Readings of the gossip counters (`Gossip.Members`' `packets_sent`) of the nodes the harness
+/// names, for the settle phase's check that gossip goes quiet once nothing changes.
+#[derive(Default)]
+pub struct GossipMeter {
+    /// Nodes to read next; the meter takes them and answers in `readings`.
+    pub ask: Vec<String>,
+    /// Packets each node has sent since it started, per node that answered.
+    pub readings: BTreeMap<String, u64>,
+    /// Set when `readings` holds the answer to the last `ask`.
+    pub done: bool,
+}
+
+/// Reads the gossip counters the harness asks for (see [`GossipMeter`]); idle otherwise (it
+/// sends nothing, so it changes no run until asked).
+pub async fn gossip_meter(meter: Rc<RefCell<GossipMeter>>) -> turmoil::Result {
+    use dynakv_node::proto::GossipMembersRequest;
+    use dynakv_node::proto::gossip_client::GossipClient;
+    loop {
+        let ask = std::mem::take(&mut meter.borrow_mut().ask);
+        if ask.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let mut readings = BTreeMap::new();
+        for node in ask {
+            let mut client = GossipClient::new(crate::net::client_channel(&node));
+            let asked = client.members(GossipMembersRequest {});
+            if let Ok(Ok(answer)) =
+                tokio::time::timeout(Duration::from_millis(MEMBER_POLL_TIMEOUT_MS), asked).await
+            {
+                readings.insert(node, answer.into_inner().packets_sent);
+            }
+        }
+        let mut m = meter.borrow_mut();
+        m.readings = readings;
+        m.done = true;
+    }
+}
+
 /// How long an admin request is retried while the answer is `UNAVAILABLE` or
 /// `DEADLINE_EXCEEDED` (no address known yet, the member concerned unreachable), as the CLI's
 /// and the operator's retries do.

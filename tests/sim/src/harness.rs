@@ -70,6 +70,15 @@ const CRASH_SENDER_WAIT_MS: u64 = 10_000;
 /// changes to finish once the faults are over; longer is a violation.
 pub const RING_SETTLE_MS: u64 = 120_000;
 
+/// How long the settle phase counts gossip packets at its end (see
+/// [`Harness::check_gossip_quiet`]).
+const GOSSIP_QUIET_MS: u64 = 10_000;
+
+/// Gossip packets a node may send per second once settled: about two in steady state (a probe
+/// and an ack, the answers to others' probes, an announcement every 30 s); a rejoin storm sent
+/// thousands.
+const MAX_QUIET_GOSSIP_PER_SEC: u64 = 50;
+
 /// How long the settle phase waits after the ring settled for old owners to drop the ranges
 /// they no longer replicate, before placement is checked.
 pub const DROP_SETTLE_MS: u64 = 2_000;
@@ -346,6 +355,9 @@ struct Harness {
     change_open: Option<u64>,
     /// Spares seen serving a ring of their own (see [`Harness::note_lone_joiners`]).
     lone: BTreeSet<String>,
+    gossip_meter: Rc<RefCell<crate::client::GossipMeter>>,
+    /// What the settle phase measured, for the outcome's notes.
+    settle_notes: Vec<String>,
 }
 
 /// Each member's (weight, target weight, lifecycle) as one node's `ClusterStatus` shows it.
@@ -587,6 +599,12 @@ impl Harness {
             );
             clients.push("watch".to_string());
         }
+        let gossip_meter = Rc::new(RefCell::new(crate::client::GossipMeter::default()));
+        sim.client(
+            "gossip-meter",
+            crate::client::gossip_meter(gossip_meter.clone()),
+        );
+        clients.push("gossip-meter".to_string());
         let admin_queue = scenario.changes_membership().then(|| {
             let queue = Rc::new(RefCell::new(AdminQueue::default()));
             sim.client(
@@ -655,6 +673,8 @@ impl Harness {
             change_windows: Vec::new(),
             change_open: None,
             lone: BTreeSet::new(),
+            gossip_meter,
+            settle_notes: Vec::new(),
         }
     }
 
@@ -1547,7 +1567,70 @@ impl Harness {
             self.log("settle: let old owners drop what they no longer replicate".into());
             self.run_for(DROP_SETTLE_MS)?;
         }
+        self.check_gossip_quiet()
+    }
+
+    /// (g): once nothing changes, gossip is back to its few packets a second. A rejoin storm
+    /// (a node renewing its identity over and over, each renewal drawing the next) went on for
+    /// minutes after a ring change on real nodes while every member looked alive; nothing else
+    /// in a run shows it.
+    fn check_gossip_quiet(&mut self) -> Result<(), String> {
+        let running: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.running())
+            .map(|n| n.name.clone())
+            .collect();
+        self.log(format!(
+            "settle: count gossip packets for {GOSSIP_QUIET_MS} ms"
+        ));
+        let before = self.read_gossip(&running)?;
+        self.run_for(GOSSIP_QUIET_MS)?;
+        let after = self.read_gossip(&running)?;
+        let mut loudest: Option<(String, u64)> = None;
+        for (node, sent) in &after {
+            let Some(first) = before.get(node) else {
+                continue;
+            };
+            let per_sec = sent.saturating_sub(*first) * 1_000 / GOSSIP_QUIET_MS;
+            if loudest.as_ref().is_none_or(|(_, most)| per_sec > *most) {
+                loudest = Some((node.clone(), per_sec));
+            }
+            if per_sec > MAX_QUIET_GOSSIP_PER_SEC {
+                self.violations.push(Violation::new(
+                    Invariant::GossipStorm,
+                    "",
+                    format!(
+                        "{node} sent {per_sec} gossip packets/s over {GOSSIP_QUIET_MS} ms once \
+                         settled (at most {MAX_QUIET_GOSSIP_PER_SEC}: a probe and its ack a \
+                         second, and rounds of updates)"
+                    ),
+                    vec![],
+                ));
+            }
+        }
+        self.settle_notes.push(match loudest {
+            Some((node, per_sec)) => format!(
+                "gossip once settled: {per_sec} packets/s at most ({node}), {} of {} nodes read",
+                after.len(),
+                running.len()
+            ),
+            None => "gossip once settled: no node answered".to_string(),
+        });
         Ok(())
+    }
+
+    /// Every named node's gossip packets sent so far (nodes that did not answer are left out).
+    fn read_gossip(&mut self, nodes: &[String]) -> Result<BTreeMap<String, u64>, String> {
+        {
+            let mut meter = self.gossip_meter.borrow_mut();
+            meter.ask = nodes.to_vec();
+            meter.done = false;
+        }
+        self.tick_until("reading the gossip counters", |h| {
+            h.gossip_meter.borrow().done
+        })?;
+        Ok(std::mem::take(&mut self.gossip_meter.borrow_mut().readings))
     }
 
     fn read_every_key(&mut self) -> Result<(), String> {
@@ -1957,6 +2040,7 @@ impl Harness {
             change_windows: &self.change_windows,
         });
         notes.extend(checker_notes);
+        notes.append(&mut self.settle_notes);
         let admin = self.shared.admin.borrow().clone();
         if !admin.is_empty() {
             let accepted = admin.iter().filter(|r| r.accepted()).count();
