@@ -100,6 +100,7 @@ pub struct Metrics {
     /// Members this node suspected, and declared down.
     pub gossip_suspicions: IntCounter,
     pub gossip_downs: IntCounter,
+    pub gossip_rejoins: IntCounter,
     /// Rings writes go to (1 when settled, 2 or more while the ring changes).
     pub ring_versions_live: IntGauge,
     /// Keys and bytes streamed by ring-change handoffs, by direction (sent, received).
@@ -269,6 +270,10 @@ impl Metrics {
             "dynakv_gossip_downs_total",
             "Members this node's gossip declared down",
         );
+        let gossip_rejoins = counter(
+            "dynakv_gossip_rejoins_total",
+            "Times this node renewed its gossip identity because the cluster had declared it down",
+        );
         let ring_versions_live = IntGauge::new(
             "dynakv_ring_versions_live",
             "Rings writes go to: 1 when the ring is settled, more while it changes",
@@ -413,6 +418,7 @@ impl Metrics {
             gossip_packets,
             gossip_suspicions,
             gossip_downs,
+            gossip_rejoins,
             gossip_exported: Default::default(),
             tombstones_purged,
             ae_exchanges,
@@ -478,6 +484,7 @@ impl Metrics {
             Box::new(m.gossip_packets.clone()),
             Box::new(m.gossip_suspicions.clone()),
             Box::new(m.gossip_downs.clone()),
+            Box::new(m.gossip_rejoins.clone()),
             Box::new(m.ring_versions_live.clone()),
             Box::new(m.handoff_keys.clone()),
             Box::new(m.handoff_bytes.clone()),
@@ -566,6 +573,8 @@ impl Metrics {
         );
         self.gossip_downs
             .inc_by(stats.downs_declared.saturating_sub(seen.downs_declared));
+        self.gossip_rejoins
+            .inc_by(stats.rejoins.saturating_sub(seen.rejoins));
         *seen = stats.clone();
     }
 
