@@ -23,7 +23,9 @@
 //!   mode a read returns at most one value.
 //! - **(d) replicas converge.** After settling, every replica of every key holds byte-identical
 //!   state, so the Merkle roots of every pair of nodes over the keys they share are equal; and no
-//!   hint is still waiting for hand-off.
+//!   hint is still waiting for hand-off. Once the final ring is known, each node's own Merkle
+//!   trees (the roots its `NodeStatus` reports, kept in memory across ring changes) equal the
+//!   trees of its storage.
 //! - **(e) R + W > N reads see acknowledged writes.** A read that started after a write was
 //!   acknowledged, with R + W > N, returns a context covering the write's dot, when no fault was
 //!   active from the write's start to the read's end, or whatever the faults when both used
@@ -45,8 +47,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use dynakv_core::dvvset::{Clock, Sibling};
-use dynakv_core::hash::key_position;
-use dynakv_core::merkle::{MerkleTree, entry_hash};
+use dynakv_core::hash::{hash128, key_position};
+use dynakv_core::merkle::{DEFAULT_LEAF_BITS, MerkleTree, entry_hash};
+use dynakv_node::storage::data_key;
 
 use crate::harness::Snapshot;
 use crate::history::{Dot, History, Op, OpKind, OpResult, show_bytes, show_vv};
@@ -231,6 +234,9 @@ pub struct Input<'a> {
     /// When some node reported a ring change under way (simulated ms, from..to): only counted,
     /// for the note on how many quorum reads (e) checked during a change.
     pub change_windows: &'a [(u64, u64)],
+    /// Each node's Merkle roots per co-replica as its `NodeStatus` reported them at the end
+    /// (32 hex digits; nodes that did not answer are missing).
+    pub node_roots: &'a BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// A short description of a stored clock, for reports.
@@ -679,32 +685,39 @@ impl Checker<'_> {
 
     /// (d) as anti-entropy sees it: for every pair of nodes, the Merkle roots over the keys both
     /// replicate are equal.
+    /// (d): the Merkle roots over the keys two nodes share, computed from their storage, are
+    /// equal; and each node's own trees (the roots its `NodeStatus` reported) are the trees of
+    /// its storage, co-replica by co-replica, when the final ring is known (a node's trees
+    /// follow its ring changes in memory instead of being rebuilt from disk, so a move that
+    /// put a key under the wrong peer would show here and nowhere else until a restart).
     fn check_merkle_roots(&mut self) {
         let input = self.input;
         let nodes: Vec<&String> = input.snapshot.keys().collect();
+        let tree = |node: &String, peer: &String| -> Option<(u128, usize)> {
+            let shared: Vec<(u64, u128)> = input
+                .replicas
+                .iter()
+                .filter(|(_, r)| r.contains(node) && r.contains(peer))
+                .filter_map(|(k, _)| {
+                    // What the node's trees hash: the stored key and the stored bytes.
+                    let bytes = input.snapshot.get(node)?.get(k)?;
+                    Some((
+                        key_position(k.as_bytes()),
+                        entry_hash(&data_key(k.as_bytes()), hash128(bytes)),
+                    ))
+                })
+                .collect();
+            let keys = shared.len();
+            MerkleTree::from_entries(DEFAULT_LEAF_BITS, shared)
+                .ok()
+                .map(|t| (t.root(), keys))
+        };
         let mut pairs = 0;
         let mut differing = Vec::new();
         for (i, a) in nodes.iter().enumerate() {
             for b in &nodes[i + 1..] {
-                let shared: Vec<&String> = input
-                    .replicas
-                    .iter()
-                    .filter(|(_, r)| r.contains(a) && r.contains(b))
-                    .map(|(k, _)| k)
-                    .collect();
-                let tree = |node: &String| {
-                    let entries = shared.iter().filter_map(|k| {
-                        let bytes = input.snapshot.get(node)?.get(*k)?;
-                        let clock = Clock::decode(bytes).ok()?;
-                        Some((
-                            key_position(k.as_bytes()),
-                            entry_hash(k.as_bytes(), clock.digest()),
-                        ))
-                    });
-                    MerkleTree::from_entries(10, entries).map(|t| t.root())
-                };
                 pairs += 1;
-                if tree(a).ok() != tree(b).ok() {
+                if tree(a, b).map(|t| t.0) != tree(b, a).map(|t| t.0) {
                     differing.push(format!("{a}/{b}"));
                 }
             }
@@ -717,6 +730,43 @@ impl Checker<'_> {
             } else {
                 format!(" ({})", differing.join(" "))
             }
+        ));
+        if !input.placement {
+            return;
+        }
+        let mut trees_checked = 0;
+        for (node, roots) in input.node_roots {
+            if !input.snapshot.contains_key(node) {
+                continue;
+            }
+            let peers: BTreeSet<&String> = nodes
+                .iter()
+                .copied()
+                .filter(|p| *p != node)
+                .chain(roots.keys())
+                .collect();
+            for peer in peers {
+                let Some((expected, keys)) = tree(node, peer) else {
+                    continue;
+                };
+                let empty = MerkleTree::new(DEFAULT_LEAF_BITS).map_or(0, |t| t.root());
+                let reported = roots.get(peer).cloned().unwrap_or(format!("{empty:032x}"));
+                trees_checked += 1;
+                if reported != format!("{expected:032x}") {
+                    self.violation(
+                        Invariant::Divergence,
+                        "",
+                        format!(
+                            "{node}'s Merkle tree for {peer} has root {reported}; the {keys} \
+                             keys its storage holds for the pair give {expected:032x}"
+                        ),
+                        vec![],
+                    );
+                }
+            }
+        }
+        self.notes.push(format!(
+            "merkle trees: {trees_checked} of the nodes' own trees checked against their storage"
         ));
     }
 

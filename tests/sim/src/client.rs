@@ -480,42 +480,68 @@ async fn poll_status(node: String, shared: Rc<Shared>, poll_ms: u64) {
     }
 }
 
-/// Readings of the gossip counters (`Gossip.Members`' `packets_sent`) of the nodes the harness
-/// names, for the settle phase's check that gossip goes quiet once nothing changes.
+/// What the settle phase reads of one node: its gossip counter (`Gossip.Members`'
+/// `packets_sent`) and the roots of its Merkle trees (`Admin.NodeStatus`).
+#[derive(Clone, Debug, Default)]
+pub struct NodeReading {
+    /// Gossip packets sent since the node started (`None`: no answer).
+    pub packets_sent: Option<u64>,
+    /// Root of its tree per co-replica, 32 hex digits (`None`: no answer).
+    pub roots: Option<BTreeMap<String, String>>,
+}
+
+/// The settle phase's reads of the nodes the harness names, for the checks that gossip goes
+/// quiet and that each node's Merkle trees match its storage.
 #[derive(Default)]
-pub struct GossipMeter {
-    /// Nodes to read next; the meter takes them and answers in `readings`.
+pub struct NodeReader {
+    /// Nodes to read next; the reader takes them and answers in `readings`.
     pub ask: Vec<String>,
-    /// Packets each node has sent since it started, per node that answered.
-    pub readings: BTreeMap<String, u64>,
+    pub readings: BTreeMap<String, NodeReading>,
     /// Set when `readings` holds the answer to the last `ask`.
     pub done: bool,
 }
 
-/// Reads the gossip counters the harness asks for (see [`GossipMeter`]); idle otherwise (it
-/// sends nothing, so it changes no run until asked).
-pub async fn gossip_meter(meter: Rc<RefCell<GossipMeter>>) -> turmoil::Result {
-    use dynakv_node::proto::GossipMembersRequest;
+/// Reads the nodes the harness asks for (see [`NodeReader`]); idle otherwise (it sends
+/// nothing, so it changes no run until asked).
+pub async fn node_reader(reader: Rc<RefCell<NodeReader>>) -> turmoil::Result {
+    use dynakv_node::proto::admin_client::AdminClient;
     use dynakv_node::proto::gossip_client::GossipClient;
+    use dynakv_node::proto::{GossipMembersRequest, NodeStatusRequest};
+    let timeout = Duration::from_millis(MEMBER_POLL_TIMEOUT_MS);
     loop {
-        let ask = std::mem::take(&mut meter.borrow_mut().ask);
+        let ask = std::mem::take(&mut reader.borrow_mut().ask);
         if ask.is_empty() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
         let mut readings = BTreeMap::new();
         for node in ask {
-            let mut client = GossipClient::new(crate::net::client_channel(&node));
-            let asked = client.members(GossipMembersRequest {});
+            let channel = crate::net::client_channel(&node);
+            let mut reading = NodeReading::default();
+            let mut gossip = GossipClient::new(channel.clone());
             if let Ok(Ok(answer)) =
-                tokio::time::timeout(Duration::from_millis(MEMBER_POLL_TIMEOUT_MS), asked).await
+                tokio::time::timeout(timeout, gossip.members(GossipMembersRequest {})).await
             {
-                readings.insert(node, answer.into_inner().packets_sent);
+                reading.packets_sent = Some(answer.into_inner().packets_sent);
             }
+            let mut admin = AdminClient::new(channel);
+            if let Ok(Ok(answer)) =
+                tokio::time::timeout(timeout, admin.node_status(NodeStatusRequest {})).await
+            {
+                reading.roots = Some(
+                    answer
+                        .into_inner()
+                        .roots
+                        .into_iter()
+                        .map(|r| (r.peer, r.root))
+                        .collect(),
+                );
+            }
+            readings.insert(node, reading);
         }
-        let mut m = meter.borrow_mut();
-        m.readings = readings;
-        m.done = true;
+        let mut r = reader.borrow_mut();
+        r.readings = readings;
+        r.done = true;
     }
 }
 

@@ -355,7 +355,9 @@ struct Harness {
     change_open: Option<u64>,
     /// Spares seen serving a ring of their own (see [`Harness::note_lone_joiners`]).
     lone: BTreeSet<String>,
-    gossip_meter: Rc<RefCell<crate::client::GossipMeter>>,
+    node_reader: Rc<RefCell<crate::client::NodeReader>>,
+    /// Each running node's Merkle roots per co-replica, read at the end of settling.
+    node_roots: BTreeMap<String, BTreeMap<String, String>>,
     /// What the settle phase measured, for the outcome's notes.
     settle_notes: Vec<String>,
 }
@@ -599,12 +601,12 @@ impl Harness {
             );
             clients.push("watch".to_string());
         }
-        let gossip_meter = Rc::new(RefCell::new(crate::client::GossipMeter::default()));
+        let node_reader = Rc::new(RefCell::new(crate::client::NodeReader::default()));
         sim.client(
-            "gossip-meter",
-            crate::client::gossip_meter(gossip_meter.clone()),
+            "node-reader",
+            crate::client::node_reader(node_reader.clone()),
         );
-        clients.push("gossip-meter".to_string());
+        clients.push("node-reader".to_string());
         let admin_queue = scenario.changes_membership().then(|| {
             let queue = Rc::new(RefCell::new(AdminQueue::default()));
             sim.client(
@@ -673,7 +675,8 @@ impl Harness {
             change_windows: Vec::new(),
             change_open: None,
             lone: BTreeSet::new(),
-            gossip_meter,
+            node_reader,
+            node_roots: BTreeMap::new(),
             settle_notes: Vec::new(),
         }
     }
@@ -1584,9 +1587,20 @@ impl Harness {
         self.log(format!(
             "settle: count gossip packets for {GOSSIP_QUIET_MS} ms"
         ));
-        let before = self.read_gossip(&running)?;
+        let before = self.read_nodes(&running)?;
         self.run_for(GOSSIP_QUIET_MS)?;
-        let after = self.read_gossip(&running)?;
+        let after = self.read_nodes(&running)?;
+        self.node_roots = after
+            .iter()
+            .filter_map(|(node, r)| Some((node.clone(), r.roots.clone()?)))
+            .collect();
+        let sent = |readings: &BTreeMap<String, crate::client::NodeReading>| {
+            readings
+                .iter()
+                .filter_map(|(node, r)| Some((node.clone(), r.packets_sent?)))
+                .collect::<BTreeMap<String, u64>>()
+        };
+        let (before, after) = (sent(&before), sent(&after));
         let mut loudest: Option<(String, u64)> = None;
         for (node, sent) in &after {
             let Some(first) = before.get(node) else {
@@ -1620,17 +1634,18 @@ impl Harness {
         Ok(())
     }
 
-    /// Every named node's gossip packets sent so far (nodes that did not answer are left out).
-    fn read_gossip(&mut self, nodes: &[String]) -> Result<BTreeMap<String, u64>, String> {
+    /// Reads every named node's gossip counter and Merkle roots.
+    fn read_nodes(
+        &mut self,
+        nodes: &[String],
+    ) -> Result<BTreeMap<String, crate::client::NodeReading>, String> {
         {
-            let mut meter = self.gossip_meter.borrow_mut();
-            meter.ask = nodes.to_vec();
-            meter.done = false;
+            let mut reader = self.node_reader.borrow_mut();
+            reader.ask = nodes.to_vec();
+            reader.done = false;
         }
-        self.tick_until("reading the gossip counters", |h| {
-            h.gossip_meter.borrow().done
-        })?;
-        Ok(std::mem::take(&mut self.gossip_meter.borrow_mut().readings))
+        self.tick_until("reading the nodes", |h| h.node_reader.borrow().done)?;
+        Ok(std::mem::take(&mut self.node_reader.borrow_mut().readings))
     }
 
     fn read_every_key(&mut self) -> Result<(), String> {
@@ -2038,6 +2053,7 @@ impl Harness {
             placement: settled && self.final_ring.is_some(),
             gone: &gone,
             change_windows: &self.change_windows,
+            node_roots: &self.node_roots,
         });
         notes.extend(checker_notes);
         notes.append(&mut self.settle_notes);

@@ -433,6 +433,15 @@ fn checker_catches_reads_before_handoff() {
         "(e) did not notice:\n{}",
         report(&outcome)
     );
+    // The keys vanished behind the spare's back: its Merkle trees still hold them.
+    assert!(
+        outcome.violations.iter().any(|v| {
+            v.invariant == dynakv_sim::checker::Invariant::Divergence
+                && v.message.contains("Merkle tree for")
+        }),
+        "(d) did not notice trees that disagree with storage:\n{}",
+        report(&outcome)
+    );
 }
 
 /// Without anti-entropy (and with neither hints nor reads), a replica that missed writes stays
