@@ -10,7 +10,10 @@ foreground p99 during the handoff against before it (issue: membership change, p
   4. prints one JSON object: the streaming rate (bytes moved / time in phase "streaming"), the
      time from the request until n4 serves its share (the change committed), and each chunk's
      p99 per operation, marked before / during / after, with where the machine's time went in
-     it (`cpu`: busy, iowait and steal shares of all cores, and the nodes' share).
+     it (`cpu`: busy, iowait and steal shares of all cores, and the nodes' share) and what the
+     nodes did besides (`nodes`, summed over all: gossip packets sent per second, a few per node
+     in steady state, and rejoins; anti-entropy keys repaired and bytes sent; keys old owners
+     dropped; read repairs).
 
   scripts/bench-join.py                       # KEYS=1000000 VALUE_SIZE=1024 by default
   KEYS=200000 scripts/bench-join.py           # a quicker run
@@ -31,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = int(os.environ.get("KEYS", "1000000"))
@@ -111,8 +115,43 @@ def cpu_delta(before, after):
     return out
 
 
+# Counters summed over every node per chunk: what the nodes did besides serving the bench.
+COUNTERS = {
+    'dynakv_gossip_packets_total{outcome="sent"}': "gossip_sent",
+    "dynakv_gossip_rejoins_total": "gossip_rejoins",
+    "dynakv_antientropy_keys_repaired_total": "antientropy_keys_repaired",
+    "dynakv_antientropy_sent_bytes_total": "antientropy_sent_bytes",
+    "dynakv_handoff_dropped_keys_total": "dropped_keys",
+    "dynakv_read_repairs_total": "read_repairs",
+}
+
+
+def node_counters():
+    """COUNTERS summed over every node that answers /metrics, and when they were read."""
+    out = dict.fromkeys(COUNTERS.values(), 0)
+    for i in (2, 3, 4, 5):
+        try:
+            with urllib.request.urlopen(f"http://{BASE}{i}:9100/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            name, _, value = line.rpartition(" ")
+            # Counters with labels other than the ones named are summed over their labels.
+            key = COUNTERS.get(name) or COUNTERS.get(name.split("{")[0])
+            if key:
+                try:
+                    out[key] += int(float(value))
+                except ValueError:
+                    pass
+    return time.time(), out
+
+
 def bench_chunk(dynakv, work=None):
     started = cpu_snapshot(work) if work else None
+    counted = node_counters()
     out = subprocess.run(
         [dynakv, "bench", "-e", EP, "-W", "A", "-k", str(KEYS), "-s", str(VALUE_SIZE),
          "-c", str(CLIENTS), "-t", f"{CHUNK_S}s", "--warmup", "0s", "--no-progress",
@@ -130,6 +169,9 @@ def bench_chunk(dynakv, work=None):
         # Where the machine's time went: a slow chunk with the nodes busy is the product's; one
         # with steal or iowait high, or the nodes idle, is the machine's.
         row["cpu"] = cpu_delta(started, cpu_snapshot(work))
+    (t0, c0), (t1, c1) = counted, node_counters()
+    row["nodes"] = {k: c1[k] - c0[k] for k in c1}
+    row["nodes"]["gossip_sent_per_s"] = round(row["nodes"].pop("gossip_sent") / max(t1 - t0, 0.001), 1)
     return row
 
 
