@@ -1576,7 +1576,8 @@ impl Harness {
     /// (g): once nothing changes, gossip is back to its few packets a second. A rejoin storm
     /// (a node renewing its identity over and over, each renewal drawing the next) went on for
     /// minutes after a ring change on real nodes while every member looked alive; nothing else
-    /// in a run shows it.
+    /// in a run shows it. The second reading's Merkle roots are kept for the checker's (d)
+    /// (each node's trees against its storage).
     fn check_gossip_quiet(&mut self) -> Result<(), String> {
         let running: Vec<String> = self
             .nodes
