@@ -572,14 +572,9 @@ impl crate::handoff::HandoffHost for Node {
 /// multi-threaded runtime it runs on a thread of its own while views go on being applied: a view
 /// that waited for it would hold back the next ring change's acks and every liveness change for
 /// as long. Moves run one at a time; ring changes during one are folded into one more after it.
-/// Segments a write in flight kept from settling are scanned again shortly after.
+/// Segments a write in flight kept from settling are scanned again shortly after ([`TreeJobs`]
+/// holds these rules).
 pub async fn follow_gossip(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    /// Waits before scanning again the segments a write in flight kept from settling: doubling
-    /// from the first to the last, then every last (a few segments' scan, until they settle).
-    const SETTLE_RETRY: [std::time::Duration; 2] = [
-        std::time::Duration::from_millis(50),
-        std::time::Duration::from_secs(5),
-    ];
     let mut snapshots = node.gossip.subscribe();
     let mut previous = snapshots.borrow_and_update().clone();
     // Take in the snapshot gossip holds now too: it may have met the cluster already (gossip
@@ -590,28 +585,17 @@ pub async fn follow_gossip(node: Arc<Node>, mut stop: tokio::sync::watch::Receiv
         tokio::runtime::RuntimeFlavor::MultiThread
     );
     let mut moving: Option<tokio::task::JoinHandle<(Option<TreeWork>, std::time::Duration)>> = None;
-    let mut move_due = false;
-    // A move failed: the next one waits for the next snapshot, not a tight loop.
-    let mut held = false;
-    // Cut segments left to settle, when to try again, and the wait before that.
-    let mut unsettled: Option<(TreeWork, Instant, std::time::Duration)> = None;
-    let after_move = |work: Option<TreeWork>,
-                      unsettled: &mut Option<(TreeWork, Instant, std::time::Duration)>,
-                      wait: std::time::Duration| {
-        let work = work?;
-        if !work.unsettled.is_empty() {
-            if wait >= SETTLE_RETRY[1] {
-                tracing::warn!(
-                    segments = work.unsettled.len(),
-                    "merkle tree segments still have writes in flight; trying again"
-                );
-            }
-            *unsettled = Some((work, Instant::now() + wait, (wait * 2).min(SETTLE_RETRY[1])));
+    let mut jobs = TreeJobs::default();
+    let finished = |jobs: &mut TreeJobs, work: Option<TreeWork>, wait: std::time::Duration| {
+        if let Some(segments) = jobs.finished(work, wait, Instant::now()) {
+            tracing::warn!(
+                segments,
+                "merkle tree segments still have writes in flight; trying again"
+            );
         }
-        Some(())
     };
     loop {
-        let retry_at = unsettled.as_ref().map(|u| u.1);
+        let retry_at = jobs.retry_at();
         tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
@@ -620,30 +604,27 @@ pub async fn follow_gossip(node: Arc<Node>, mut stop: tokio::sync::watch::Receiv
                     break;
                 }
                 let snapshot = snapshots.borrow_and_update().clone();
-                move_due |= node.apply_membership(&previous, &snapshot);
+                jobs.viewed(node.apply_membership(&previous, &snapshot));
                 previous = snapshot;
-                held = false;
             }
             done = async { moving.as_mut().expect("guarded").await }, if moving.is_some() => {
-                let (work, wait) = done.unwrap_or((None, SETTLE_RETRY[0]));
+                // A panic of the scan's thread counts as a failed move.
+                let (work, wait) = done.unwrap_or((None, TREE_SETTLE_RETRY[0]));
                 moving = None;
-                // A storage error or a panic leaves segments unsettled: move again.
-                if after_move(work, &mut unsettled, wait).is_none() {
-                    move_due = true;
-                    held = true;
-                }
+                finished(&mut jobs, work, wait);
             }
             _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await },
-                if retry_at.is_some() && moving.is_none() && !move_due => {}
+                if retry_at.is_some() && moving.is_none() => {}
         }
         if moving.is_some() {
             continue;
         }
-        let (job, wait): (Box<dyn FnOnce() -> Option<TreeWork> + Send>, _) = if move_due && !held {
-            move_due = false;
-            unsettled = None;
-            let node = node.clone();
-            let job = Box::new(move || match node.retarget_trees() {
+        let Some((next, wait)) = jobs.next(Instant::now()) else {
+            continue;
+        };
+        let node = node.clone();
+        let job: Box<dyn FnOnce() -> Option<TreeWork> + Send> = match next {
+            TreeJob::Move => Box::new(move || match node.retarget_trees() {
                 Ok(work) => {
                     tracing::info!(
                         scanned = work.scanned,
@@ -656,16 +637,8 @@ pub async fn follow_gossip(node: Arc<Node>, mut stop: tokio::sync::watch::Receiv
                     tracing::error!(error = %e, "merkle trees not moved to the new ring");
                     None
                 }
-            });
-            (
-                job as Box<dyn FnOnce() -> Option<TreeWork> + Send>,
-                SETTLE_RETRY[0],
-            )
-        } else if !move_due
-            && let Some((work, _, wait)) = unsettled.take_if(|u| u.1 <= Instant::now())
-        {
-            let node = node.clone();
-            let job = Box::new(move || {
+            }),
+            TreeJob::Settle(work) => Box::new(move || {
                 match node.settle_trees(work.generation, work.map, work.unsettled) {
                     Ok(work) => Some(work),
                     Err(e) => {
@@ -673,10 +646,7 @@ pub async fn follow_gossip(node: Arc<Node>, mut stop: tokio::sync::watch::Receiv
                         None
                     }
                 }
-            });
-            (job as Box<dyn FnOnce() -> Option<TreeWork> + Send>, wait)
-        } else {
-            continue;
+            }),
         };
         if background {
             // On a thread of its own at a lower CPU priority: client requests must not queue
@@ -692,15 +662,98 @@ pub async fn follow_gossip(node: Arc<Node>, mut stop: tokio::sync::watch::Receiv
                     .and_then(|scan| scan.join().ok().flatten());
                 (work, wait)
             }));
-        // A current-thread runtime (the simulation): inline, so the run stays deterministic.
-        } else if after_move(job(), &mut unsettled, wait).is_none() {
-            move_due = true;
-            held = true;
+        } else {
+            // A current-thread runtime (the simulation): inline, so the run stays deterministic.
+            finished(&mut jobs, job(), wait);
         }
     }
     // As when the move ran inside this task: stopped means no scan still running.
     if let Some(running) = moving.take() {
         let _ = running.await;
+    }
+}
+
+/// Waits before scanning again the segments a write in flight kept from settling: doubling
+/// from the first to the last, then every last (a few segments' scan, until they settle).
+const TREE_SETTLE_RETRY: [std::time::Duration; 2] = [
+    std::time::Duration::from_millis(50),
+    std::time::Duration::from_secs(5),
+];
+
+/// What [`follow_gossip`] runs on the Merkle trees next.
+enum TreeJob {
+    /// Move the trees to the view's ring ([`Node::retarget_trees`]).
+    Move,
+    /// Scan again the cut segments a move or a settle left unsettled.
+    Settle(TreeWork),
+}
+
+/// [`follow_gossip`]'s choice between moving the trees and settling what a move left, without
+/// the I/O (time comes in as an argument), so that its rules are table-tested: a ring change
+/// moves the trees as soon as no job runs, and drops any settle retry (the move redoes the
+/// segments); a failed job moves again, but only after the next view (no tight loop on a
+/// storage error); unsettled segments are tried again after a wait that doubles from 50 ms to
+/// 5 s, unless a move is due.
+#[derive(Default)]
+struct TreeJobs {
+    move_due: bool,
+    /// The last job failed: the next move waits for the next view.
+    held: bool,
+    /// Cut segments left to settle, when to try again, and the wait after that.
+    unsettled: Option<(TreeWork, Instant, std::time::Duration)>,
+}
+
+impl TreeJobs {
+    /// A view was applied; `ring_moved`: its ring differs from the one the trees follow.
+    fn viewed(&mut self, ring_moved: bool) {
+        self.move_due |= ring_moved;
+        self.held = false;
+    }
+
+    /// When a settle retry is due (none while a move is).
+    fn retry_at(&self) -> Option<Instant> {
+        if self.move_due {
+            return None;
+        }
+        self.unsettled.as_ref().map(|u| u.1)
+    }
+
+    /// The job to start at `now`, if any, with the wait before retrying what it leaves
+    /// unsettled. Call only when no job runs.
+    fn next(&mut self, now: Instant) -> Option<(TreeJob, std::time::Duration)> {
+        if self.move_due {
+            if self.held {
+                return None;
+            }
+            self.move_due = false;
+            self.unsettled = None;
+            return Some((TreeJob::Move, TREE_SETTLE_RETRY[0]));
+        }
+        let (work, _, wait) = self.unsettled.take_if(|u| u.1 <= now)?;
+        Some((TreeJob::Settle(work), wait))
+    }
+
+    /// A job ended at `now` (`None`: it failed); `wait` is what [`TreeJobs::next`] gave with
+    /// it. Returns the segments still unsettled once the wait has reached its longest (worth a
+    /// warning).
+    fn finished(
+        &mut self,
+        work: Option<TreeWork>,
+        wait: std::time::Duration,
+        now: Instant,
+    ) -> Option<usize> {
+        let Some(work) = work else {
+            self.move_due = true;
+            self.held = true;
+            return None;
+        };
+        if work.unsettled.is_empty() {
+            return None;
+        }
+        let segments = work.unsettled.len();
+        let next_wait = (wait * 2).min(TREE_SETTLE_RETRY[1]);
+        self.unsettled = Some((work, now + wait, next_wait));
+        (wait >= TREE_SETTLE_RETRY[1]).then_some(segments)
     }
 }
 
@@ -2122,6 +2175,106 @@ fn classify(result: Result<replica_response::Result, PeerError>) -> Result<(), R
 mod tests {
     use super::*;
     use crate::storage::{MemoryBackend, StoreConfig, StoreMetrics, WriterMode};
+
+    fn work(unsettled: &[u32]) -> TreeWork {
+        TreeWork {
+            generation: 1,
+            map: Arc::default(),
+            scanned: 0,
+            unsettled: unsettled.to_vec(),
+        }
+    }
+
+    fn is_move(next: &Option<(TreeJob, std::time::Duration)>) -> bool {
+        matches!(next, Some((TreeJob::Move, _)))
+    }
+
+    #[test]
+    fn tree_jobs_move_on_a_ring_change_and_retry_unsettled_segments_with_a_doubling_wait() {
+        let ms = std::time::Duration::from_millis;
+        let t0 = Instant::now();
+        let mut jobs = TreeJobs::default();
+        // A view that changes nothing starts nothing.
+        jobs.viewed(false);
+        assert!(jobs.next(t0).is_none());
+        assert_eq!(jobs.retry_at(), None);
+        // A ring change: one move, with the first wait.
+        jobs.viewed(true);
+        let next = jobs.next(t0);
+        assert!(is_move(&next));
+        assert_eq!(next.unwrap().1, ms(50));
+        assert!(jobs.next(t0).is_none(), "one move per ring change");
+        // It left two segments unsettled: retried after 50 ms, then 100, 200, ... up to 5 s.
+        assert_eq!(jobs.finished(Some(work(&[3, 9])), ms(50), t0), None);
+        assert_eq!(jobs.retry_at(), Some(t0 + ms(50)));
+        assert!(jobs.next(t0 + ms(49)).is_none(), "not before its time");
+        let mut now = t0 + ms(50);
+        let mut expected = ms(100);
+        for _ in 0..10 {
+            let Some((TreeJob::Settle(left), wait)) = jobs.next(now) else {
+                panic!("a settle retry is due at {now:?}");
+            };
+            assert_eq!(left.unsettled, vec![3, 9]);
+            assert_eq!(wait, expected);
+            let warned = jobs.finished(Some(left), wait, now);
+            // Worth a warning only once the wait has reached its longest.
+            assert_eq!(warned, (wait == ms(5_000)).then_some(2));
+            now += wait;
+            assert_eq!(jobs.retry_at(), Some(now));
+            expected = (expected * 2).min(ms(5_000));
+        }
+        // Settled at last: nothing more to do.
+        let Some((TreeJob::Settle(left), wait)) = jobs.next(now) else {
+            panic!("a settle retry is due");
+        };
+        assert_eq!(
+            jobs.finished(
+                Some(TreeWork {
+                    unsettled: vec![],
+                    ..left
+                }),
+                wait,
+                now
+            ),
+            None
+        );
+        assert_eq!(jobs.retry_at(), None);
+        assert!(jobs.next(now + ms(60_000)).is_none());
+    }
+
+    #[test]
+    fn tree_jobs_a_ring_change_replaces_a_pending_retry_and_a_failure_waits_for_the_next_view() {
+        let ms = std::time::Duration::from_millis;
+        let t0 = Instant::now();
+        let mut jobs = TreeJobs::default();
+        jobs.viewed(true);
+        assert!(is_move(&jobs.next(t0)));
+        jobs.finished(Some(work(&[1])), ms(50), t0);
+        // A newer ring arrives before the retry: no retry (the move redoes the segments).
+        jobs.viewed(true);
+        assert_eq!(jobs.retry_at(), None, "no retry timer while a move is due");
+        assert!(is_move(&jobs.next(t0 + ms(50))));
+        assert!(
+            jobs.next(t0 + ms(10_000)).is_none(),
+            "the old retry is gone"
+        );
+        // The move fails (a storage error): moving again waits for the next view.
+        jobs.finished(None, ms(50), t0);
+        assert!(
+            jobs.next(t0 + ms(10_000)).is_none(),
+            "no tight loop on a failure"
+        );
+        jobs.viewed(false);
+        assert!(is_move(&jobs.next(t0)), "any view releases the held move");
+        // A failed settle also moves again.
+        jobs.finished(Some(work(&[2])), ms(50), t0);
+        let Some((TreeJob::Settle(_), _)) = jobs.next(t0 + ms(50)) else {
+            panic!("a settle retry is due");
+        };
+        jobs.finished(None, ms(100), t0 + ms(50));
+        jobs.viewed(false);
+        assert!(is_move(&jobs.next(t0 + ms(60))));
+    }
 
     #[cfg(target_os = "linux")]
     #[test]
