@@ -122,8 +122,15 @@ fn a_paused_node_is_suspected_then_marked_down_and_is_alive_again_after_sigcont(
 
     c.cont(2);
     wait_for_state(&c, &[0, 1], "n3", "alive");
-    // Thawed, not restarted: the same generation, and it takes writes at W=ALL again.
+    // Thawed, not restarted: the same generation, and it takes writes at W=ALL again. It
+    // learned it had been declared down and renewed its identity: counted once or so, not a
+    // storm of renewals.
     assert_eq!(view_of(&c, 0)["n3"].1, before);
+    let rejoins = metric_value(&c.metrics(2), "dynakv_gossip_rejoins_total", &[]);
+    assert!(
+        rejoins.is_some_and(|r| (1.0..=3.0).contains(&r)),
+        "n3 renewed its identity {rejoins:?} times after being declared down"
+    );
     wait_until(
         "W=ALL to succeed after SIGCONT",
         Duration::from_secs(30),

@@ -468,12 +468,12 @@ pub fn handoffs(old: &Ring, new: &Ring, n: usize, to: &NodeId) -> Vec<Handoff> {
         {
             return;
         }
-        let sources: Vec<NodeId> = segment
-            .old
-            .iter()
-            .map(|&node| old.nodes[node].id.clone())
-            .collect();
-        push_merged(&mut out, segment.start, segment.end, sources);
+        push_merged(
+            &mut out,
+            segment.start,
+            segment.end,
+            ids_of(&segment.old, old),
+        );
     });
     merged_across_zero(out)
         .into_iter()
@@ -507,12 +507,12 @@ impl ReplicaRange {
 pub fn replica_ranges(ring: &Ring, n: usize) -> Vec<ReplicaRange> {
     let mut out = Vec::new();
     for_each_segment(ring, ring, n, |segment| {
-        let replicas: Vec<NodeId> = segment
-            .new
-            .iter()
-            .map(|&node| ring.nodes[node].id.clone())
-            .collect();
-        push_merged(&mut out, segment.start, segment.end, replicas);
+        push_merged(
+            &mut out,
+            segment.start,
+            segment.end,
+            ids_of(&segment.new, ring),
+        );
     });
     merged_across_zero(out)
         .into_iter()
@@ -625,6 +625,14 @@ fn for_each_segment(old: &Ring, new: &Ring, n: usize, mut visit: impl FnMut(&Seg
         visit(&segment);
         segment.start = end;
     }
+}
+
+/// Ids of `replicas` (indices into `ring`'s nodes), in order.
+fn ids_of(replicas: &[usize], ring: &Ring) -> Vec<NodeId> {
+    replicas
+        .iter()
+        .map(|&node| ring.nodes[node].id.clone())
+        .collect()
 }
 
 fn contains_id(replicas: &[usize], ring: &Ring, id: &NodeId) -> bool {

@@ -734,6 +734,8 @@ impl Checker<'_> {
         if !input.placement {
             return;
         }
+        // A node with no tree for a peer reports no root; it stands for an empty tree.
+        let empty = MerkleTree::new(DEFAULT_LEAF_BITS).map_or(0, |t| t.root());
         let mut trees_checked = 0;
         for (node, roots) in input.node_roots {
             if !input.snapshot.contains_key(node) {
@@ -749,7 +751,6 @@ impl Checker<'_> {
                 let Some((expected, keys)) = tree(node, peer) else {
                     continue;
                 };
-                let empty = MerkleTree::new(DEFAULT_LEAF_BITS).map_or(0, |t| t.root());
                 let reported = roots.get(peer).cloned().unwrap_or(format!("{empty:032x}"));
                 trees_checked += 1;
                 if reported != format!("{expected:032x}") {

@@ -486,7 +486,7 @@ async fn poll_status(node: String, shared: Rc<Shared>, poll_ms: u64) {
 pub struct NodeReading {
     /// Gossip packets sent since the node started (`None`: no answer).
     pub packets_sent: Option<u64>,
-    /// Root of its tree per co-replica, 32 hex digits (`None`: no answer).
+    /// Root of its tree per co-replica, 32 hex digits (`None`: not asked, or no answer).
     pub roots: Option<BTreeMap<String, String>>,
 }
 
@@ -496,6 +496,8 @@ pub struct NodeReading {
 pub struct NodeReader {
     /// Nodes to read next; the reader takes them and answers in `readings`.
     pub ask: Vec<String>,
+    /// Whether to read the Merkle roots too (else only the gossip counter).
+    pub roots: bool,
     pub readings: BTreeMap<String, NodeReading>,
     /// Set when `readings` holds the answer to the last `ask`.
     pub done: bool,
@@ -509,7 +511,10 @@ pub async fn node_reader(reader: Rc<RefCell<NodeReader>>) -> turmoil::Result {
     use dynakv_node::proto::{GossipMembersRequest, NodeStatusRequest};
     let timeout = Duration::from_millis(MEMBER_POLL_TIMEOUT_MS);
     loop {
-        let ask = std::mem::take(&mut reader.borrow_mut().ask);
+        let (ask, with_roots) = {
+            let mut r = reader.borrow_mut();
+            (std::mem::take(&mut r.ask), r.roots)
+        };
         if ask.is_empty() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -525,8 +530,9 @@ pub async fn node_reader(reader: Rc<RefCell<NodeReader>>) -> turmoil::Result {
                 reading.packets_sent = Some(answer.into_inner().packets_sent);
             }
             let mut admin = AdminClient::new(channel);
-            if let Ok(Ok(answer)) =
-                tokio::time::timeout(timeout, admin.node_status(NodeStatusRequest {})).await
+            if with_roots
+                && let Ok(Ok(answer)) =
+                    tokio::time::timeout(timeout, admin.node_status(NodeStatusRequest {})).await
             {
                 reading.roots = Some(
                     answer

@@ -862,12 +862,7 @@ impl Harness {
         if pending.is_empty() {
             return;
         }
-        let running: Vec<String> = self
-            .nodes
-            .iter()
-            .filter(|n| n.running())
-            .map(|n| n.name.clone())
-            .collect();
+        let running = self.running_names();
         let committed: Vec<String> = {
             let status = self.shared.status.borrow();
             pending
@@ -1029,6 +1024,15 @@ impl Harness {
 
     fn wait_idle(&mut self) -> Result<(), String> {
         self.tick_until("client operations", Self::queues_idle)
+    }
+
+    /// Names of the nodes that answer ([`SimNode::running`]).
+    fn running_names(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.running())
+            .map(|n| n.name.clone())
+            .collect()
     }
 
     fn node_index(&self, name: &str) -> Result<usize, String> {
@@ -1579,18 +1583,13 @@ impl Harness {
     /// in a run shows it. The second reading's Merkle roots are kept for the checker's (d)
     /// (each node's trees against its storage).
     fn check_gossip_quiet(&mut self) -> Result<(), String> {
-        let running: Vec<String> = self
-            .nodes
-            .iter()
-            .filter(|n| n.running())
-            .map(|n| n.name.clone())
-            .collect();
+        let running = self.running_names();
         self.log(format!(
             "settle: count gossip packets for {GOSSIP_QUIET_MS} ms"
         ));
-        let before = self.read_nodes(&running)?;
+        let before = self.read_nodes(&running, false)?;
         self.run_for(GOSSIP_QUIET_MS)?;
-        let after = self.read_nodes(&running)?;
+        let after = self.read_nodes(&running, true)?;
         self.node_roots = after
             .iter()
             .filter_map(|(node, r)| Some((node.clone(), r.roots.clone()?)))
@@ -1635,14 +1634,16 @@ impl Harness {
         Ok(())
     }
 
-    /// Reads every named node's gossip counter and Merkle roots.
+    /// Reads every named node's gossip counter, and its Merkle roots if `roots`.
     fn read_nodes(
         &mut self,
         nodes: &[String],
+        roots: bool,
     ) -> Result<BTreeMap<String, crate::client::NodeReading>, String> {
         {
             let mut reader = self.node_reader.borrow_mut();
             reader.ask = nodes.to_vec();
+            reader.roots = roots;
             reader.done = false;
         }
         self.tick_until("reading the nodes", |h| h.node_reader.borrow().done)?;
@@ -1661,12 +1662,7 @@ impl Harness {
             }
             let first = self.shared.history.borrow().ops.len();
             let queue = self.queues["settle"].clone();
-            let running: Vec<String> = self
-                .nodes
-                .iter()
-                .filter(|n| n.running())
-                .map(|n| n.name.clone())
-                .collect();
+            let running = self.running_names();
             for (i, key) in pending.iter().enumerate() {
                 let target = running[(i + attempt) % running.len()].clone();
                 queue.borrow_mut().queue.push_back(Command {
