@@ -48,7 +48,7 @@ use std::fmt;
 
 use dynakv_core::dvvset::{Clock, Sibling};
 use dynakv_core::hash::{hash128, key_position};
-use dynakv_core::merkle::{DEFAULT_LEAF_BITS, MerkleTree, entry_hash};
+use dynakv_core::merkle::{MerkleTree, entry_hash};
 use dynakv_node::storage::data_key;
 
 use crate::harness::Snapshot;
@@ -237,6 +237,9 @@ pub struct Input<'a> {
     /// Each node's Merkle roots per co-replica as its `NodeStatus` reported them at the end
     /// (32 hex digits; nodes that did not answer are missing).
     pub node_roots: &'a BTreeMap<String, BTreeMap<String, String>>,
+    /// The nodes' Merkle tree resolution (`anti_entropy.leaf_bits`): the roots above are of
+    /// trees with 2^leaf_bits segments.
+    pub leaf_bits: u8,
 }
 
 /// A short description of a stored clock, for reports.
@@ -708,7 +711,7 @@ impl Checker<'_> {
                 })
                 .collect();
             let keys = shared.len();
-            MerkleTree::from_entries(DEFAULT_LEAF_BITS, shared)
+            MerkleTree::from_entries(input.leaf_bits, shared)
                 .ok()
                 .map(|t| (t.root(), keys))
         };
@@ -735,7 +738,7 @@ impl Checker<'_> {
             return;
         }
         // A node with no tree for a peer reports no root; it stands for an empty tree.
-        let empty = MerkleTree::new(DEFAULT_LEAF_BITS).map_or(0, |t| t.root());
+        let empty = MerkleTree::new(input.leaf_bits).map_or(0, |t| t.root());
         let mut trees_checked = 0;
         for (node, roots) in input.node_roots {
             if !input.snapshot.contains_key(node) {

@@ -321,6 +321,8 @@ struct Harness {
     opts: RunOptions,
     n: u32,
     conflict: ConflictMode,
+    /// The nodes' Merkle tree resolution (`anti_entropy.leaf_bits`), for the trees check.
+    leaf_bits: u8,
     nodes: Vec<SimNode>,
     view: ClusterView,
     clients: Vec<String>,
@@ -472,6 +474,7 @@ impl Harness {
         let seeds: Vec<String> = members.iter().map(|m| m.address.clone()).collect();
         let mut nodes = Vec::new();
         let mut view = None;
+        let mut leaf_bits = dynakv_core::merkle::DEFAULT_LEAF_BITS;
         for name in names.iter().chain(&spares) {
             let spare = spares.contains(name);
             let entry = if spare {
@@ -486,6 +489,7 @@ impl Harness {
                 Entry::Member(&members)
             };
             let config = node_config(name, entry, scenario, n, opts.breakage);
+            leaf_bits = config.raw.anti_entropy.leaf_bits;
             if view.is_none() {
                 view = Some(ClusterView::from_members(
                     &config.node_id,
@@ -650,6 +654,7 @@ impl Harness {
             opts,
             n,
             conflict: scenario.conflict,
+            leaf_bits,
             nodes,
             view,
             clients,
@@ -2051,6 +2056,7 @@ impl Harness {
             gone: &gone,
             change_windows: &self.change_windows,
             node_roots: &self.node_roots,
+            leaf_bits: self.leaf_bits,
         });
         notes.extend(checker_notes);
         notes.append(&mut self.settle_notes);
