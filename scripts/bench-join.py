@@ -34,7 +34,8 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
+
+import benchlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = int(os.environ.get("KEYS", "1000000"))
@@ -130,22 +131,9 @@ def node_counters():
     """COUNTERS summed over every node that answers /metrics, and when they were read."""
     out = dict.fromkeys(COUNTERS.values(), 0)
     for i in (2, 3, 4, 5):
-        try:
-            with urllib.request.urlopen(f"http://{BASE}{i}:9100/metrics", timeout=2) as r:
-                text = r.read().decode()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("#"):
-                continue
-            name, _, value = line.rpartition(" ")
-            # Counters with labels other than the ones named are summed over their labels.
-            key = COUNTERS.get(name) or COUNTERS.get(name.split("{")[0])
-            if key:
-                try:
-                    out[key] += int(float(value))
-                except ValueError:
-                    pass
+        scraped = benchlib.scrape(f"http://{BASE}{i}:9100/metrics", wanted=COUNTERS) or {}
+        for series, value in scraped.items():
+            out[COUNTERS[series]] += int(value)
     return time.time(), out
 
 

@@ -46,16 +46,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Ready when dev says so (its log names each node's pid), as scripts/bench-vs-etcd.sh waits.
+for _ in $(seq 600); do
+  grep -q '^ready:' "$DATA/dev.log" && break
+  kill -0 "$DEV" 2>/dev/null || { cat "$DATA/dev.log" >&2; exit 1; }
+  sleep 0.1
+done
+grep -q '^ready:' "$DATA/dev.log" || { echo "dev cluster not ready" >&2; cat "$DATA/dev.log" >&2; exit 1; }
+PIDS=$(grep -o ' pid [0-9]*' "$DATA/dev.log" | awk '{print $2}' | paste -sd,)
 # The endpoints: node i listens on BASE_IP + i.
 IFS=. read -r a b c d <<<"$BASE_IP"
 EPS=$(for ((i = 0; i < NODES; i++)); do echo -n "$a.$b.$c.$((d + i)):7100,"; done)
 EPS=${EPS%,}
-for _ in $(seq 60); do
-  "$DYNAKV" cluster status -e "${EPS%%,*}" >/dev/null 2>&1 && break
-  sleep 0.5
-done
-sleep 2
-PIDS=$(pgrep -f "serve --config $DATA/dev" | paste -sd,)
 
 run() { # label workload [bench args..]
   local label=$1 workload=$2

@@ -80,26 +80,34 @@ def status_kb(pid, field):
     return None
 
 
-def scrape(url):
-    """Sums of the storage histograms (and request counts) from one node's /metrics."""
+# What `run` reads of each node's /metrics.
+STORAGE_METRICS = {
+    "dynakv_storage_batch_ops_sum",
+    "dynakv_storage_batch_ops_count",
+    "dynakv_storage_commit_seconds_sum",
+    "dynakv_storage_commit_seconds_count",
+    "dynakv_forwarded_requests_total",
+    "dynakv_read_repairs_total",
+}
+
+
+def scrape(url, wanted=STORAGE_METRICS):
+    """The `wanted` series of one node's /metrics (None if it does not answer). A bare name is
+    summed over its labels; `name{label="value"}` is that series alone."""
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
             text = r.read().decode()
     except OSError:
         return None
-    wanted = {
-        "dynakv_storage_batch_ops_sum",
-        "dynakv_storage_batch_ops_count",
-        "dynakv_storage_commit_seconds_sum",
-        "dynakv_storage_commit_seconds_count",
-        "dynakv_forwarded_requests_total",
-        "dynakv_read_repairs_total",
-    }
     out = {}
     for line in text.splitlines():
         m = re.match(r"^([a-zA-Z_:]+)(\{[^}]*\})?\s+(\S+)$", line)
-        if m and m.group(1) in wanted:
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+        if not m:
+            continue
+        series = m.group(1) + (m.group(2) or "")
+        key = series if series in wanted else m.group(1) if m.group(1) in wanted else None
+        if key:
+            out[key] = out.get(key, 0.0) + float(m.group(3))
     return out
 
 

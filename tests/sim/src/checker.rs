@@ -686,8 +686,6 @@ impl Checker<'_> {
         finals
     }
 
-    /// (d) as anti-entropy sees it: for every pair of nodes, the Merkle roots over the keys both
-    /// replicate are equal.
     /// (d): the Merkle roots over the keys two nodes share, computed from their storage, are
     /// equal; and each node's own trees (the roots its `NodeStatus` reported) are the trees of
     /// its storage, co-replica by co-replica, when the final ring is known (a node's trees
