@@ -17,6 +17,12 @@
 //! Varints are unsigned LEB128 of minimal length. The empty vector encodes as the empty byte
 //! string, and the empty byte string decodes as the empty vector: "no context", a blind write.
 //!
+//! # Format (version 2)
+//! A read of values that carry write ids ([`crate::write_id`]) hands them to the client too:
+//! version byte 2, and the body of version 1 followed by `varint count` and the ids
+//! (`u128 LE id, u64 LE timestamp` each, ids strictly increasing, at most
+//! [`crate::write_id::MAX_CONTEXT_IDS`]). A context without ids is always version 1.
+//!
 //! # Invariants and laws (tested below)
 //! - `decode_context(&encode_context(vv, tag), tag) == Ok(vv)` for every vector within the limits.
 //! - Decoding never panics and never allocates more than the input allows, whatever the bytes.
@@ -36,9 +42,12 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::NodeId;
 use crate::dvvset::VersionVector;
 use crate::dvvset::wire::{self, Reader, WireError};
+use crate::write_id::{self, ContextIdsError, WriteId};
 
 /// First byte of a context token.
 pub const CONTEXT_VERSION: u8 = 1;
+/// First byte of a context token that carries write ids.
+pub const CONTEXT_VERSION_IDS: u8 = 2;
 /// Most entries a context may hold.
 pub const MAX_CONTEXT_ENTRIES: usize = 1024;
 /// Longest context token accepted, in bytes.
@@ -95,25 +104,36 @@ fn checksum(bytes: &[u8]) -> u32 {
 /// Seals a version vector into a context token for clients of the cluster `cluster_tag`.
 /// The empty vector gives the empty token.
 pub fn encode_context(vv: &VersionVector, cluster_tag: u32) -> Vec<u8> {
-    if vv.is_empty() {
+    encode_context_with_ids(vv, &[], cluster_tag)
+}
+
+/// Seals a version vector and the write ids of the values read (normalized as
+/// [`Clock::read_ids`](crate::dvvset::Dvvset::read_ids) returns them: strictly increasing, at
+/// most [`MAX_CONTEXT_IDS`](crate::write_id::MAX_CONTEXT_IDS)) into a token. Without ids it is [`encode_context`]'s token.
+pub fn encode_context_with_ids(vv: &VersionVector, ids: &[WriteId], cluster_tag: u32) -> Vec<u8> {
+    if vv.is_empty() && ids.is_empty() {
         return Vec::new();
     }
-    let mut body = Vec::with_capacity(4 + 1 + vv.len() * 12);
+    let mut body = Vec::with_capacity(4 + 1 + vv.len() * 12 + ids.len() * 24);
     body.extend_from_slice(&cluster_tag.to_le_bytes());
     wire::put_varint(&mut body, vv.len() as u64);
     for (id, counter) in vv.iter() {
         wire::put_bytes(&mut body, id.as_str().as_bytes());
         wire::put_varint(&mut body, counter);
     }
-    seal(&body)
+    if ids.is_empty() {
+        return seal(CONTEXT_VERSION, &body);
+    }
+    write_id::encode_context_ids(ids, &mut body);
+    seal(CONTEXT_VERSION_IDS, &body)
 }
 
 /// Frames a body as a token: version, length and its check byte, the body, the checksum.
-fn seal(body: &[u8]) -> Vec<u8> {
+fn seal(version: u8, body: &[u8]) -> Vec<u8> {
     // A body over 4 GiB cannot exist in memory; saturating keeps this infallible.
     let len = u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes();
     let mut out = Vec::with_capacity(HEADER_LEN + body.len() + CHECKSUM_LEN);
-    out.push(CONTEXT_VERSION);
+    out.push(version);
     out.extend_from_slice(&len);
     out.push(length_check(len));
     out.extend_from_slice(body);
@@ -126,7 +146,7 @@ fn seal(body: &[u8]) -> Vec<u8> {
 /// Exists only in fuzzing builds.
 #[cfg(fuzzing)]
 pub fn seal_body_for_fuzzing(body: &[u8]) -> Vec<u8> {
-    seal(body)
+    seal(CONTEXT_VERSION, body)
 }
 
 /// Opens a context token of the cluster `cluster_tag`. The empty token is the empty vector.
@@ -135,14 +155,22 @@ pub fn seal_body_for_fuzzing(body: &[u8]) -> Vec<u8> {
 /// cluster, then the body (entry count, node ids, strictly increasing ids, non-zero counters,
 /// minimal varints, no trailing bytes). Never panics.
 pub fn decode_context(bytes: &[u8], cluster_tag: u32) -> Result<VersionVector, ContextError> {
+    decode_context_with_ids(bytes, cluster_tag).map(|(vv, _)| vv)
+}
+
+/// [`decode_context`], with the write ids a version 2 token carries (none for version 1).
+pub fn decode_context_with_ids(
+    bytes: &[u8],
+    cluster_tag: u32,
+) -> Result<(VersionVector, Vec<WriteId>), ContextError> {
     if bytes.is_empty() {
-        return Ok(VersionVector::new());
+        return Ok((VersionVector::new(), Vec::new()));
     }
     if bytes.len() > MAX_CONTEXT_BYTES {
         return Err(ContextError::TooLarge);
     }
     let version = bytes[0];
-    if version != CONTEXT_VERSION {
+    if version != CONTEXT_VERSION && version != CONTEXT_VERSION_IDS {
         return Err(ContextError::UnknownVersion(version));
     }
     let Some(header) = bytes.get(..HEADER_LEN) else {
@@ -167,11 +195,19 @@ pub fn decode_context(bytes: &[u8], cluster_tag: u32) -> Result<VersionVector, C
     if checksum(sealed) != u32::from_le_bytes([sum[0], sum[1], sum[2], sum[3]]) {
         return Err(ContextError::BadChecksum);
     }
-    decode_body(&sealed[HEADER_LEN..], cluster_tag)
+    decode_body(
+        &sealed[HEADER_LEN..],
+        version == CONTEXT_VERSION_IDS,
+        cluster_tag,
+    )
 }
 
 /// The checksummed body: from here on, a problem is a bad encoder, not damage in transit.
-fn decode_body(body: &[u8], cluster_tag: u32) -> Result<VersionVector, ContextError> {
+fn decode_body(
+    body: &[u8],
+    with_ids: bool,
+    cluster_tag: u32,
+) -> Result<(VersionVector, Vec<WriteId>), ContextError> {
     let malformed = |e: WireError| match e {
         WireError::Truncated => ContextError::Malformed("body ends inside a field"),
         WireError::BadVarint => ContextError::Malformed("bad varint"),
@@ -204,10 +240,25 @@ fn decode_body(body: &[u8], cluster_tag: u32) -> Result<VersionVector, ContextEr
         }
         pairs.push((id, counter));
     }
+    let ids = if with_ids {
+        let ids = write_id::decode_context_ids(&mut r).map_err(|e| match e {
+            ContextIdsError::TooMany => ContextError::TooLarge,
+            ContextIdsError::Wire(e) => malformed(e),
+            ContextIdsError::NotIncreasing => {
+                ContextError::Malformed("write ids not strictly increasing")
+            }
+        })?;
+        if ids.is_empty() {
+            return Err(ContextError::Malformed("version 2 without write ids"));
+        }
+        ids
+    } else {
+        Vec::new()
+    };
     if !r.is_empty() {
         return Err(ContextError::Malformed("trailing bytes in body"));
     }
-    Ok(VersionVector::from_sorted(pairs))
+    Ok((VersionVector::from_sorted(pairs), ids))
 }
 
 #[cfg(test)]
@@ -248,6 +299,49 @@ mod tests {
     }
 
     #[test]
+    fn context_with_write_ids_round_trips() {
+        let vv = sample();
+        let ids = vec![
+            WriteId {
+                id: 3,
+                at: crate::hlc::Timestamp::new(1_700_000_000_000, 1),
+            },
+            WriteId {
+                id: u128::MAX,
+                at: crate::hlc::Timestamp::new(1_700_000_000_001, 0),
+            },
+        ];
+        let token = encode_context_with_ids(&vv, &ids, TAG);
+        assert_eq!(token[0], CONTEXT_VERSION_IDS);
+        assert_eq!(decode_context_with_ids(&token, TAG), Ok((vv.clone(), ids)));
+        assert_eq!(decode_context(&token, TAG), Ok(vv.clone()));
+        // Without ids: the version 1 token, which reads as no ids.
+        let plain = encode_context_with_ids(&vv, &[], TAG);
+        assert_eq!(plain, encode_context(&vv, TAG));
+        assert_eq!(decode_context_with_ids(&plain, TAG), Ok((vv, Vec::new())));
+    }
+
+    #[test]
+    fn context_ids_must_be_increasing_and_present() {
+        let at = crate::hlc::Timestamp::new(1_700_000_000_000, 0);
+        let mut b = body(TAG, 0, &[]);
+        let mut unsorted = b.clone();
+        write_id::encode_context_ids(
+            &[WriteId { id: 2, at }, WriteId { id: 1, at }],
+            &mut unsorted,
+        );
+        assert_eq!(
+            decode_context_with_ids(&seal(CONTEXT_VERSION_IDS, &unsorted), TAG),
+            Err(ContextError::Malformed("write ids not strictly increasing"))
+        );
+        wire::put_varint(&mut b, 0);
+        assert_eq!(
+            decode_context_with_ids(&seal(CONTEXT_VERSION_IDS, &b), TAG),
+            Err(ContextError::Malformed("version 2 without write ids"))
+        );
+    }
+
+    #[test]
     fn context_encoding_is_pinned() {
         let vv: VersionVector = [(node("a"), 2)].into_iter().collect();
         let token = encode_context(&vv, 1);
@@ -266,7 +360,7 @@ mod tests {
         assert_eq!(decode_context(&[], TAG), Ok(VersionVector::new()));
         // An explicitly encoded empty vector is accepted too.
         assert_eq!(
-            decode_context(&seal(&body(TAG, 0, &[])), TAG),
+            decode_context(&seal(CONTEXT_VERSION, &body(TAG, 0, &[])), TAG),
             Ok(VersionVector::new())
         );
     }
@@ -359,10 +453,10 @@ mod tests {
     #[test]
     fn unknown_version_is_reported_with_the_version() {
         let mut token = encode_context(&sample(), TAG);
-        token[0] = 2;
+        token[0] = 3;
         assert_eq!(
             decode_context(&token, TAG),
-            Err(ContextError::UnknownVersion(2))
+            Err(ContextError::UnknownVersion(3))
         );
         assert_eq!(
             decode_context(&[0], TAG),
@@ -416,7 +510,11 @@ mod tests {
             ),
         ];
         for (b, expected) in cases {
-            assert_eq!(decode_context(&seal(&b), TAG), Err(expected), "body {b:?}");
+            assert_eq!(
+                decode_context(&seal(CONTEXT_VERSION, &b), TAG),
+                Err(expected),
+                "body {b:?}"
+            );
         }
     }
 
@@ -513,7 +611,7 @@ mod tests {
                 with_tag.append(&mut b);
                 b = with_tag;
             }
-            let token = seal(&b);
+            let token = seal(CONTEXT_VERSION, &b);
             if let Ok(vv) = decode_context(&token, TAG)
                 && !vv.is_empty()
             {

@@ -43,13 +43,17 @@ use bytes::Bytes;
 use crate::NodeId;
 use crate::hash::hash128;
 use crate::hlc::Timestamp;
+use crate::write_id::{self, WriteIds};
 
 /// Most entries (coordinating servers) a clock may hold on disk or on the wire.
 pub const MAX_CLOCK_ENTRIES: usize = 1024;
 /// Most values (siblings, anonymous included) a clock may hold on disk or on the wire.
 pub const MAX_CLOCK_VALUES: usize = 1024;
-/// First byte of the [`Clock`] encoding.
+/// First byte of the [`Clock`] encoding when no sibling carries write ids.
 pub const CLOCK_CODEC_VERSION: u8 = 1;
+/// First byte of the [`Clock`] encoding when some sibling carries write ids
+/// ([`crate::write_id`]).
+pub const CLOCK_CODEC_VERSION_IDS: u8 = 2;
 
 // ---------------------------------------------------------------------------------------------
 // Version vectors
@@ -560,6 +564,9 @@ pub struct Sibling {
     pub ts: Timestamp,
     /// The value; `None` is a tombstone (a delete).
     pub data: Option<Bytes>,
+    /// The forwarded write's id and the ids this write superseded ([`crate::write_id`]);
+    /// `None` when it has neither (never `Some` of empty ids: the encoding is canonical).
+    pub ids: Option<Box<WriteIds>>,
 }
 
 impl Sibling {
@@ -567,11 +574,16 @@ impl Sibling {
         Sibling {
             ts,
             data: Some(data),
+            ids: None,
         }
     }
 
     pub fn tombstone(ts: Timestamp) -> Self {
-        Sibling { ts, data: None }
+        Sibling {
+            ts,
+            data: None,
+            ids: None,
+        }
     }
 
     pub fn is_tombstone(&self) -> bool {
@@ -621,9 +633,13 @@ impl From<wire::WireError> for CodecError {
 }
 
 impl Dvvset<Sibling> {
-    /// Values that are not tombstones, in [`Dvvset::values`] order (what a client read returns).
+    /// Values that are not tombstones, in [`Dvvset::values`] order (what a client read returns),
+    /// without the copies of forwarded writes that a later write superseded (hidden:
+    /// [`crate::write_id`]).
     pub fn live_values(&self) -> impl Iterator<Item = &Sibling> + '_ {
-        self.values().filter(|s| !s.is_tombstone())
+        let superseded = self.superseded_ids();
+        self.values()
+            .filter(move |s| !s.is_tombstone() && !Self::hidden(s, &superseded))
     }
 
     /// The live values a client read returns: [`Self::live_values`] with siblings that carry the
@@ -645,11 +661,11 @@ impl Dvvset<Sibling> {
         out
     }
 
-    /// Whether every sibling is a tombstone (also true for a clock without values): the key reads
-    /// as deleted, and may be purged once every replica holds this state and the grace period
-    /// has passed.
+    /// Whether every sibling is a tombstone or hidden (also true for a clock without values): the
+    /// key reads as deleted, and may be purged once every replica holds this state and the grace
+    /// period has passed.
     pub fn is_all_tombstones(&self) -> bool {
-        self.values().all(Sibling::is_tombstone)
+        self.live_values().next().is_none()
     }
 
     /// `lww` conflict mode: keeps the one sibling with the greatest `(ts, data)`, keeping the
@@ -668,32 +684,40 @@ impl Dvvset<Sibling> {
         Ok(())
     }
 
-    /// Appends the canonical encoding (format version 1):
+    /// Appends the canonical encoding (format version 1, or 2 when some sibling carries write
+    /// ids):
     ///
     /// ```text
-    /// u8      version = 1
+    /// u8      version = 1 or 2
     /// varint  entry count, then per entry (ids strictly increasing):
     ///           varint id length, id bytes, varint counter (>= 1),
     ///           varint value count (<= counter), values newest first
     /// varint  anonymous value count, then the values (strictly increasing)
-    /// value:  u64 LE packed timestamp, varint tag: 0 = tombstone, n + 1 = n data bytes follow
+    /// value:  u64 LE packed timestamp, varint tag: 0 = tombstone, n + 1 = n data bytes follow,
+    ///         then in version 2 only the write ids (`write_id::encode_ids`)
     /// ```
-    /// Varints are unsigned LEB128, minimal length.
+    /// Varints are unsigned LEB128, minimal length. Version 2 is written exactly when some sibling
+    /// carries ids, so equal states still encode (and digest) alike.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.reserve(self.encoded_len());
-        out.push(CLOCK_CODEC_VERSION);
+        let ids = self.has_write_ids();
+        out.push(if ids {
+            CLOCK_CODEC_VERSION_IDS
+        } else {
+            CLOCK_CODEC_VERSION
+        });
         wire::put_varint(out, self.entries.len() as u64);
         for e in &self.entries {
             wire::put_bytes(out, e.id.as_str().as_bytes());
             wire::put_varint(out, e.counter);
             wire::put_varint(out, e.values.len() as u64);
             for v in &e.values {
-                encode_sibling(v, out);
+                encode_sibling(v, ids, out);
             }
         }
         wire::put_varint(out, self.anonymous.len() as u64);
         for v in &self.anonymous {
-            encode_sibling(v, out);
+            encode_sibling(v, ids, out);
         }
     }
 
@@ -706,15 +730,25 @@ impl Dvvset<Sibling> {
 
     /// Exact length of [`Clock::encode`]'s output.
     pub fn encoded_len(&self) -> usize {
+        let ids = self.has_write_ids();
         let mut len = 1 + wire::varint_len(self.entries.len() as u64);
         for e in &self.entries {
             len += wire::bytes_len(e.id.as_str().len())
                 + wire::varint_len(e.counter)
                 + wire::varint_len(e.values.len() as u64)
-                + e.values.iter().map(sibling_len).sum::<usize>();
+                + e.values.iter().map(|v| sibling_len(v, ids)).sum::<usize>();
         }
         len + wire::varint_len(self.anonymous.len() as u64)
-            + self.anonymous.iter().map(sibling_len).sum::<usize>()
+            + self
+                .anonymous
+                .iter()
+                .map(|v| sibling_len(v, ids))
+                .sum::<usize>()
+    }
+
+    /// Whether some sibling carries write ids (the encoding is then of version 2).
+    fn has_write_ids(&self) -> bool {
+        self.values().any(|v| v.ids.is_some())
     }
 
     /// Decodes and validates [`Clock::encode`]'s output: every invariant of the module docs, the
@@ -722,9 +756,11 @@ impl Dvvset<Sibling> {
     pub fn decode(bytes: &[u8]) -> Result<Clock, CodecError> {
         let mut r = wire::Reader::new(bytes);
         let version = r.u8()?;
-        if version != CLOCK_CODEC_VERSION {
-            return Err(CodecError::UnknownVersion(version));
-        }
+        let ids = match version {
+            CLOCK_CODEC_VERSION => false,
+            CLOCK_CODEC_VERSION_IDS => true,
+            other => return Err(CodecError::UnknownVersion(other)),
+        };
         let entry_count = r.varint()?;
         if entry_count > MAX_CLOCK_ENTRIES as u64 {
             return Err(CodecError::TooLarge);
@@ -744,7 +780,7 @@ impl Dvvset<Sibling> {
             if value_count > counter {
                 return Err(CodecError::Malformed("more values than events"));
             }
-            let values = decode_siblings(&mut r, value_count, &mut total_values)?;
+            let values = decode_siblings(&mut r, value_count, ids, &mut total_values)?;
             entries.push(Entry {
                 id,
                 counter,
@@ -752,7 +788,7 @@ impl Dvvset<Sibling> {
             });
         }
         let anonymous_count = r.varint()?;
-        let anonymous = decode_siblings(&mut r, anonymous_count, &mut total_values)?;
+        let anonymous = decode_siblings(&mut r, anonymous_count, ids, &mut total_values)?;
         if anonymous.windows(2).any(|w| w[0] >= w[1]) {
             return Err(CodecError::Malformed(
                 "anonymous values not strictly increasing",
@@ -761,7 +797,12 @@ impl Dvvset<Sibling> {
         if !r.is_empty() {
             return Err(CodecError::TrailingBytes);
         }
-        Ok(Dvvset { entries, anonymous })
+        let clock = Dvvset { entries, anonymous };
+        // Canonical form: version 2 only when some sibling needs it.
+        if ids && !clock.has_write_ids() {
+            return Err(CodecError::Malformed("version 2 without write ids"));
+        }
+        Ok(clock)
     }
 
     /// The version digest: xxh3-128 of the canonical encoding. Equal states have equal digests;
@@ -771,7 +812,7 @@ impl Dvvset<Sibling> {
     }
 }
 
-fn encode_sibling(s: &Sibling, out: &mut Vec<u8>) {
+fn encode_sibling(s: &Sibling, ids: bool, out: &mut Vec<u8>) {
     out.extend_from_slice(&s.ts.as_u64().to_le_bytes());
     match &s.data {
         None => wire::put_varint(out, 0),
@@ -780,12 +821,19 @@ fn encode_sibling(s: &Sibling, out: &mut Vec<u8>) {
             out.extend_from_slice(data);
         }
     }
+    if ids {
+        write_id::encode_ids(s.ids.as_deref(), out);
+    }
 }
 
-fn sibling_len(s: &Sibling) -> usize {
+fn sibling_len(s: &Sibling, ids: bool) -> usize {
     8 + match &s.data {
         None => 1,
         Some(data) => wire::varint_len(data.len() as u64 + 1) + data.len(),
+    } + if ids {
+        write_id::ids_len(s.ids.as_deref())
+    } else {
+        0
     }
 }
 
@@ -802,6 +850,7 @@ fn decode_node_id(r: &mut wire::Reader<'_>) -> Result<NodeId, CodecError> {
 fn decode_siblings(
     r: &mut wire::Reader<'_>,
     count: u64,
+    ids: bool,
     total: &mut usize,
 ) -> Result<Vec<Sibling>, CodecError> {
     if count > (MAX_CLOCK_VALUES - *total) as u64 {
@@ -820,7 +869,8 @@ fn decode_siblings(
                 Some(Bytes::copy_from_slice(r.take(len)?))
             }
         };
-        out.push(Sibling { ts, data });
+        let ids = if ids { write_id::decode_ids(r)? } else { None };
+        out.push(Sibling { ts, data, ids });
     }
     Ok(out)
 }
@@ -1715,6 +1765,7 @@ mod tests {
                 // Timestamps deliberately not in write order, so `lww` moves values.
                 ts: Timestamp::new(1_700_000_000_000 + (v * 7919) % 13, (v % 3) as u16),
                 data: (v % 5 != 0).then(|| Bytes::from(vec![v as u8; (v % 7) as usize])),
+                ids: None,
             }
         })
     }

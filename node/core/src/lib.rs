@@ -12,6 +12,7 @@
 //! - [`quorum`]: per-request reply bookkeeping and the typed quorum failure.
 //! - [`membership`]: gossip membership and failure detection (SWIM via foca), node metadata.
 //! - [`transition`]: ring transitions (membership change one change at a time, losing nothing).
+//! - [`write_id`]: write ids, which make a forwarded write safe to apply at two coordinators.
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
 pub mod context;
@@ -25,5 +26,6 @@ pub mod node_id;
 pub mod quorum;
 pub mod ring;
 pub mod transition;
+pub mod write_id;
 
 pub use node_id::NodeId;
