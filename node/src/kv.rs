@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use dynakv_core::NodeId;
 use dynakv_core::dvvset::VersionVector;
+use dynakv_core::hlc::Timestamp;
 use dynakv_core::membership::MemberState;
+use dynakv_core::write_id::WriteId;
 use futures::TryFutureExt;
 use futures::future::Either;
 use tokio::sync::Semaphore;
@@ -30,6 +32,10 @@ pub const FORWARDED_HEADER: &str = "x-dynakv-forwarded";
 /// Set on the answer of a node that refuses a forwarded request because it owns no part of the
 /// ring (`Node::coordinates`): it did nothing, so the forwarding node asks the next member.
 pub const NOT_COORDINATING_HEADER: &str = "x-dynakv-not-coordinating";
+
+/// Carries a forwarded write's id (`dynakv_core::write_id`): `<id, 32 hex digits>-<hybrid
+/// timestamp, 16 hex digits>`. Read only on forwarded requests.
+pub const WRITE_ID_HEADER: &str = "x-dynakv-write-id";
 
 /// Least interval between probes of a coordinator that holds a forwarded write past its hedge
 /// delay (see `KvService::until_silent`).
@@ -83,7 +89,7 @@ impl KvService {
         Ok(())
     }
 
-    fn context(&self, bytes: &[u8]) -> Result<VersionVector, Status> {
+    fn context(&self, bytes: &[u8]) -> Result<(VersionVector, Vec<WriteId>), Status> {
         self.node
             .decode_context(bytes)
             .map_err(|e| Status::invalid_argument(e.to_string()))
@@ -153,7 +159,7 @@ impl KvService {
         if let Some(v) = &value {
             self.check_value(v)?;
         }
-        let ctx = self.context(&context)?;
+        let (ctx, read_ids) = self.context(&context)?;
         let w = self.quorum(
             consistency.as_ref().and_then(|c| c.w.as_ref()),
             'w',
@@ -161,6 +167,11 @@ impl KvService {
         )?;
         let deadline = self.deadline(consistency.as_ref(), meta);
         let forwarded = meta.contains_key(FORWARDED_HEADER);
+        let write_id = if forwarded {
+            write_id_from(meta)?
+        } else {
+            None
+        };
         let label = quorum_label(w, self.node.n());
         if forwarded && !self.node.coordinates() {
             let refused = self.not_coordinating(op);
@@ -181,6 +192,8 @@ impl KvService {
             key,
             value,
             context: ctx,
+            read_ids,
+            write_id,
             w,
             sloppy: self.sloppy(consistency.as_ref()),
             deadline,
@@ -209,11 +222,17 @@ impl KvService {
 
     /// Sends a write to a replica of the key, which coordinates it. Replicas gossip holds alive
     /// and that answer (not silent) go first, the one with the shortest expected wait first
-    /// among them. The next replica is tried only when this one
-    /// certainly never got the write (no connection): once sent, a second coordinator would
-    /// apply the same write again under another dot, which a reader that saw only one of the two
-    /// and overwrote it would find again as a sibling. So silence after sending is reported,
-    /// not retried or hedged (docs/ARCHITECTURE.md, "Failover").
+    /// among them.
+    ///
+    /// In `siblings` mode the write carries a write id (`dynakv_core::write_id`), the same to
+    /// every replica it goes to, which makes a second coordinator's copy harmless: the two read
+    /// as one value, and a client that read either one and overwrote it hides the other. So a
+    /// replica that has not answered within its hedge delay gets company (within the hedge
+    /// budget), one that broke off or went silent after it was sent is followed by the next,
+    /// and the first answer wins. In `lww` mode a second copy would carry a later timestamp and
+    /// win over a write made after the first, so there the next replica is tried only when the
+    /// previous one certainly never got the write (no connection), and silence after sending is
+    /// reported, not retried (docs/ARCHITECTURE.md, "Failover").
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
@@ -228,30 +247,92 @@ impl KvService {
         self.node.metrics.forwarded.inc();
         let mut replicas = replicas.to_vec();
         self.order_for_forward(&mut replicas);
+        let write_id = (!self.node.is_lww()).then(|| self.node.mint_write_id());
+        if write_id.is_some() {
+            self.node.peers.earn_hedge();
+        }
+        let mut next = replicas.into_iter();
+        let mut calls = futures::stream::FuturesUnordered::new();
         let mut failures: Vec<String> = Vec::new();
-        for replica in replicas {
-            if Instant::now() >= deadline {
-                break;
-            }
-            let (replica, result) = self
-                .forward_one(
-                    replica,
-                    key.clone(),
-                    value.clone(),
-                    context.clone(),
+        // Replicas that may have applied the write without answering.
+        let mut maybe_applied: Vec<String> = Vec::new();
+        let (mut hedged, mut replace) = (false, false);
+        let mut first: Option<NodeId> = None;
+        let mut hedge_at = None;
+        loop {
+            let hedge_due = hedge_at.is_some_and(|at| Instant::now() >= at);
+            if let Some(c) = (calls.is_empty() || replace || hedge_due)
+                .then(|| next.next())
+                .flatten()
+            {
+                if !calls.is_empty() && !replace {
+                    hedged = true;
+                    self.node
+                        .metrics
+                        .hedges
+                        .with_label_values(&["forward_write", "sent"])
+                        .inc();
+                }
+                replace = false;
+                hedge_at = write_id.map(|_| Instant::now() + self.node.peers.hedge_delay(&c));
+                first.get_or_insert_with(|| c.clone());
+                let write = ForwardedWrite {
+                    key: key.clone(),
+                    value: value.clone(),
+                    context: context.clone(),
                     consistency,
                     deadline,
-                )
-                .await;
+                    write_id,
+                };
+                calls.push(self.forward_one(c, write));
+            }
+            if calls.is_empty() {
+                break;
+            }
+            let hedge = async {
+                match hedge_at {
+                    Some(at) if next.len() > 0 => {
+                        tokio::time::sleep_until(at).await;
+                        if !self.node.peers.try_hedge() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    _ => std::future::pending::<()>().await,
+                }
+            };
+            let (replica, result) = tokio::select! {
+                biased;
+                Some(done) = futures::StreamExt::next(&mut calls) => done,
+                () = hedge => continue,
+            };
             match result {
-                Ok(answer) => return Ok(answer),
-                Err(Forwarded::NotSent(why)) => failures.push(why),
+                Ok(answer) => {
+                    if hedged && first.as_ref() != Some(&replica) {
+                        self.node
+                            .metrics
+                            .hedges
+                            .with_label_values(&["forward_write", "won"])
+                            .inc();
+                    }
+                    return Ok(answer);
+                }
+                Err(Forwarded::NotSent(why)) => {
+                    failures.push(why);
+                    replace = true;
+                }
+                Err(Forwarded::Broken(why)) if write_id.is_some() => {
+                    failures.push(format!("{replica} stopped answering ({why})"));
+                    maybe_applied.push(replica.to_string());
+                    replace = true;
+                }
                 Err(Forwarded::Broken(why)) => {
                     return Err(Status::unavailable(format!(
                         "replica {replica} stopped answering while coordinating the {op} \
                          ({why}); it may or may not have been applied"
                     )));
                 }
+                // A coordinator's own answer (a quorum it could not reach) is the verdict:
+                // asking the next would only repeat the quorum write.
                 Err(Forwarded::Verdict(s)) => return Err(s),
                 Err(Forwarded::Deadline) => {
                     return Err(Status::deadline_exceeded(format!(
@@ -260,8 +341,19 @@ impl KvService {
                     )));
                 }
             }
+            if Instant::now() >= deadline {
+                break;
+            }
         }
         tracing::debug!(op, ?failures, "forwarding failed");
+        if !maybe_applied.is_empty() {
+            return Err(Status::unavailable(format!(
+                "no replica of the key answered the {op}: {}; it may or may not have been \
+                 applied (by {})",
+                failures.join(", "),
+                maybe_applied.join(", ")
+            )));
+        }
         Err(Status::unavailable(format!(
             "no replica of the key could coordinate the {op}: {}",
             failures.join(", ")
@@ -272,12 +364,16 @@ impl KvService {
     async fn forward_one(
         &self,
         replica: NodeId,
-        key: Bytes,
-        value: Option<Bytes>,
-        context: Bytes,
-        consistency: Option<proto::Consistency>,
-        deadline: Instant,
+        write: ForwardedWrite,
     ) -> (NodeId, Result<(Vec<u8>, proto::Receipt), Forwarded>) {
+        let ForwardedWrite {
+            key,
+            value,
+            context,
+            consistency,
+            deadline,
+            write_id,
+        } = write;
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return (replica, Err(Forwarded::Deadline));
@@ -296,23 +392,29 @@ impl KvService {
         // A put or a delete: the same answer (context, receipt) either way.
         let call = match value {
             Some(value) => {
-                let req = self.forward_request(proto::PutRequest {
-                    key,
-                    value,
-                    context,
-                    consistency: Some(consistency),
-                });
+                let req = with_write_id(
+                    self.forward_request(proto::PutRequest {
+                        key,
+                        value,
+                        context,
+                        consistency: Some(consistency),
+                    }),
+                    write_id.as_ref(),
+                );
                 Either::Left(client.put(req).map_ok(|r| {
                     let r = r.into_inner();
                     (r.context, r.receipt)
                 }))
             }
             None => {
-                let req = self.forward_request(proto::DeleteRequest {
-                    key,
-                    context,
-                    consistency: Some(consistency),
-                });
+                let req = with_write_id(
+                    self.forward_request(proto::DeleteRequest {
+                        key,
+                        context,
+                        consistency: Some(consistency),
+                    }),
+                    write_id.as_ref(),
+                );
                 Either::Right(client.delete(req).map_ok(|r| {
                     let r = r.into_inner();
                     (r.context, r.receipt)
@@ -626,6 +728,16 @@ impl KvService {
 }
 
 /// How one forward attempt failed.
+/// What a forward attempt sends: the client's write, its deadline, and its write id.
+struct ForwardedWrite {
+    key: Bytes,
+    value: Option<Bytes>,
+    context: Bytes,
+    consistency: Option<proto::Consistency>,
+    deadline: Instant,
+    write_id: Option<WriteId>,
+}
+
 enum Forwarded {
     /// The replica certainly never got the write (no connection).
     NotSent(String),
@@ -688,6 +800,7 @@ pub fn status(e: CoordinatorError) -> Status {
             "this node's storage failed and it acknowledges no writes until restarted: {s}"
         )),
         CoordinatorError::TooManySiblings { .. } => Status::resource_exhausted(e.to_string()),
+        CoordinatorError::Expired { .. } => Status::deadline_exceeded(e.to_string()),
         CoordinatorError::Stopping | CoordinatorError::Starting => {
             Status::unavailable(e.to_string())
         }
@@ -699,6 +812,36 @@ pub fn status(e: CoordinatorError) -> Status {
         }
     };
     answered(s)
+}
+
+/// The write id a forwarding node sent ([`WRITE_ID_HEADER`]), if any.
+fn write_id_from(meta: &MetadataMap) -> Result<Option<WriteId>, Status> {
+    let Some(v) = meta.get(WRITE_ID_HEADER) else {
+        return Ok(None);
+    };
+    let bad = || Status::invalid_argument(format!("malformed {WRITE_ID_HEADER} header"));
+    let (id, at) = v
+        .to_str()
+        .map_err(|_| bad())?
+        .split_once('-')
+        .ok_or_else(bad)?;
+    if id.len() != 32 || at.len() != 16 {
+        return Err(bad());
+    }
+    Ok(Some(WriteId {
+        id: u128::from_str_radix(id, 16).map_err(|_| bad())?,
+        at: Timestamp::from_u64(u64::from_str_radix(at, 16).map_err(|_| bad())?),
+    }))
+}
+
+/// `req` with `w` in its [`WRITE_ID_HEADER`].
+fn with_write_id<T>(mut req: Request<T>, w: Option<&WriteId>) -> Request<T> {
+    if let Some(w) = w
+        && let Ok(v) = MetadataValue::try_from(format!("{:032x}-{:016x}", w.id, w.at.as_u64()))
+    {
+        req.metadata_mut().insert(WRITE_ID_HEADER, v);
+    }
+    req
 }
 
 /// Parses the standard `grpc-timeout` header ("100m", "5S", ...).

@@ -299,7 +299,7 @@ impl Metrics {
             Opts::new(
                 "dynakv_hedged_requests_total",
                 "Hedged requests (another replica asked because the first was slow or silent), \
-                 by kind (read, write, forward_read) and outcome (sent, won)",
+                 by kind (read, write, forward_read, forward_write) and outcome (sent, won)",
             ),
             &["kind", "outcome"],
         )

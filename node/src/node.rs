@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use dynakv_core::NodeId;
-use dynakv_core::context::{ContextError, decode_context, encode_context};
+use dynakv_core::context::{ContextError, decode_context_with_ids, encode_context_with_ids};
 use dynakv_core::dvvset::{Clock, Sibling, VersionVector};
 use dynakv_core::hash::key_position;
 use dynakv_core::hlc::{HybridClock, Timestamp};
@@ -21,6 +21,7 @@ use dynakv_core::merkle::{MerkleTree, entry_hash};
 use dynakv_core::quorum::{QuorumError, QuorumKind, QuorumTracker, ReplicaFailure, Vote};
 use dynakv_core::ring::{Member, NodeSpec, Ring};
 use dynakv_core::transition::RingState;
+use dynakv_core::write_id::WriteId;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use std::collections::BTreeMap;
@@ -265,6 +266,13 @@ pub enum CoordinatorError {
         would: usize,
         limit: usize,
     },
+    /// A forwarded write that reached its coordinator after the forward's lifetime (the node
+    /// that forwarded it has given up on this coordinator): nothing was applied.
+    #[error(
+        "the forwarded write reached this node after its lifetime ({lifetime_ms} ms); nothing \
+         was applied"
+    )]
+    Expired { lifetime_ms: u64 },
 }
 
 impl CoordinatorError {
@@ -279,6 +287,7 @@ impl CoordinatorError {
             CoordinatorError::NotCoordinating => "not_coordinating",
             CoordinatorError::Starting => "starting",
             CoordinatorError::TooManySiblings { .. } => "too_many_siblings",
+            CoordinatorError::Expired { .. } => "expired",
         }
     }
 }
@@ -320,6 +329,11 @@ pub struct WriteRequest {
     /// `None` writes a tombstone (delete).
     pub value: Option<Bytes>,
     pub context: VersionVector,
+    /// The write ids the client's context carries (of the values it read): this write supersedes
+    /// them (`dynakv_core::write_id`).
+    pub read_ids: Vec<WriteId>,
+    /// A forwarded write's id, the same at every coordinator it is sent to.
+    pub write_id: Option<WriteId>,
     pub w: usize,
     pub sloppy: bool,
     pub deadline: Instant,
@@ -382,6 +396,10 @@ pub struct Node {
     clock: Mutex<HybridClock>,
     pub(crate) wall: WallClock,
     cluster_tag: u32,
+    /// Forwarded writes' ids minted so far, and the wall time this node started at: with the
+    /// node's dot id they make every write id unique.
+    write_ids: std::sync::atomic::AtomicU64,
+    started_ms: u64,
 }
 
 /// The tag that binds client contexts to one cluster.
@@ -849,6 +867,8 @@ impl Node {
             view: RwLock::new(Arc::new(view)),
             inflight: Mutex::new(BTreeMap::new()),
             clock: Mutex::new(HybridClock::new()),
+            write_ids: std::sync::atomic::AtomicU64::new(0),
+            started_ms: wall(),
             wall,
         })
     }
@@ -1120,11 +1140,42 @@ impl Node {
         }
     }
 
-    pub fn decode_context(&self, bytes: &[u8]) -> Result<VersionVector, ContextError> {
-        decode_context(bytes, self.cluster_tag)
+    /// A client's context: the version vector, and the write ids of the values it read.
+    pub fn decode_context(
+        &self,
+        bytes: &[u8],
+    ) -> Result<(VersionVector, Vec<WriteId>), ContextError> {
+        decode_context_with_ids(bytes, self.cluster_tag)
     }
 
-    fn now(&self) -> Timestamp {
+    /// How long after a forwarding node first sent a write a coordinator may still apply it:
+    /// the longest request deadline, plus the clock drift the hybrid clocks tolerate.
+    pub fn forward_lifetime_ms(&self) -> u64 {
+        let drift = self
+            .clock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .max_drift_ms();
+        self.config.raw.limits.max_request_timeout_ms + drift
+    }
+
+    /// A new forwarded write's id: unique (a hash of this node's id, its start and a counter)
+    /// and stamped with the hybrid time it is first sent at.
+    pub fn mint_write_id(&self) -> WriteId {
+        let n = self
+            .write_ids
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut seed = Vec::with_capacity(64);
+        seed.extend_from_slice(self.dot_id.as_str().as_bytes());
+        seed.extend_from_slice(&self.started_ms.to_le_bytes());
+        seed.extend_from_slice(&n.to_le_bytes());
+        WriteId {
+            id: dynakv_core::hash::hash128(&seed),
+            at: self.now(),
+        }
+    }
+
+    pub(crate) fn now(&self) -> Timestamp {
         let wall = (self.wall)();
         self.clock
             .lock()
@@ -1354,11 +1405,17 @@ impl Node {
         let sibling = match req.value {
             Some(v) => Sibling::live(ts, v),
             None => Sibling::tombstone(ts),
-        };
+        }
+        .with_ids(req.write_id, Vec::new());
         let coordinator = self.dot_id.clone();
         let lww = self.is_lww();
         let limit = self.config.raw.limits.sibling_max;
         let context = req.context;
+        let read_ids = req.read_ids;
+        let write_id = req.write_id;
+        let lifetime_ms = self.forward_lifetime_ms();
+        let horizon_ms = self.config.raw.tombstone_gc.grace_ms;
+        let this = self.clone();
         // From here until its local copy is durable, this write's dot may be known to other
         // replicas but not to our own disk; a clean stop waits for that (see `Node::stop_writes`).
         let unsynced = UnsyncedGuard::enter(self)?;
@@ -1376,7 +1433,22 @@ impl Node {
                         );
                     }
                 };
-                let mut next = Clock::put(stored.as_ref(), &context, sibling, &coordinator);
+                // Checked here, on the writer, as late as it can be before the commit: a
+                // forwarded write is applied only within its lifetime.
+                if let Some(w) = write_id
+                    && !w.may_mint(this.now(), lifetime_ms)
+                {
+                    return (None, Err(CoordinatorError::Expired { lifetime_ms }));
+                }
+                let mut next = Clock::put_superseding(
+                    stored.as_ref(),
+                    &context,
+                    &read_ids,
+                    sibling,
+                    &coordinator,
+                    ts,
+                    horizon_ms,
+                );
                 if lww {
                     next = next.lww_resolve();
                 }
@@ -1647,7 +1719,11 @@ impl Node {
         let receipt = self.receipt(&tracker, &view, siblings, &hinted);
         match verdict {
             Vote::Won => Ok(WriteOutcome {
-                context: encode_context(&clock.join(), self.cluster_tag),
+                context: encode_context_with_ids(
+                    &clock.join(),
+                    &clock.read_ids(),
+                    self.cluster_tag,
+                ),
                 receipt,
             }),
             // Our own disk failed: say that, not only that the quorum was missed.
@@ -1849,7 +1925,7 @@ impl Node {
         let values: Vec<Sibling> = merged.distinct_live_values();
         self.metrics.siblings_per_read.observe(values.len() as f64);
         let receipt = self.receipt(&tracker, &view, values.len(), &hinted);
-        let context = encode_context(&merged.join(), self.cluster_tag);
+        let context = encode_context_with_ids(&merged.join(), &merged.read_ids(), self.cluster_tag);
 
         // Read repair, in the background: wait for the late answers too, then bring every
         // primary that answered with less up to the merge of everything seen.

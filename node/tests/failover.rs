@@ -226,3 +226,79 @@ fn a_forward_waits_for_a_coordinator_that_pauses_for_less_than_the_silence_thres
     let get = c.cli_at(0, &["get", &key]).ok();
     assert!(get.texts().contains(&"v1".to_string()), "{get:?}");
 }
+
+#[test]
+fn writes_forwarded_while_a_replica_is_frozen_succeed_and_read_as_one_value() {
+    // Four nodes, n = 2: n1 forwards the writes of keys it does not replicate. Every key here
+    // has n3 as one of its two replicas; n3 is frozen. A forward that went to n3 first gets
+    // company at the other replica past n3's hedge delay (the write carries one write id to
+    // both), so every write succeeds, none ends in "may or may not have been applied". A
+    // client that reads and overwrites meanwhile, and n3 thawed afterwards with the first
+    // forward possibly still in hand, must leave exactly the overwrite: never two values, never
+    // the old one back.
+    let c = ClusterSpec::new(4).n(2).config_yaml(SLOW_GOSSIP).start();
+    let keys: Vec<String> = (0..400)
+        .map(|i| format!("fw{i}"))
+        .filter(|k| {
+            let put = c.cli_at(0, &["put", k, "v0", "-w", "ALL"]).ok();
+            let replicas: Vec<String> = put.json["receipt"]["replicas"]
+                .as_array()
+                .map(|rs| {
+                    rs.iter()
+                        .filter_map(|r| r["node"].as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            replicas.iter().any(|r| r == "n3") && !replicas.iter().any(|r| r == "n1")
+        })
+        .take(8)
+        .collect();
+    assert_eq!(
+        keys.len(),
+        8,
+        "eight of 400 keys are replicated by n3 and not n1"
+    );
+
+    c.stop(2);
+    for key in &keys {
+        let put = c.cli_at(0, &["put", key, "v1", "-w", "1", "--timeout-ms", "30000"]);
+        assert_eq!(
+            put.code, 0,
+            "the forward of {key} succeeds with n3 frozen: {put:?}"
+        );
+        assert_eq!(put.json["receipt"]["forwarded"], true, "{put:?}");
+        // v1 was written blind: a sibling of v0, once.
+        let get = c.cli_at(0, &["get", key, "-r", "1"]).ok();
+        assert_eq!(
+            get.texts(),
+            vec!["v0".to_string(), "v1".to_string()],
+            "{get:?}"
+        );
+        let put = c.cli_at(
+            0,
+            &["put", key, "v2", "-w", "1", "--context", &get.context()],
+        );
+        assert_eq!(put.code, 0, "the overwrite of {key} succeeds: {put:?}");
+    }
+    let hedged = metric_value(
+        &c.metrics(0),
+        "dynakv_hedged_requests_total",
+        &["kind=\"forward_write\"", "outcome=\"sent\""],
+    )
+    .unwrap_or(0.0);
+    c.cont(2);
+    // n3 handles whatever it got while frozen; then every key reads as the overwrite alone,
+    // at both replicas.
+    for key in &keys {
+        wait_until(&format!("{key} settles"), Duration::from_secs(60), || {
+            let get = c.cli_at(0, &["get", key, "-r", "ALL"]);
+            (get.code == 0).then_some(get)
+        });
+        let get = c.cli_at(0, &["get", key, "-r", "ALL"]).ok();
+        assert_eq!(
+            get.texts(),
+            vec!["v2".to_string()],
+            "{key}: the overwrite alone ({hedged} forwards hedged): {get:?}"
+        );
+    }
+}

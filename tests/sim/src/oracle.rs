@@ -3,7 +3,9 @@
 //!
 //! The dot index is filled after every client operation (for its key) and once at the end: a
 //! value ever stored at two different dots was applied twice, which the checker reports on its
-//! own and uses to explain the violations that follow from it.
+//! own and uses to explain the violations that follow from it, unless every copy carries the
+//! same write id (a forwarded write sent to a second coordinator, by design: its copies read as
+//! one value and are hidden together, `dynakv_core::write_id`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -245,11 +247,11 @@ pub fn queued_hints(backend: &MemoryBackend) -> Vec<(String, String)> {
     out
 }
 
-/// (key, value) -> every dot the value was seen stored at.
-pub type DotIndex = BTreeMap<(String, Vec<u8>), BTreeSet<Dot>>;
+/// (key, value) -> every dot the value was seen stored at, with the write id stored with it.
+pub type DotIndex = BTreeMap<(String, Vec<u8>), BTreeSet<(Dot, Option<u128>)>>;
 
-/// Every value of a clock with its dot (tombstones have no value and are left out).
-pub fn live_dots(clock: &Clock) -> Vec<(Dot, Vec<u8>)> {
+/// Every value of a clock with its dot and write id (tombstones have no value and are left out).
+pub fn live_dots(clock: &Clock) -> Vec<(Dot, Vec<u8>, Option<u128>)> {
     let mut out = Vec::new();
     for e in clock.entries() {
         for (i, v) in e.values().iter().enumerate() {
@@ -260,6 +262,7 @@ pub fn live_dots(clock: &Clock) -> Vec<(Dot, Vec<u8>)> {
                         counter: e.counter() - i as u64,
                     },
                     data.to_vec(),
+                    v.write_id().map(|w| w.id),
                 ));
             }
         }
@@ -279,11 +282,11 @@ pub fn observe<'a>(
         let Some(clock) = stored_clock(backend, key).and_then(|b| Clock::decode(&b).ok()) else {
             continue;
         };
-        for (dot, value) in live_dots(&clock) {
+        for (dot, value, write) in live_dots(&clock) {
             index
                 .entry((key.to_string(), value))
                 .or_default()
-                .insert(dot);
+                .insert((dot, write));
         }
     }
 }
