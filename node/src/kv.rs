@@ -55,6 +55,16 @@ impl KvService {
         }
     }
 
+    /// Whether the caller may speak for a node: a node's certificate, or any caller when this
+    /// node requires no authentication (then anyone may call everything anyway).
+    fn caller_is_node(&self, ext: &tonic::Extensions) -> bool {
+        !self.node.config.auth_required
+            || ext
+                .get::<crate::auth::ConnInfo>()
+                .and_then(|c| c.cert.as_deref())
+                .is_some_and(|c| matches!(c, crate::auth::CertIdentity::Node(_)))
+    }
+
     fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
         self.inflight.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
@@ -144,10 +154,12 @@ impl KvService {
             .unwrap_or(self.node.config.raw.replication.sloppy)
     }
 
+    /// `(meta, from_node)`: the request's metadata, and whether its caller may speak for a node
+    /// ([`KvService::caller_is_node`]).
     async fn write(
         &self,
         op: &'static str,
-        meta: &MetadataMap,
+        (meta, from_node): (&MetadataMap, bool),
         key: Bytes,
         value: Option<Bytes>,
         context: Bytes,
@@ -167,11 +179,21 @@ impl KvService {
         )?;
         let deadline = self.deadline(consistency.as_ref(), meta);
         let forwarded = meta.contains_key(FORWARDED_HEADER);
-        let write_id = if forwarded {
+        // A write id is taken only from a node (it decides what a value hides), and never in lww
+        // mode, where forwards are not sent twice.
+        let write_id = if forwarded && from_node && !self.node.is_lww() {
             write_id_from(meta)?
         } else {
             None
         };
+        if let Some(w) = &write_id
+            && !self.node.plausible_write_id(w)
+        {
+            return Err(Status::invalid_argument(format!(
+                "{WRITE_ID_HEADER} is stamped further ahead of this node's clock than the \
+                 hybrid clocks tolerate; nothing was applied"
+            )));
+        }
         let label = quorum_label(w, self.node.n());
         if forwarded && !self.node.coordinates() {
             let refused = self.not_coordinating(op);
@@ -228,8 +250,11 @@ impl KvService {
     /// every replica it goes to, which makes a second coordinator's copy harmless: the two read
     /// as one value, and a client that read either one and overwrote it hides the other. So a
     /// replica that has not answered within its hedge delay gets company (within the hedge
-    /// budget), one that broke off or went silent after it was sent is followed by the next,
-    /// and the first answer wins. In `lww` mode a second copy would carry a later timestamp and
+    /// budget), one that broke off, went silent after it was sent or did nothing with it
+    /// (stopping, starting, owning no ranges) is followed by the next, and the first answer
+    /// wins; a replica's own error answer (a quorum it could not reach) is returned once no call
+    /// still in flight can succeed. An error names the replicas that may have applied the write.
+    /// In `lww` mode a second copy would carry a later timestamp and
     /// win over a write made after the first, so there the next replica is tried only when the
     /// previous one certainly never got the write (no connection), and silence after sending is
     /// reported, not retried (docs/ARCHITECTURE.md, "Failover").
@@ -256,17 +281,24 @@ impl KvService {
         let mut failures: Vec<String> = Vec::new();
         // Replicas that may have applied the write without answering.
         let mut maybe_applied: Vec<String> = Vec::new();
-        let (mut hedged, mut replace) = (false, false);
-        let mut first: Option<NodeId> = None;
+        // Sent as hedges (beside a call still in flight), for the `won` count.
+        let mut hedges: Vec<NodeId> = Vec::new();
+        let mut silent = false;
+        // Replicas with the write in hand and no answer yet.
+        let mut in_flight: Vec<NodeId> = Vec::new();
+        // A replica's own error answer, returned once no other call can still succeed.
+        let mut verdict: Option<Status> = None;
+        let mut replace = false;
         let mut hedge_at = None;
         loop {
             let hedge_due = hedge_at.is_some_and(|at| Instant::now() >= at);
-            if let Some(c) = (calls.is_empty() || replace || hedge_due)
+            // After a verdict only the calls already sent may still change the answer.
+            if let Some(c) = (verdict.is_none() && (calls.is_empty() || replace || hedge_due))
                 .then(|| next.next())
                 .flatten()
             {
                 if !calls.is_empty() && !replace {
-                    hedged = true;
+                    hedges.push(c.clone());
                     self.node
                         .metrics
                         .hedges
@@ -275,7 +307,6 @@ impl KvService {
                 }
                 replace = false;
                 hedge_at = write_id.map(|_| Instant::now() + self.node.peers.hedge_delay(&c));
-                first.get_or_insert_with(|| c.clone());
                 let write = ForwardedWrite {
                     key: key.clone(),
                     value: value.clone(),
@@ -284,6 +315,7 @@ impl KvService {
                     deadline,
                     write_id,
                 };
+                in_flight.push(c.clone());
                 calls.push(self.forward_one(c, write));
             }
             if calls.is_empty() {
@@ -291,7 +323,7 @@ impl KvService {
             }
             let hedge = async {
                 match hedge_at {
-                    Some(at) if next.len() > 0 => {
+                    Some(at) if next.len() > 0 && verdict.is_none() => {
                         tokio::time::sleep_until(at).await;
                         if !self.node.peers.try_hedge() {
                             std::future::pending::<()>().await;
@@ -305,9 +337,11 @@ impl KvService {
                 Some(done) = futures::StreamExt::next(&mut calls) => done,
                 () = hedge => continue,
             };
+            in_flight.retain(|r| *r != replica);
+            let went_silent = matches!(result, Err(Forwarded::Silent(_)));
             match result {
                 Ok(answer) => {
-                    if hedged && first.as_ref() != Some(&replica) {
+                    if hedges.contains(&replica) {
                         self.node
                             .metrics
                             .hedges
@@ -320,39 +354,76 @@ impl KvService {
                     failures.push(why);
                     replace = true;
                 }
-                Err(Forwarded::Broken(why)) if write_id.is_some() => {
+                Err(Forwarded::Broken(why) | Forwarded::Silent(why)) if write_id.is_some() => {
+                    silent |= went_silent;
                     failures.push(format!("{replica} stopped answering ({why})"));
                     maybe_applied.push(replica.to_string());
                     replace = true;
                 }
-                Err(Forwarded::Broken(why)) => {
+                Err(Forwarded::Broken(why) | Forwarded::Silent(why)) => {
+                    if went_silent {
+                        self.node
+                            .metrics
+                            .fast_unavailable
+                            .with_label_values(&["forward"])
+                            .inc();
+                    }
                     return Err(Status::unavailable(format!(
                         "replica {replica} stopped answering while coordinating the {op} \
                          ({why}); it may or may not have been applied"
                     )));
                 }
                 // A coordinator's own answer (a quorum it could not reach) is the verdict:
-                // asking the next would only repeat the quorum write.
-                Err(Forwarded::Verdict(s)) => return Err(s),
+                // asking the next would only repeat the quorum write. A call still in flight
+                // may yet succeed, so it is waited for.
+                Err(Forwarded::Verdict(s)) => {
+                    verdict.get_or_insert(s);
+                    if calls.is_empty() {
+                        break;
+                    }
+                }
                 Err(Forwarded::Deadline) => {
-                    return Err(Status::deadline_exceeded(format!(
-                        "replica {replica} did not answer before the deadline; the {op} may or \
-                         may not have been applied"
-                    )));
+                    maybe_applied.push(replica.to_string());
+                    failures.push(format!("{replica} did not answer before the deadline"));
                 }
             }
             if Instant::now() >= deadline {
                 break;
             }
         }
+        // Calls still in flight at the deadline were sent: they may have been applied.
+        maybe_applied.extend(in_flight.iter().map(NodeId::to_string));
         tracing::debug!(op, ?failures, "forwarding failed");
-        if !maybe_applied.is_empty() {
-            return Err(Status::unavailable(format!(
-                "no replica of the key answered the {op}: {}; it may or may not have been \
-                 applied (by {})",
-                failures.join(", "),
+        if silent {
+            self.node
+                .metrics
+                .fast_unavailable
+                .with_label_values(&["forward"])
+                .inc();
+        }
+        let unknown = |verdict: &str| {
+            format!(
+                "{verdict}; it may or may not have been applied (by {})",
                 maybe_applied.join(", ")
-            )));
+            )
+        };
+        if let Some(s) = verdict {
+            if maybe_applied.is_empty() {
+                return Err(s);
+            }
+            return Err(Status::new(s.code(), unknown(s.message())));
+        }
+        if Instant::now() >= deadline {
+            return Err(Status::deadline_exceeded(unknown(&format!(
+                "no replica of the key answered the {op} before the deadline ({})",
+                failures.join(", ")
+            ))));
+        }
+        if !maybe_applied.is_empty() {
+            return Err(Status::unavailable(unknown(&format!(
+                "no replica of the key answered the {op}: {}",
+                failures.join(", ")
+            ))));
         }
         Err(Status::unavailable(format!(
             "no replica of the key could coordinate the {op}: {}",
@@ -430,10 +501,9 @@ impl KvService {
             biased;
             r = call => r,
             () = self.until_silent(&replica, probe_key, deadline) => {
-                self.node.metrics.fast_unavailable.with_label_values(&["forward"]).inc();
                 let why = "silent: neither the forwarded request nor a probe sent since got an \
                            answer";
-                return (replica, Err(Forwarded::Broken(why.to_string())));
+                return (replica, Err(Forwarded::Silent(why.to_string())));
             }
         };
         let outcome = match result {
@@ -441,12 +511,11 @@ impl KvService {
                 tracked.heard();
                 Ok((context.to_vec(), receipt.unwrap_or_default()))
             }
-            // It owns no part of the ring and did nothing: the next replica may coordinate.
+            // It did nothing (it owns no part of the ring, is stopping or starting): the next
+            // replica may coordinate.
             Ok(Err(s)) if s.metadata().contains_key(NOT_COORDINATING_HEADER) => {
                 tracked.heard();
-                Err(Forwarded::NotSent(format!(
-                    "{replica} owns no part of the ring"
-                )))
+                Err(Forwarded::NotSent(format!("{replica}: {}", s.message())))
             }
             // Never reached it (no connection): the next replica may coordinate.
             Ok(Err(s)) if is_transport_error(&s) && crate::net::never_sent(&s) => Err(
@@ -739,10 +808,12 @@ struct ForwardedWrite {
 }
 
 enum Forwarded {
-    /// The replica certainly never got the write (no connection).
+    /// The replica certainly never got the write (no connection), or did nothing with it.
     NotSent(String),
     /// The connection broke after the write was sent: it may have been applied.
     Broken(String),
+    /// The replica went silent with the write in hand: it may have been applied.
+    Silent(String),
     /// The replica answered with an error: its verdict on the write.
     Verdict(Status),
     /// No answer before the client's deadline.
@@ -801,8 +872,12 @@ pub fn status(e: CoordinatorError) -> Status {
         )),
         CoordinatorError::TooManySiblings { .. } => Status::resource_exhausted(e.to_string()),
         CoordinatorError::Expired { .. } => Status::deadline_exceeded(e.to_string()),
+        // Nothing was done: a node forwarding the request asks the next replica.
         CoordinatorError::Stopping | CoordinatorError::Starting => {
-            Status::unavailable(e.to_string())
+            let mut s = Status::unavailable(e.to_string());
+            s.metadata_mut()
+                .insert(NOT_COORDINATING_HEADER, MetadataValue::from_static("1"));
+            s
         }
         CoordinatorError::NotCoordinating => {
             let mut s = Status::unavailable(format!("{e}; nothing was applied"));
@@ -930,11 +1005,12 @@ impl Kv for KvService {
         &self,
         request: Request<proto::PutRequest>,
     ) -> Result<Response<proto::PutResponse>, Status> {
-        let (meta, _, req) = request.into_parts();
+        let (meta, ext, req) = request.into_parts();
+        let from_node = self.caller_is_node(&ext);
         let (context, receipt) = self
             .write(
                 "put",
-                &meta,
+                (&meta, from_node),
                 req.key,
                 Some(req.value),
                 req.context,
@@ -952,9 +1028,17 @@ impl Kv for KvService {
         &self,
         request: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
-        let (meta, _, req) = request.into_parts();
+        let (meta, ext, req) = request.into_parts();
+        let from_node = self.caller_is_node(&ext);
         let (context, receipt) = self
-            .write("delete", &meta, req.key, None, req.context, req.consistency)
+            .write(
+                "delete",
+                (&meta, from_node),
+                req.key,
+                None,
+                req.context,
+                req.consistency,
+            )
             .await
             .map_err(answered)?;
         Ok(Response::new(proto::DeleteResponse {

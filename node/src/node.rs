@@ -21,7 +21,7 @@ use dynakv_core::merkle::{MerkleTree, entry_hash};
 use dynakv_core::quorum::{QuorumError, QuorumKind, QuorumTracker, ReplicaFailure, Vote};
 use dynakv_core::ring::{Member, NodeSpec, Ring};
 use dynakv_core::transition::RingState;
-use dynakv_core::write_id::WriteId;
+use dynakv_core::write_id::{Carry, WriteId};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use std::collections::BTreeMap;
@@ -1159,20 +1159,45 @@ impl Node {
         self.config.raw.limits.max_request_timeout_ms + drift
     }
 
-    /// A new forwarded write's id: unique (a hash of this node's id, its start and a counter)
-    /// and stamped with the hybrid time it is first sent at.
+    /// Which superseded ids a new value carries: those younger than the grace period (and at
+    /// least twice the forward lifetime), all of those younger than twice the lifetime
+    /// (`dynakv_core::write_id`, "Bounds").
+    fn carry(&self) -> Carry {
+        let young_ms = self.forward_lifetime_ms().saturating_mul(2);
+        Carry {
+            horizon_ms: self.config.raw.tombstone_gc.grace_ms.max(young_ms),
+            young_ms,
+        }
+    }
+
+    /// A new forwarded write's id: unique (a hash of this node's dot id, process, start, a
+    /// counter and the hybrid time) and stamped with the hybrid time it is first sent at.
     pub fn mint_write_id(&self) -> WriteId {
         let n = self
             .write_ids
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let at = self.now();
         let mut seed = Vec::with_capacity(64);
         seed.extend_from_slice(self.dot_id.as_str().as_bytes());
+        seed.extend_from_slice(&std::process::id().to_le_bytes());
         seed.extend_from_slice(&self.started_ms.to_le_bytes());
         seed.extend_from_slice(&n.to_le_bytes());
+        seed.extend_from_slice(&at.as_u64().to_le_bytes());
         WriteId {
             id: dynakv_core::hash::hash128(&seed),
-            at: self.now(),
+            at,
         }
+    }
+
+    /// Whether a write id a forwarding node sent may be taken: not stamped further ahead of this
+    /// node's wall clock than the hybrid clocks tolerate (an id from the future would never age).
+    pub fn plausible_write_id(&self, w: &WriteId) -> bool {
+        let drift = self
+            .clock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .max_drift_ms();
+        w.at.physical_ms() <= (self.wall)().saturating_add(drift)
     }
 
     pub(crate) fn now(&self) -> Timestamp {
@@ -1414,7 +1439,7 @@ impl Node {
         let read_ids = req.read_ids;
         let write_id = req.write_id;
         let lifetime_ms = self.forward_lifetime_ms();
-        let horizon_ms = self.config.raw.tombstone_gc.grace_ms;
+        let carry = self.carry();
         let this = self.clone();
         // From here until its local copy is durable, this write's dot may be known to other
         // replicas but not to our own disk; a clean stop waits for that (see `Node::stop_writes`).
@@ -1447,7 +1472,7 @@ impl Node {
                     sibling,
                     &coordinator,
                     ts,
-                    horizon_ms,
+                    carry,
                 );
                 if lww {
                     next = next.lww_resolve();

@@ -556,8 +556,8 @@ fn union_sorted<V: Ord + Clone>(a: &[V], b: &[V]) -> Vec<V> {
 // The node's clock: siblings with timestamps and tombstones
 // ---------------------------------------------------------------------------------------------
 
-/// One version of a key's value. Ordered by `(ts, data)`, tombstones before live data at equal
-/// timestamps, which is the order `lww` picks the winner by.
+/// One version of a key's value. Ordered by `(ts, data, ids)`, tombstones before live data at
+/// equal timestamps, which is the order `lww` picks the winner by.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Sibling {
     /// When the coordinator accepted the write (hybrid logical clock).

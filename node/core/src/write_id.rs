@@ -10,8 +10,9 @@
 //! coordinator that was frozen with the write in hand, appears beside the new value as a sibling,
 //! an old value back from the dead.
 //!
-//! So every forwarded write carries a [`WriteId`] (random, minted by the forwarding node with its
-//! hybrid time), and both coordinators store it with the value. A read hands the client, inside
+//! So every forwarded write carries a [`WriteId`] (unique: the forwarding node hashes its dot id,
+//! process, start time, a counter and its hybrid time; stamped with that hybrid time), and both
+//! coordinators store it with the value. A read hands the client, inside
 //! the opaque context, the ids of what it read ([`Clock::read_ids`]); a write made with that
 //! context records them as *superseded* on its own value ([`Clock::put_superseding`]), together
 //! with the ids of the stored values the context covers. A value whose write id some value of the
@@ -27,9 +28,14 @@
 //!   ([`WriteId::may_mint`]), so a copy cannot be minted long after the forwarding node gave up.
 //! - Superseded ids are carried from write to write (so that a late copy stays hidden after the
 //!   value that superseded it is itself overwritten) while younger than a horizon (the node uses
-//!   the tombstone grace period), at most [`MAX_SUPERSEDED`] per value, the newest kept.
-//!   A copy that a coordinator committed but could not replicate for longer than that horizon
-//!   (a process stopped for a day) may come back as a sibling: the same bound as tombstones.
+//!   the tombstone grace period, and at least twice the forward lifetime). Every id younger than
+//!   the *young* age (the node uses twice the forward lifetime: the time in which a late copy
+//!   is minted and normally replicated) is kept; of the older ones the newest
+//!   [`MAX_OLD_SUPERSEDED`]; at most [`MAX_SUPERSEDED`] in all, the newest. What escapes it:
+//!   a copy that a coordinator committed but could not replicate (stopped, cut off) until more
+//!   than [`MAX_OLD_SUPERSEDED`] later forwarded overwrites of the key, or the horizon, had
+//!   passed; or more than [`MAX_SUPERSEDED`] forwarded overwrites of one key within the young
+//!   age. Such a copy comes back as a sibling of the newer value (nothing is lost).
 //! - A context carries at most [`MAX_CONTEXT_IDS`] ids, the newest.
 
 use std::collections::BTreeSet;
@@ -39,9 +45,11 @@ use crate::dvvset::{Clock, CodecError, Sibling, VersionVector, wire};
 use crate::hlc::Timestamp;
 
 /// Most superseded ids one value carries.
-pub const MAX_SUPERSEDED: usize = 64;
+pub const MAX_SUPERSEDED: usize = 1024;
+/// Most superseded ids older than the young age one value carries.
+pub const MAX_OLD_SUPERSEDED: usize = 64;
 /// Most ids a client context carries.
-pub const MAX_CONTEXT_IDS: usize = 256;
+pub const MAX_CONTEXT_IDS: usize = MAX_SUPERSEDED;
 /// Bytes of one encoded [`WriteId`]: `u128` LE id, then `u64` LE packed timestamp.
 pub const WRITE_ID_LEN: usize = 24;
 
@@ -61,9 +69,9 @@ impl WriteId {
         now.physical_ms() <= self.at.physical_ms().saturating_add(lifetime_ms)
     }
 
-    /// Whether the id is still carried at `now`: younger than `horizon_ms`.
-    fn carried(&self, now: Timestamp, horizon_ms: u64) -> bool {
-        self.at.physical_ms().saturating_add(horizon_ms) >= now.physical_ms()
+    /// Whether the id is younger than `age_ms` at `now`.
+    fn younger_than(&self, now: Timestamp, age_ms: u64) -> bool {
+        self.at.physical_ms().saturating_add(age_ms) >= now.physical_ms()
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -88,6 +96,29 @@ pub struct WriteIds {
     pub write: Option<WriteId>,
     /// Strictly increasing by `id`, at most [`MAX_SUPERSEDED`].
     pub superseded: Vec<WriteId>,
+}
+
+/// Which superseded ids a new value carries (module docs, "Bounds").
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Carry {
+    /// Ids older than this are dropped.
+    pub horizon_ms: u64,
+    /// Ids younger than this are all kept (up to [`MAX_SUPERSEDED`]); of the older ones, the
+    /// newest [`MAX_OLD_SUPERSEDED`].
+    pub young_ms: u64,
+}
+
+impl Carry {
+    fn select(&self, ids: Vec<WriteId>, now: Timestamp) -> Vec<WriteId> {
+        let ids = normalize(ids, usize::MAX);
+        let (young, old): (Vec<WriteId>, Vec<WriteId>) = ids
+            .into_iter()
+            .filter(|w| w.younger_than(now, self.horizon_ms))
+            .partition(|w| w.younger_than(now, self.young_ms));
+        let mut kept = normalize(old, MAX_OLD_SUPERSEDED);
+        kept.extend(young);
+        normalize(kept, MAX_SUPERSEDED)
+    }
 }
 
 /// Sorts by id, keeps one per id (the greatest `at`), and keeps the `limit` newest by `at`.
@@ -156,7 +187,7 @@ impl Clock {
 
     /// What the node does on a client put: [`Clock::put`], with the new value recording as
     /// superseded the context's `read` ids and the ids of the stored values the context covers
-    /// (those this write removes), the ones younger than `horizon_ms` at `now`.
+    /// (those this write removes), as [`Carry`] says at `now`.
     pub fn put_superseding(
         stored: Option<&Clock>,
         context: &VersionVector,
@@ -164,7 +195,7 @@ impl Clock {
         value: Sibling,
         coordinator: &NodeId,
         now: Timestamp,
-        horizon_ms: u64,
+        carry: Carry,
     ) -> Clock {
         let mut superseded: Vec<WriteId> = read.to_vec();
         if let Some(stored) = stored {
@@ -179,7 +210,7 @@ impl Clock {
                 }
             }
         }
-        superseded.retain(|w| w.carried(now, horizon_ms));
+        let superseded = carry.select(superseded, now);
         let write = value.write_id();
         let value = value.with_ids(write, superseded);
         Clock::put(stored, context, value, coordinator)
@@ -296,6 +327,11 @@ mod tests {
     use super::*;
 
     const HOUR_MS: u64 = 3_600_000;
+    /// The node's default: the grace period (24 h), twice a 2 min forward lifetime.
+    const CARRY: Carry = Carry {
+        horizon_ms: 24 * HOUR_MS,
+        young_ms: 240_000,
+    };
     const T0: u64 = 1_700_000_000_000;
 
     fn node(name: &str) -> NodeId {
@@ -335,7 +371,7 @@ mod tests {
         let (vv, ids) = seen.map_or((VersionVector::new(), Vec::new()), |c| {
             (c.join(), c.read_ids())
         });
-        Clock::put_superseding(stored, &vv, &ids, v, &node(by), ts(10_000), 24 * HOUR_MS)
+        Clock::put_superseding(stored, &vv, &ids, v, &node(by), ts(10_000), CARRY)
     }
 
     #[test]
@@ -382,7 +418,7 @@ mod tests {
             value("v2", 2),
             &node("d"),
             ts(2),
-            HOUR_MS,
+            CARRY,
         );
         let late = put_after_read(None, None, forwarded("v1", 3, x), "b");
         assert_eq!(read(&w2.sync(&late)), vec![b"v2".as_slice()]);
@@ -417,7 +453,7 @@ mod tests {
             forwarded("v1", 1, x),
             &node("b"),
             ts(1),
-            HOUR_MS,
+            CARRY,
         );
         assert_eq!(read(&own), vec![b"v1".as_slice()]);
     }
@@ -433,19 +469,63 @@ mod tests {
             value("v", 3 * HOUR_MS),
             &node("b"),
             ts(3 * HOUR_MS),
-            2 * HOUR_MS,
+            Carry {
+                horizon_ms: 2 * HOUR_MS,
+                young_ms: 60_000,
+            },
         );
         assert_eq!(c.read_ids(), vec![young]);
     }
 
     #[test]
-    fn a_value_carries_at_most_max_superseded_ids_the_newest() {
-        let ids: Vec<WriteId> = (0..200u64).map(|i| wid(u128::from(1000 - i), i)).collect();
-        let s = value("v", 0).with_ids(None, ids);
+    fn young_ids_are_all_kept_and_old_ones_up_to_a_bound() {
+        // 200 old ids (an hour ago and more) and 100 young ones (the last minute).
+        let old = (0..200u64).map(|i| wid(u128::from(1000 - i), i));
+        let young = (0..100u64).map(|i| wid(u128::from(5000 + i), HOUR_MS + 1000 + i));
+        let c = Clock::put_superseding(
+            None,
+            &VersionVector::new(),
+            &old.chain(young).collect::<Vec<_>>(),
+            value("v", HOUR_MS + 60_000),
+            &node("b"),
+            ts(HOUR_MS + 60_000),
+            Carry {
+                horizon_ms: 24 * HOUR_MS,
+                young_ms: 120_000,
+            },
+        );
+        let kept = c.read_ids();
+        assert_eq!(kept.len(), 100 + MAX_OLD_SUPERSEDED);
+        assert!(kept.windows(2).all(|p| p[0].id < p[1].id));
+        let old_kept: Vec<&WriteId> = kept.iter().filter(|w| w.at < ts(HOUR_MS)).collect();
+        assert!(
+            old_kept
+                .iter()
+                .all(|w| w.at >= ts(200 - MAX_OLD_SUPERSEDED as u64))
+        );
+        // The hard cap, newest first.
+        let many: Vec<WriteId> = (0..3000u64).map(|i| wid(u128::from(i), i)).collect();
+        let s = value("v", 0).with_ids(None, many);
         let kept = &s.ids.as_ref().expect("ids").superseded;
         assert_eq!(kept.len(), MAX_SUPERSEDED);
-        assert!(kept.iter().all(|w| w.at >= ts(200 - MAX_SUPERSEDED as u64)));
-        assert!(kept.windows(2).all(|p| p[0].id < p[1].id));
+        assert!(
+            kept.iter()
+                .all(|w| w.at >= ts(3000 - MAX_SUPERSEDED as u64))
+        );
+    }
+
+    #[test]
+    fn a_late_copy_stays_hidden_behind_many_forwarded_overwrites() {
+        // B froze with X; C's copy was acknowledged; then 200 forwarded read-modify-writes
+        // within a minute (each a forwarded write with an id of its own), then B's copy.
+        let x = wid(7, 0);
+        let mut c = put_after_read(None, None, forwarded("v", 1, x), "c");
+        for i in 0..200u64 {
+            let w = forwarded(&format!("v{i}"), 2 + i, wid(u128::from(100 + i), 2 + i));
+            c = put_after_read(Some(&c), Some(&c), w, "d");
+        }
+        let late = put_after_read(None, None, forwarded("v", 300, x), "b");
+        assert_eq!(read(&c.sync(&late)), vec![b"v199".as_slice()]);
     }
 
     #[test]
