@@ -90,6 +90,8 @@ pub struct Shared {
     /// Fault emulation: send every write without its context (the node then sees blind writes),
     /// while the history records the context the client meant.
     pub drop_put_context: bool,
+    /// Fault emulation: send every write's context without its write ids.
+    pub drop_context_ids: bool,
     /// Every node's storage, for the [oracle](crate::oracle) (no real client can look there).
     pub backends: BTreeMap<String, MemoryBackend>,
     /// Where each value has been seen stored (see [`crate::oracle`]).
@@ -283,6 +285,12 @@ impl ClientCore {
         };
         let ctx = if self.shared.drop_put_context {
             Bytes::new()
+        } else if self.shared.drop_context_ids {
+            let tag = self.shared.cluster_tag;
+            match dynakv_core::context::decode_context(&req.ctx.bytes, tag) {
+                Ok(vv) => Bytes::from(dynakv_core::context::encode_context(&vv, tag)),
+                Err(_) => req.ctx.bytes.clone(),
+            }
         } else {
             req.ctx.bytes.clone()
         };

@@ -102,15 +102,20 @@ pub enum Breakage {
     /// the new ring and old owners drop what they handed over. Its Merkle trees still believe
     /// it holds the keys, so anti-entropy does not put them back.
     ForgetHandoff,
+    /// Every write reaches the node with its context's version vector but without the write
+    /// ids of the values read (`dynakv_core::write_id`; emulated at the client edge): what a
+    /// node that ignored them would do. A late copy of a forwarded write then comes back.
+    DropContextIds,
 }
 
 impl Breakage {
-    pub const ALL: [Breakage; 5] = [
+    pub const ALL: [Breakage; 6] = [
         Breakage::SkipSync,
         Breakage::DropPutContext,
         Breakage::NoHintDelivery,
         Breakage::NoAntiEntropy,
         Breakage::ForgetHandoff,
+        Breakage::DropContextIds,
     ];
 
     pub fn name(self) -> &'static str {
@@ -120,6 +125,7 @@ impl Breakage {
             Breakage::NoHintDelivery => "no-hint-delivery",
             Breakage::NoAntiEntropy => "no-anti-entropy",
             Breakage::ForgetHandoff => "forget-handoff",
+            Breakage::DropContextIds => "drop-context-ids",
         }
     }
 
@@ -557,6 +563,7 @@ impl Harness {
             n,
             cluster_tag: dynakv_node::node::cluster_tag(CLUSTER_ID),
             drop_put_context: opts.breakage == Some(Breakage::DropPutContext),
+            drop_context_ids: opts.breakage == Some(Breakage::DropContextIds),
             backends: nodes
                 .iter()
                 .map(|n| (n.name.clone(), n.backend.clone()))

@@ -247,8 +247,18 @@ pub fn queued_hints(backend: &MemoryBackend) -> Vec<(String, String)> {
     out
 }
 
-/// (key, value) -> every dot the value was seen stored at, with the write id stored with it.
-pub type DotIndex = BTreeMap<(String, Vec<u8>), BTreeSet<(Dot, Option<u128>)>>;
+/// A value's copy: its dot, and the write id stored with it.
+pub type StoredCopy = (Dot, Option<u128>);
+
+/// Where values were seen stored.
+#[derive(Clone, Debug, Default)]
+pub struct DotIndex {
+    /// (key, value) -> every copy of the value seen stored.
+    pub dots: BTreeMap<(String, Vec<u8>), BTreeSet<StoredCopy>>,
+    /// (key, write id) of every copy of a forwarded write seen held hidden (superseded) by a
+    /// replica at some point.
+    pub hidden: BTreeSet<(String, u128)>,
+}
 
 /// Every value of a clock with its dot and write id (tombstones have no value and are left out).
 pub fn live_dots(clock: &Clock) -> Vec<(Dot, Vec<u8>, Option<u128>)> {
@@ -284,9 +294,16 @@ pub fn observe<'a>(
         };
         for (dot, value, write) in live_dots(&clock) {
             index
+                .dots
                 .entry((key.to_string(), value))
                 .or_default()
                 .insert((dot, write));
+        }
+        let superseded = clock.superseded_ids();
+        for w in clock.values().filter_map(|s| s.write_id()) {
+            if superseded.contains(&w.id) {
+                index.hidden.insert((key.to_string(), w.id));
+            }
         }
     }
 }
