@@ -1200,7 +1200,7 @@ impl Node {
         w.at.physical_ms() <= (self.wall)().saturating_add(drift)
     }
 
-    pub(crate) fn now(&self) -> Timestamp {
+    fn now(&self) -> Timestamp {
         let wall = (self.wall)();
         self.clock
             .lock()

@@ -90,12 +90,25 @@ impl WriteId {
     }
 }
 
-/// The ids a value carries: its own (a forwarded write's) and those it superseded.
+/// The ids a value carries: its own (a forwarded write's) and those it superseded. Made only by
+/// [`Sibling::with_ids`] and the decoder, which keep the encoding's rules (never both empty, ids
+/// strictly increasing, at most [`MAX_SUPERSEDED`], not its own id).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct WriteIds {
-    pub write: Option<WriteId>,
-    /// Strictly increasing by `id`, at most [`MAX_SUPERSEDED`].
-    pub superseded: Vec<WriteId>,
+    pub(crate) write: Option<WriteId>,
+    pub(crate) superseded: Vec<WriteId>,
+}
+
+impl WriteIds {
+    /// The forwarded write's own id, if any.
+    pub fn write(&self) -> Option<WriteId> {
+        self.write
+    }
+
+    /// The ids this value superseded, strictly increasing by `id`.
+    pub fn superseded(&self) -> &[WriteId] {
+        &self.superseded
+    }
 }
 
 /// Which superseded ids a new value carries (module docs, "Bounds").
