@@ -67,11 +67,7 @@ rm -rf "$BENCH_DIR/dynakv"
 # shellcheck disable=SC2086 # DEV_ARGS is a list of flags
 "$DYNAKV" dev --insecure --data-dir "$BENCH_DIR/dynakv" ${DEV_ARGS:-} >"$OUT/dynakv-dev.log" 2>&1 &
 DEV_PID=$!
-for _ in $(seq 600); do
-  grep -q '^ready:' "$OUT/dynakv-dev.log" && break
-  sleep 0.1
-done
-pids=$(grep -o ' pid [0-9]*' "$OUT/dynakv-dev.log" | awk '{print $2}' | paste -sd,)
+pids=$($LIB dev-ready "$OUT/dynakv-dev.log" "$DEV_PID")
 echo "dynakv: RSS before load: $($LIB rss "$pids")"
 "$DYNAKV" bench --load-only -c "$CLIENTS" -k "$KEYS" -s "$VALUE_SIZE" --no-progress \
   | grep -E '^(load|  insert)'

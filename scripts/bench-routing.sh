@@ -46,14 +46,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Ready when dev says so (its log names each node's pid), as scripts/bench-vs-etcd.sh waits.
-for _ in $(seq 600); do
-  grep -q '^ready:' "$DATA/dev.log" && break
-  kill -0 "$DEV" 2>/dev/null || { cat "$DATA/dev.log" >&2; exit 1; }
-  sleep 0.1
-done
-grep -q '^ready:' "$DATA/dev.log" || { echo "dev cluster not ready" >&2; cat "$DATA/dev.log" >&2; exit 1; }
-PIDS=$(grep -o ' pid [0-9]*' "$DATA/dev.log" | awk '{print $2}' | paste -sd,)
+# Ready when dev says so (its log names each node's pid).
+PIDS=$($LIB dev-ready "$DATA/dev.log" "$DEV")
 # The endpoints: node i listens on BASE_IP + i.
 IFS=. read -r a b c d <<<"$BASE_IP"
 EPS=$(for ((i = 0; i < NODES; i++)); do echo -n "$a.$b.$c.$((d + i)):7100,"; done)

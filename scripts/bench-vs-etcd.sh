@@ -104,13 +104,7 @@ for round in $(seq "$ROUNDS"); do
   rm -rf "$BENCH_DIR/dynakv"
   "$DYNAKV" dev --insecure --data-dir "$BENCH_DIR/dynakv" >"$R/dynakv-dev.log" 2>&1 &
   DEV_PID=$!
-  for _ in $(seq 600); do
-    grep -q '^ready:' "$R/dynakv-dev.log" && break
-    kill -0 "$DEV_PID" 2>/dev/null || { cat "$R/dynakv-dev.log" >&2; exit 1; }
-    sleep 0.1
-  done
-  grep -q '^ready:' "$R/dynakv-dev.log" || { echo "dev cluster not ready" >&2; cat "$R/dynakv-dev.log" >&2; exit 1; }
-  pids=$(grep -o ' pid [0-9]*' "$R/dynakv-dev.log" | awk '{print $2}' | paste -sd,)
+  pids=$($LIB dev-ready "$R/dynakv-dev.log" "$DEV_PID")
   metrics=$(grep -o 'http://[0-9.:]*/metrics' "$R/dynakv-dev.log" | paste -sd,)
 
   for c in $CLIENTS; do

@@ -9,6 +9,9 @@
   benchlib.py rss PID,..                   VmRSS/VmHWM of processes (JSON)
   benchlib.py summary DIR                  compares the dynakv-* and etcd-* results of a run
   benchlib.py machine DIR                  cores, CPU model, memory, kernel (JSON)
+  benchlib.py dev-ready LOG PID            waits (60 s at most) for `dynakv dev` (process PID,
+                                           output in LOG) to print `ready:`; prints its nodes'
+                                           pids (comma-separated), or the log and exit 1
 """
 
 import json
@@ -272,6 +275,21 @@ def summary(directory):
     return "\n".join(lines) + "\n"
 
 
+def dev_ready(log, pid, seconds=60.0):
+    """The node pids of a `dynakv dev` once its log says `ready:`, or None (dead or too slow)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        text = open(log, errors="replace").read() if os.path.exists(log) else ""
+        if re.search(r"^ready:", text, re.M):
+            return re.findall(r" pid (\d+)", text)
+        try:
+            os.kill(int(pid), 0)
+        except OSError:
+            return None
+        time.sleep(0.1)
+    return None
+
+
 def main(argv):
     if len(argv) < 2:
         print(__doc__)
@@ -288,6 +306,15 @@ def main(argv):
         pids = [p for p in argv[2].split(",") if p]
         print(json.dumps({p: {"rss_kb": status_kb(p, "VmRSS"), "hwm_kb": status_kb(p, "VmHWM")}
                           for p in pids}))
+        return 0
+    if cmd == "dev-ready":
+        pids = dev_ready(argv[2], argv[3])
+        if pids is None:
+            print("dev cluster not ready", file=sys.stderr)
+            if os.path.exists(argv[2]):
+                sys.stderr.write(open(argv[2], errors="replace").read())
+            return 1
+        print(",".join(pids))
         return 0
     if cmd == "summary":
         sys.stdout.write(summary(argv[2]))

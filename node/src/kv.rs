@@ -321,17 +321,7 @@ impl KvService {
             if calls.is_empty() {
                 break;
             }
-            let hedge = async {
-                match hedge_at {
-                    Some(at) if next.len() > 0 && verdict.is_none() => {
-                        tokio::time::sleep_until(at).await;
-                        if !self.node.peers.try_hedge() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                    _ => std::future::pending::<()>().await,
-                }
-            };
+            let hedge = self.hedge_due(hedge_at.filter(|_| next.len() > 0 && verdict.is_none()));
             let (replica, result) = tokio::select! {
                 biased;
                 Some(done) = futures::StreamExt::next(&mut calls) => done,
@@ -563,6 +553,18 @@ impl KvService {
         }
     }
 
+    /// Resolves when a hedge may be sent: at `at`, if the hedge budget allows one then; never
+    /// without `at` or budget (the caller's other branches decide).
+    async fn hedge_due(&self, at: Option<Instant>) {
+        if let Some(at) = at {
+            tokio::time::sleep_until(at).await;
+            if self.node.peers.try_hedge() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
+    }
+
     /// Orders the members a request may be forwarded to: alive ones first, then suspect or
     /// unknown, down, unreachable; by expected wait within each class, so a member with a
     /// request stuck past its hedge delay goes last among the alive ones long before it is
@@ -666,17 +668,7 @@ impl KvService {
             if calls.is_empty() {
                 break;
             }
-            let hedge = async {
-                match hedge_at {
-                    Some(at) if next.len() > 0 => {
-                        tokio::time::sleep_until(at).await;
-                        if !self.node.peers.try_hedge() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                    _ => std::future::pending::<()>().await,
-                }
-            };
+            let hedge = self.hedge_due(hedge_at.filter(|_| next.len() > 0));
             tokio::select! {
                 biased;
                 Some((c, result)) = futures::StreamExt::next(&mut calls) => match result {

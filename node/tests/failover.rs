@@ -302,3 +302,63 @@ fn writes_forwarded_while_a_replica_is_frozen_succeed_and_read_as_one_value() {
         );
     }
 }
+
+#[test]
+fn a_forwarded_write_id_is_checked_before_anything_is_applied() {
+    // The write-id header (read only on forwarded requests) decides what a value hides, so a
+    // malformed one, or one stamped further ahead than the hybrid clocks tolerate (it would
+    // never age), is refused with INVALID_ARGUMENT and nothing applied; a valid one is stored
+    // with the value (the context the put returns is of version 2, which carries write ids).
+    use dynakv_node::cli::client::Credentials;
+    use dynakv_node::proto::PutRequest;
+    use dynakv_node::proto::kv_client::KvClient;
+
+    let c = ClusterSpec::new(3).start();
+    let target = c.nodes[0].addr;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_millis() as u64;
+    let stamp = |ms: u64| format!("{:032x}-{:016x}", 7u128, ms << 16);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let put = |key: &str, write_id: &str| {
+        runtime.block_on(async {
+            let plain = Credentials::default();
+            let conn = plain
+                .connect(
+                    plain.endpoint(&target.to_string()).expect("endpoint"),
+                    Duration::from_secs(5),
+                )
+                .await
+                .expect("connect");
+            let mut req = tonic::Request::new(PutRequest {
+                key: bytes::Bytes::from(key.to_string()),
+                value: bytes::Bytes::from_static(b"v"),
+                ..Default::default()
+            });
+            req.metadata_mut()
+                .insert("x-dynakv-forwarded", "1".parse().expect("header"));
+            req.metadata_mut()
+                .insert("x-dynakv-write-id", write_id.parse().expect("header"));
+            KvClient::new(conn).put(req).await
+        })
+    };
+    for (key, id) in [
+        ("wid-future", stamp(now_ms + 3_600_000)),
+        ("wid-malformed", "not-a-write-id".to_string()),
+    ] {
+        let err = put(key, &id).expect_err(key);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{key}: {err:?}");
+        let get = c.cli_at(0, &["get", key, "-r", "ALL"]).ok();
+        assert!(get.texts().is_empty(), "{key}: nothing applied: {get:?}");
+    }
+    let ok = put("wid-valid", &stamp(now_ms)).expect("a valid write id");
+    assert_eq!(
+        ok.into_inner().context[0],
+        2,
+        "the value carries the write id"
+    );
+}
