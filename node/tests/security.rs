@@ -188,13 +188,35 @@ fn tls_and_roles_refuse_what_they_must_and_allow_the_rest() {
         assert_eq!(members.code(), tonic::Code::PermissionDenied, "{members:?}");
         assert!(members.message().contains("cluster nodes only"));
         // The admin client may read through the same connection.
-        KvClient::new(conn)
+        KvClient::new(conn.clone())
             .get(dynakv_node::proto::GetRequest {
                 key: bytes::Bytes::from_static(b"k"),
                 ..Default::default()
             })
             .await
             .unwrap();
+        // A client (not a node) that marks its put forwarded cannot give it a write id, which
+        // decides what values hide: the id is ignored (the context the put returns is of
+        // version 1, which carries none).
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let mut put = tonic::Request::new(dynakv_node::proto::PutRequest {
+            key: bytes::Bytes::from_static(b"wid"),
+            value: bytes::Bytes::from_static(b"v"),
+            ..Default::default()
+        });
+        put.metadata_mut()
+            .insert("x-dynakv-forwarded", "1".parse().unwrap());
+        put.metadata_mut().insert(
+            "x-dynakv-write-id",
+            format!("{:032x}-{:016x}", 7u128, now_ms << 16)
+                .parse()
+                .unwrap(),
+        );
+        let put = KvClient::new(conn).put(put).await.unwrap().into_inner();
+        assert_eq!(put.context[0], 1, "a client's write id was taken");
 
         // A plain-text client does not get a gRPC answer at all.
         let plain = Credentials::default();
