@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dynakv_core::NodeId;
 use dynakv_core::dvvset::VersionVector;
+use dynakv_core::forward::{Attempt, Call, Failure, ForwardPlan, Step};
 use dynakv_core::hlc::Timestamp;
 use dynakv_core::membership::MemberState;
 use dynakv_core::write_id::WriteId;
@@ -248,16 +249,13 @@ impl KvService {
     ///
     /// In `siblings` mode the write carries a write id (`dynakv_core::write_id`), the same to
     /// every replica it goes to, which makes a second coordinator's copy harmless: the two read
-    /// as one value, and a client that read either one and overwrote it hides the other. So a
-    /// replica that has not answered within its hedge delay gets company (within the hedge
-    /// budget), one that broke off, went silent after it was sent or did nothing with it
-    /// (stopping, starting, owning no ranges) is followed by the next, and the first answer
-    /// wins; a replica's own error answer (a quorum it could not reach) is returned once no call
-    /// still in flight can succeed. An error names the replicas that may have applied the write.
-    /// In `lww` mode a second copy would carry a later timestamp and
-    /// win over a write made after the first, so there the next replica is tried only when the
-    /// previous one certainly never got the write (no connection), and silence after sending is
-    /// reported, not retried (docs/ARCHITECTURE.md, "Failover").
+    /// as one value, and a client that read either one and overwrote it hides the other. So
+    /// hedges and retries are allowed there and not in `lww` mode, where a second copy would
+    /// carry a later timestamp and win over a write made after the first. Which replica gets the
+    /// write next, when to stop and who may have applied it is [`ForwardPlan`]'s bookkeeping
+    /// (its rules are in `dynakv_core::forward`); this makes the calls, keeps the hedge timer
+    /// (within the hedge budget) and turns the outcome into the client's status
+    /// (docs/ARCHITECTURE.md, "Failover").
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
@@ -276,37 +274,20 @@ impl KvService {
         if write_id.is_some() {
             self.node.peers.earn_hedge();
         }
-        let mut next = replicas.into_iter();
+        let mut plan = ForwardPlan::new(replicas, write_id.is_some());
         let mut calls = futures::stream::FuturesUnordered::new();
-        let mut failures: Vec<String> = Vec::new();
-        // Replicas that may have applied the write without answering.
-        let mut maybe_applied: Vec<String> = Vec::new();
-        // Sent as hedges (beside a call still in flight), for the `won` count.
-        let mut hedges: Vec<NodeId> = Vec::new();
-        let mut silent = false;
-        // Replicas with the write in hand and no answer yet.
-        let mut in_flight: Vec<NodeId> = Vec::new();
-        // A replica's own error answer, returned once no other call can still succeed.
-        let mut verdict: Option<Status> = None;
-        let mut replace = false;
         let mut hedge_at = None;
         loop {
             let hedge_due = hedge_at.is_some_and(|at| Instant::now() >= at);
-            // After a verdict only the calls already sent may still change the answer.
-            if let Some(c) = (verdict.is_none() && (calls.is_empty() || replace || hedge_due))
-                .then(|| next.next())
-                .flatten()
-            {
-                if !calls.is_empty() && !replace {
-                    hedges.push(c.clone());
+            if let Some(Call { replica, hedge }) = plan.send(hedge_due) {
+                if hedge {
                     self.node
                         .metrics
                         .hedges
                         .with_label_values(&["forward_write", "sent"])
                         .inc();
                 }
-                replace = false;
-                hedge_at = write_id.map(|_| Instant::now() + self.node.peers.hedge_delay(&c));
+                hedge_at = write_id.map(|_| Instant::now() + self.node.peers.hedge_delay(&replica));
                 let write = ForwardedWrite {
                     key: key.clone(),
                     value: value.clone(),
@@ -315,23 +296,20 @@ impl KvService {
                     deadline,
                     write_id,
                 };
-                in_flight.push(c.clone());
-                calls.push(self.forward_one(c, write));
+                calls.push(self.forward_one(replica, write));
             }
             if calls.is_empty() {
                 break;
             }
-            let hedge = self.hedge_due(hedge_at.filter(|_| next.len() > 0 && verdict.is_none()));
+            let hedge = self.hedge_due(hedge_at.filter(|_| plan.may_hedge()));
             let (replica, result) = tokio::select! {
                 biased;
                 Some(done) = futures::StreamExt::next(&mut calls) => done,
                 () = hedge => continue,
             };
-            in_flight.retain(|r| *r != replica);
-            let went_silent = matches!(result, Err(Forwarded::Silent(_)));
             match result {
                 Ok(answer) => {
-                    if hedges.contains(&replica) {
+                    if plan.answered(&replica) {
                         self.node
                             .metrics
                             .hedges
@@ -340,85 +318,76 @@ impl KvService {
                     }
                     return Ok(answer);
                 }
-                Err(Forwarded::NotSent(why)) => {
-                    failures.push(why);
-                    replace = true;
-                }
-                Err(Forwarded::Broken(why) | Forwarded::Silent(why)) if write_id.is_some() => {
-                    silent |= went_silent;
-                    failures.push(format!("{replica} stopped answering ({why})"));
-                    maybe_applied.push(replica.to_string());
-                    replace = true;
-                }
-                Err(Forwarded::Broken(why) | Forwarded::Silent(why)) => {
-                    if went_silent {
-                        self.node
-                            .metrics
-                            .fast_unavailable
-                            .with_label_values(&["forward"])
-                            .inc();
-                    }
-                    return Err(Status::unavailable(format!(
-                        "replica {replica} stopped answering while coordinating the {op} \
-                         ({why}); it may or may not have been applied"
-                    )));
-                }
-                // A coordinator's own answer (a quorum it could not reach) is the verdict:
-                // asking the next would only repeat the quorum write. A call still in flight
-                // may yet succeed, so it is waited for.
-                Err(Forwarded::Verdict(s)) => {
-                    verdict.get_or_insert(s);
-                    if calls.is_empty() {
+                Err(attempt) => {
+                    if plan.failed(&replica, attempt) == Step::Stop {
                         break;
                     }
-                }
-                Err(Forwarded::Deadline) => {
-                    maybe_applied.push(replica.to_string());
-                    failures.push(format!("{replica} did not answer before the deadline"));
                 }
             }
             if Instant::now() >= deadline {
                 break;
             }
         }
-        // Calls still in flight at the deadline were sent: they may have been applied.
-        maybe_applied.extend(in_flight.iter().map(NodeId::to_string));
-        tracing::debug!(op, ?failures, "forwarding failed");
-        if silent {
+        if plan.went_silent() {
             self.node
                 .metrics
                 .fast_unavailable
                 .with_label_values(&["forward"])
                 .inc();
         }
-        let unknown = |verdict: &str| {
+        let failure = plan.finish(Instant::now() >= deadline);
+        tracing::debug!(op, ?failure, "forwarding failed");
+        let unknown = |message: String, maybe_applied: &[NodeId]| {
+            if maybe_applied.is_empty() {
+                return message;
+            }
+            let who: Vec<String> = maybe_applied.iter().map(NodeId::to_string).collect();
             format!(
-                "{verdict}; it may or may not have been applied (by {})",
-                maybe_applied.join(", ")
+                "{message}; it may or may not have been applied (by {})",
+                who.join(", ")
             )
         };
-        if let Some(s) = verdict {
-            if maybe_applied.is_empty() {
-                return Err(s);
-            }
-            return Err(Status::new(s.code(), unknown(s.message())));
-        }
-        if Instant::now() >= deadline {
-            return Err(Status::deadline_exceeded(unknown(&format!(
-                "no replica of the key answered the {op} before the deadline ({})",
+        Err(match failure {
+            Failure::StoppedAnswering { replica, why } => Status::unavailable(format!(
+                "replica {replica} stopped answering while coordinating the {op} ({why}); it \
+                 may or may not have been applied"
+            )),
+            Failure::Verdict {
+                verdict,
+                maybe_applied,
+            } if maybe_applied.is_empty() => verdict,
+            Failure::Verdict {
+                verdict,
+                maybe_applied,
+            } => Status::new(
+                verdict.code(),
+                unknown(verdict.message().to_string(), &maybe_applied),
+            ),
+            Failure::Deadline {
+                failures,
+                maybe_applied,
+            } => Status::deadline_exceeded(unknown(
+                format!(
+                    "no replica of the key answered the {op} before the deadline ({})",
+                    failures.join(", ")
+                ),
+                &maybe_applied,
+            )),
+            Failure::Unknown {
+                failures,
+                maybe_applied,
+            } => Status::unavailable(unknown(
+                format!(
+                    "no replica of the key answered the {op}: {}",
+                    failures.join(", ")
+                ),
+                &maybe_applied,
+            )),
+            Failure::NotApplied { failures } => Status::unavailable(format!(
+                "no replica of the key could coordinate the {op}: {}",
                 failures.join(", ")
-            ))));
-        }
-        if !maybe_applied.is_empty() {
-            return Err(Status::unavailable(unknown(&format!(
-                "no replica of the key answered the {op}: {}",
-                failures.join(", ")
-            ))));
-        }
-        Err(Status::unavailable(format!(
-            "no replica of the key could coordinate the {op}: {}",
-            failures.join(", ")
-        )))
+            )),
+        })
     }
 
     /// One forward attempt to `replica`, with its latency and silence tracked.
@@ -426,7 +395,7 @@ impl KvService {
         &self,
         replica: NodeId,
         write: ForwardedWrite,
-    ) -> (NodeId, Result<(Vec<u8>, proto::Receipt), Forwarded>) {
+    ) -> (NodeId, Result<(Vec<u8>, proto::Receipt), Attempt<Status>>) {
         let ForwardedWrite {
             key,
             value,
@@ -437,11 +406,11 @@ impl KvService {
         } = write;
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            return (replica, Err(Forwarded::Deadline));
+            return (replica, Err(Attempt::Deadline));
         }
         let channel = match self.connected(&replica, remaining).await {
             Ok(channel) => channel,
-            Err(why) => return (replica, Err(Forwarded::NotSent(why))),
+            Err(why) => return (replica, Err(Attempt::NotSent(why))),
         };
         let mut client = KvClient::new(channel)
             .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE_BYTES)
@@ -493,7 +462,7 @@ impl KvService {
             () = self.until_silent(&replica, probe_key, deadline) => {
                 let why = "silent: neither the forwarded request nor a probe sent since got an \
                            answer";
-                return (replica, Err(Forwarded::Silent(why.to_string())));
+                return (replica, Err(Attempt::Silent(why.to_string())));
             }
         };
         let outcome = match result {
@@ -505,20 +474,20 @@ impl KvService {
             // replica may coordinate.
             Ok(Err(s)) if s.metadata().contains_key(NOT_COORDINATING_HEADER) => {
                 tracked.heard();
-                Err(Forwarded::NotSent(format!("{replica}: {}", s.message())))
+                Err(Attempt::NotSent(format!("{replica}: {}", s.message())))
             }
             // Never reached it (no connection): the next replica may coordinate.
             Ok(Err(s)) if is_transport_error(&s) && crate::net::never_sent(&s) => Err(
-                Forwarded::NotSent(format!("{replica} unreachable ({})", s.message())),
+                Attempt::NotSent(format!("{replica} unreachable ({})", s.message())),
             ),
             // The connection broke after sending: the write may have been applied.
-            Ok(Err(s)) if is_transport_error(&s) => Err(Forwarded::Broken(s.message().to_string())),
+            Ok(Err(s)) if is_transport_error(&s) => Err(Attempt::Broken(s.message().to_string())),
             // Any other answer (a quorum failure, a refused request) is the replica's verdict.
             Ok(Err(s)) => {
                 tracked.heard();
-                Err(Forwarded::Verdict(s))
+                Err(Attempt::Verdict(s))
             }
-            Err(_) => Err(Forwarded::Deadline),
+            Err(_) => Err(Attempt::Deadline),
         };
         (replica, outcome)
     }
@@ -797,19 +766,6 @@ struct ForwardedWrite {
     consistency: Option<proto::Consistency>,
     deadline: Instant,
     write_id: Option<WriteId>,
-}
-
-enum Forwarded {
-    /// The replica certainly never got the write (no connection), or did nothing with it.
-    NotSent(String),
-    /// The connection broke after the write was sent: it may have been applied.
-    Broken(String),
-    /// The replica went silent with the write in hand: it may have been applied.
-    Silent(String),
-    /// The replica answered with an error: its verdict on the write.
-    Verdict(Status),
-    /// No answer before the client's deadline.
-    Deadline,
 }
 
 /// A transport failure (connection refused or broken), as opposed to a node's answer.

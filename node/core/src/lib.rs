@@ -17,6 +17,7 @@
 
 pub mod context;
 pub mod dvvset;
+pub mod forward;
 pub mod hash;
 pub mod hlc;
 pub mod latency;
