@@ -159,6 +159,11 @@ pub struct ReplicationConfig {
     /// (the fastest first, one more when a replica is slow or fails). 1: every read asks all;
     /// 0: only the replicas a read asked are repaired. May differ between nodes.
     pub read_repair_every: u32,
+    /// Write ids on forwarded writes (`siblings` mode, `dynakv_core::write_id`): this node
+    /// advertises them to its peers, and takes and mints them while no peer is known to lack
+    /// them, which lets a forwarded write be hedged and retried. `false`: neither, like a node
+    /// from before write ids. May differ between nodes (a rolling upgrade has both).
+    pub write_ids: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -357,6 +362,7 @@ impl Default for ReplicationConfig {
             conflict_mode: ConflictMode::Siblings,
             vnodes_per_node: DEFAULT_VNODES_PER_NODE,
             read_repair_every: 10,
+            write_ids: true,
         }
     }
 }
@@ -883,6 +889,59 @@ impl HandoffConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every setting's default in docs/configuration.md's tables is the one the node uses.
+    #[test]
+    fn the_documented_defaults_are_the_defaults() {
+        fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        flatten(&key, v, out);
+                    }
+                }
+                serde_json::Value::String(s) => out.push((prefix.to_string(), s.clone())),
+                other => out.push((prefix.to_string(), other.to_string())),
+            }
+        }
+        let mut defaults = Vec::new();
+        let value = serde_json::to_value(Config::default()).expect("config serializes");
+        flatten("", &value, &mut defaults);
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/configuration.md"
+        ))
+        .expect("read docs/configuration.md");
+        // Documented as what they stand for rather than as a literal.
+        let described = [("advertise", "listen")];
+        let mut checked = 0;
+        for line in doc.lines() {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let (Some(key), Some(default)) = (cells.get(1), cells.get(2)) else {
+                continue;
+            };
+            let (Some(key), Some(default)) = (
+                key.strip_prefix('`').and_then(|k| k.strip_suffix('`')),
+                default.strip_prefix('`').and_then(|d| d.strip_suffix('`')),
+            ) else {
+                continue;
+            };
+            // One code span only: "`true` with `tls`, else `false`" is prose.
+            if described.contains(&(key, default)) || default.contains('`') {
+                continue;
+            }
+            if let Some((_, code)) = defaults.iter().find(|(k, _)| k == key) {
+                assert_eq!(default, code, "docs/configuration.md: default of `{key}`");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 20, "only {checked} documented defaults found");
+    }
 
     #[test]
     fn auth_needs_tls_and_well_formed_tokens() {

@@ -172,7 +172,7 @@ impl KvService {
         if let Some(v) = &value {
             self.check_value(v)?;
         }
-        let (ctx, read_ids) = self.context(&context)?;
+        let (ctx, mut read_ids) = self.context(&context)?;
         let w = self.quorum(
             consistency.as_ref().and_then(|c| c.w.as_ref()),
             'w',
@@ -180,13 +180,18 @@ impl KvService {
         )?;
         let deadline = self.deadline(consistency.as_ref(), meta);
         let forwarded = meta.contains_key(FORWARDED_HEADER);
-        // A write id is taken only from a node (it decides what a value hides), and never in lww
-        // mode, where forwards are not sent twice.
-        let write_id = if forwarded && from_node && !self.node.is_lww() {
+        // A write id is taken only from a node (it decides what a value hides), never in lww
+        // mode, where forwards are not sent twice, and not while a peer is known to lack write
+        // ids: it would refuse the value. Nor are the ids of a read's context recorded then.
+        let ids_usable = self.node.write_ids_usable();
+        let write_id = if forwarded && from_node && ids_usable {
             write_id_from(meta)?
         } else {
             None
         };
+        if !ids_usable {
+            read_ids.clear();
+        }
         if let Some(w) = &write_id
             && !self.node.plausible_write_id(w)
         {
@@ -270,7 +275,10 @@ impl KvService {
         self.node.metrics.forwarded.inc();
         let mut replicas = replicas.to_vec();
         self.order_for_forward(&mut replicas);
-        let write_id = (!self.node.is_lww()).then(|| self.node.mint_write_id());
+        let write_id = self
+            .node
+            .write_ids_usable()
+            .then(|| self.node.mint_write_id());
         if write_id.is_some() {
             self.node.peers.earn_hedge();
         }

@@ -66,6 +66,7 @@ pub struct Metrics {
     pub peer_rtt: GaugeVec,
     pub peer_hedge_delay: GaugeVec,
     pub peer_silent: IntGaugeVec,
+    pub peers_without_write_ids: IntGauge,
     /// Replica operations served to peers, by op and outcome.
     pub replica_ops: IntCounterVec,
     /// Live siblings returned per read.
@@ -354,6 +355,12 @@ impl Metrics {
             &["peer"],
         )
         .expect("static metric definition");
+        let peers_without_write_ids = IntGauge::new(
+            "dynakv_peers_without_write_ids",
+            "Peers known to lack write ids (older versions, or replication.write_ids false): \
+             while above 0 forwarded writes go without them, and are not hedged or retried",
+        )
+        .expect("static metric definition");
         let peer_silent = IntGaugeVec::new(
             Opts::new(
                 "dynakv_peer_silent",
@@ -442,6 +449,7 @@ impl Metrics {
             peer_rtt,
             peer_hedge_delay,
             peer_silent,
+            peers_without_write_ids,
             replica_ops,
             siblings_per_read,
             sibling_warnings,
@@ -464,6 +472,7 @@ impl Metrics {
             Box::new(m.peer_rtt.clone()),
             Box::new(m.peer_hedge_delay.clone()),
             Box::new(m.peer_silent.clone()),
+            Box::new(m.peers_without_write_ids.clone()),
             Box::new(m.replica_ops.clone()),
             Box::new(m.siblings_per_read.clone()),
             Box::new(m.sibling_warnings.clone()),

@@ -1084,6 +1084,8 @@ impl Node {
                 // exchange the rest.
                 self.trees.queue(&change.id, None);
                 returned = true;
+                // It may run another version now: learn what it advertises.
+                self.peers.reprobe(&change.id);
             }
         }
         if returned {
@@ -1129,6 +1131,13 @@ impl Node {
 
     pub fn is_lww(&self) -> bool {
         self.config.raw.replication.conflict_mode == ConflictMode::Lww
+    }
+
+    /// Whether writes may carry write ids (`dynakv_core::write_id`): `siblings` mode, this
+    /// node's `replication.write_ids`, and no peer known to lack them (a node of an older
+    /// version refuses values and contexts that carry them: docs/kubernetes.md, "Upgrade").
+    pub fn write_ids_usable(&self) -> bool {
+        !self.is_lww() && self.config.raw.replication.write_ids && self.peers.all_have_write_ids()
     }
 
     /// Applies the cluster's conflict policy to a merged clock.

@@ -7,6 +7,7 @@
 //! connect timeout.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +28,20 @@ use crate::proto::{
 /// Metadata keys on every peer stream and forwarded request.
 pub const CLUSTER_HEADER: &str = "x-dynakv-cluster";
 pub const NODE_HEADER: &str = "x-dynakv-node";
+
+/// Response metadata of a replica stream: the optional features of the answering node,
+/// comma-separated. Nodes from before it send none, and a node ignores features it does not know.
+pub const FEATURES_HEADER: &str = "x-dynakv-features";
+
+/// The feature of write ids (`dynakv_core::write_id`): the node stores and reads values and
+/// contexts that carry them (encoding version 2), which a node from before them refuses.
+pub const WRITE_IDS_FEATURE: &str = "write-ids";
+
+/// What a link knows of its peer's features: nothing yet (its stream never opened), or what the
+/// peer advertised when it last did.
+const FEATURES_UNKNOWN: u8 = 0;
+const FEATURES_NO_WRITE_IDS: u8 = 1;
+const FEATURES_WRITE_IDS: u8 = 2;
 
 /// Largest message accepted on peer connections (a clock with many siblings of 1 MiB values must fit).
 pub const MAX_PEER_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
@@ -79,6 +94,8 @@ struct Link {
     address: String,
     tx: mpsc::Sender<Outgoing>,
     channel: Channel,
+    /// `FEATURES_*`, set by the link's task each time the stream opens.
+    features: Arc<AtomicU8>,
 }
 
 /// The links to every peer. Cheap to clone.
@@ -262,21 +279,67 @@ impl PeerPool {
             }
             let channel = self.inner.connector.channel_to_node(address, id.as_str());
             let (tx, rx) = mpsc::channel(self.inner.settings.queue_len);
+            let features = Arc::new(AtomicU8::new(FEATURES_UNKNOWN));
             tokio::spawn(link_task(
                 self.inner.settings.clone(),
                 id.clone(),
                 channel.clone(),
                 rx,
+                features.clone(),
             ));
+            self.nudge(&tx);
             links.insert(
                 id.clone(),
                 Link {
                     address: address.clone(),
                     tx,
                     channel,
+                    features,
                 },
             );
         }
+    }
+
+    /// Has the link to `peer` (re)open its stream if it is not open, and so learn what the
+    /// peer advertises now: called when gossip sees it restart or come back.
+    pub fn reprobe(&self, peer: &NodeId) {
+        let links = self.inner.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(link) = links.get(peer) {
+            self.nudge(&link.tx);
+        }
+    }
+
+    /// Queues a read of the empty key that nobody waits for: it opens the link's stream if it
+    /// is not open, so the peer's features are known before a write needs them, even from a
+    /// peer this node would not otherwise call. Dropped when the queue is full. Its failure to
+    /// open the stream (a peer not up yet) starts no back-off: the next real call tries again.
+    fn nudge(&self, tx: &mpsc::Sender<Outgoing>) {
+        let (reply, _) = oneshot::channel();
+        let _ = tx.try_send(Outgoing {
+            op: replica_request::Op::Fetch(crate::proto::FetchRequest::default()),
+            timeout_ms: self.inner.settings.connect_timeout.as_millis() as u32,
+            reply,
+        });
+    }
+
+    /// Whether no peer is known to lack write ids ([`PeerPool::without_write_ids`]).
+    pub fn all_have_write_ids(&self) -> bool {
+        let links = self.inner.links.lock().unwrap_or_else(|p| p.into_inner());
+        links
+            .values()
+            .all(|link| link.features.load(Ordering::Relaxed) != FEATURES_NO_WRITE_IDS)
+    }
+
+    /// Peers known to lack write ids: their replica stream last opened without advertising
+    /// them (a node of an older version, or with `replication.write_ids: false`). A peer whose
+    /// stream has not opened yet is not counted (its link opens it as soon as it is added).
+    pub fn without_write_ids(&self) -> Vec<NodeId> {
+        let links = self.inner.links.lock().unwrap_or_else(|p| p.into_inner());
+        links
+            .iter()
+            .filter(|(_, link)| link.features.load(Ordering::Relaxed) == FEATURES_NO_WRITE_IDS)
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// The gRPC channel to a peer (for forwarded client requests).
@@ -339,6 +402,7 @@ async fn link_task(
     peer: NodeId,
     channel: Channel,
     mut rx: mpsc::Receiver<Outgoing>,
+    features: Arc<AtomicU8>,
 ) {
     let mut next_id: u64 = 1;
     let mut backoff_until: Option<Instant> = None;
@@ -364,16 +428,39 @@ async fn link_task(
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
         let opened = tokio::time::timeout(settings.connect_timeout, client.exchange(request)).await;
         let inbound = match opened {
-            Ok(Ok(resp)) => resp.into_inner(),
+            Ok(Ok(resp)) => {
+                let advertised = resp
+                    .metadata()
+                    .get(FEATURES_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.split(',').any(|f| f.trim() == WRITE_IDS_FEATURE));
+                let known = if advertised {
+                    FEATURES_WRITE_IDS
+                } else {
+                    FEATURES_NO_WRITE_IDS
+                };
+                if features.swap(known, Ordering::Relaxed) != known && !advertised {
+                    tracing::info!(
+                        %peer,
+                        "peer does not advertise write ids: forwarded writes go without them \
+                         (no hedge or retry once sent) while it is a member"
+                    );
+                }
+                resp.into_inner()
+            }
             Ok(Err(status)) => {
                 tracing::debug!(%peer, error = %status.message(), "peer stream refused");
-                backoff_until = Some(Instant::now() + settings.backoff);
+                if !first.reply.is_closed() {
+                    backoff_until = Some(Instant::now() + settings.backoff);
+                }
                 fail(first, &peer, status.message());
                 continue;
             }
             Err(_) => {
                 tracing::debug!(%peer, "peer connect timed out");
-                backoff_until = Some(Instant::now() + settings.backoff);
+                if !first.reply.is_closed() {
+                    backoff_until = Some(Instant::now() + settings.backoff);
+                }
                 fail(first, &peer, "connect timed out");
                 continue;
             }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use dynakv_core::dvvset::Clock;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
 use dynakv_core::NodeId;
@@ -195,7 +196,14 @@ impl Replica for ReplicaService {
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(frame_rx)))
+        let mut response = Response::new(ReceiverStream::new(frame_rx));
+        if self.node.config.raw.replication.write_ids {
+            response.metadata_mut().insert(
+                crate::peer::FEATURES_HEADER,
+                MetadataValue::from_static(crate::peer::WRITE_IDS_FEATURE),
+            );
+        }
+        Ok(response)
     }
 }
 

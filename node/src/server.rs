@@ -310,6 +310,9 @@ where
                 node.metrics
                     .observe_gossip(&node.gossip.snapshot(), &node.gossip.stats());
                 node.metrics.observe_peers(&node.peers.stats());
+                node.metrics
+                    .peers_without_write_ids
+                    .set(node.peers.without_write_ids().len() as i64);
             }),
             async move {
                 let _ = stop.wait_for(|s| *s).await;

@@ -362,3 +362,107 @@ fn a_forwarded_write_id_is_checked_before_anything_is_applied() {
         "the value carries the write id"
     );
 }
+
+#[test]
+fn write_ids_are_used_only_while_no_peer_lacks_them() {
+    // A rolling upgrade from a version before write ids has nodes side by side that refuse
+    // values and contexts carrying them. Every node advertises write ids on its replica
+    // streams; while a peer is known not to (here n3 restarted with `replication.write_ids:
+    // false`, as a node of the older version), the others neither mint them for forwarded
+    // writes nor take them from one, so the values they store carry none (the put's context is
+    // of version 1); once n3 advertises them again, forwarded writes carry them (version 2).
+    use dynakv_node::cli::client::Credentials;
+    use dynakv_node::proto::PutRequest;
+    use dynakv_node::proto::kv_client::KvClient;
+
+    let mut c = ClusterSpec::new(3).n(1).start();
+    let version = |put: &Out| {
+        let context =
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, put.context())
+                .expect("a base64 context");
+        context[0]
+    };
+    let without =
+        |c: &Cluster, i: usize| metric_value(&c.metrics(i), "dynakv_peers_without_write_ids", &[]);
+    // A put through n1 of a fresh key that n2 coordinates (n = 1: n1 forwards it).
+    let forwarded_put = |c: &Cluster, prefix: &str| {
+        (0..200)
+            .map(|i| {
+                let key = format!("{prefix}{i}");
+                let put = c.cli_at(0, &["put", &key, "v"]).ok();
+                (key, put)
+            })
+            .find(|(_, put)| put.json["receipt"]["coordinator"] == "n2")
+            .expect("one of 200 keys is n2's")
+    };
+
+    wait_until(
+        "n1 knows every peer has write ids",
+        Duration::from_secs(30),
+        || (without(&c, 0) == Some(0.0)).then_some(()),
+    );
+    let (_, put) = forwarded_put(&c, "before-");
+    assert_eq!(put.json["receipt"]["forwarded"], true, "{put:?}");
+    assert_eq!(version(&put), 2, "every node has write ids: {put:?}");
+
+    let off = c.scratch().join("no-write-ids.yaml");
+    std::fs::write(&off, "replication:\n  write_ids: false\n").expect("write the config");
+    c.restart_with(2, &["--config", off.to_str().expect("utf-8 path")]);
+    for i in [0, 1] {
+        wait_until(
+            "n1 and n2 learn that n3 lacks write ids",
+            Duration::from_secs(30),
+            || (without(&c, i) == Some(1.0)).then_some(()),
+        );
+    }
+    let (key, put) = forwarded_put(&c, "mixed-");
+    assert_eq!(put.json["receipt"]["forwarded"], true, "{put:?}");
+    assert_eq!(version(&put), 1, "n1 minted no write id: {put:?}");
+
+    // A forwarded put that carries a write id anyway (from a node that has not noticed yet):
+    // n2, the coordinator, does not take it.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_millis() as u64;
+    let target = c.addr(1);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let answer = runtime.block_on(async {
+        let plain = Credentials::default();
+        let conn = plain
+            .connect(
+                plain.endpoint(&target).expect("endpoint"),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("connect");
+        let mut req = tonic::Request::new(PutRequest {
+            key: bytes::Bytes::from(key.clone()),
+            value: bytes::Bytes::from_static(b"late"),
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("x-dynakv-forwarded", "1".parse().expect("header"));
+        let id = format!("{:032x}-{:016x}", 9u128, now_ms << 16);
+        req.metadata_mut()
+            .insert("x-dynakv-write-id", id.parse().expect("header"));
+        KvClient::new(conn).put(req).await
+    });
+    let answer = answer.expect("the put succeeds").into_inner();
+    assert_eq!(
+        answer.context[0], 1,
+        "n2 took a write id while n3 lacks them"
+    );
+
+    c.restart_with(2, &[]);
+    wait_until(
+        "n1 learns that n3 has write ids again",
+        Duration::from_secs(30),
+        || (without(&c, 0) == Some(0.0)).then_some(()),
+    );
+    let (_, put) = forwarded_put(&c, "after-");
+    assert_eq!(version(&put), 2, "every node has write ids again: {put:?}");
+}

@@ -417,6 +417,8 @@ pub struct Node {
     pub metrics: SocketAddr,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// `dynakv serve` flags of this node alone, after the cluster's ([`Cluster::restart_with`]).
+    pub extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -448,6 +450,7 @@ impl Cluster {
                     data_dir: root.path().join(&id).join("data"),
                     log: root.path().join(format!("{id}.log")),
                     id,
+                    extra_args: Vec::new(),
                     child: None,
                 }
             })
@@ -522,6 +525,7 @@ impl Cluster {
             args.push(self.root.path().join("config.yaml").display().to_string());
         }
         args.extend(self.spec.extra_args.iter().cloned());
+        args.extend(node.extra_args.iter().cloned());
         args
     }
 
@@ -656,6 +660,13 @@ impl Cluster {
         }
         self.spawn(i);
         self.wait_ready(i);
+    }
+
+    /// Restarts node `i` (killing it if it runs) with `args` as its own extra `serve` flags
+    /// from now on.
+    pub fn restart_with(&mut self, i: usize, args: &[&str]) {
+        self.nodes[i].extra_args = args.iter().map(|a| a.to_string()).collect();
+        self.restart(i);
     }
 
     /// `host:port` of node `i`.
