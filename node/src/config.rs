@@ -161,8 +161,9 @@ pub struct ReplicationConfig {
     pub read_repair_every: u32,
     /// Write ids on forwarded writes (`siblings` mode, `dynakv_core::write_id`): this node
     /// advertises them to its peers, and takes and mints them while no peer is known to lack
-    /// them, which lets a forwarded write be hedged and retried. `false`: neither, like a node
-    /// from before write ids. May differ between nodes (a rolling upgrade has both).
+    /// them, which lets a forwarded write be hedged and retried. `false`: it stops advertising,
+    /// taking and minting them, so its peers stop too (what a node from before write ids looks
+    /// like to them). May differ between nodes (a rolling upgrade has both).
     pub write_ids: bool,
 }
 

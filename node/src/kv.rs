@@ -189,9 +189,14 @@ impl KvService {
         } else {
             None
         };
-        if !ids_usable {
+        let context = if !ids_usable && !read_ids.is_empty() {
+            // Forwarded on, it may reach a node of an older version, which refuses a context
+            // that carries write ids.
             read_ids.clear();
-        }
+            Bytes::from(self.node.encode_plain_context(&ctx))
+        } else {
+            context
+        };
         if let Some(w) = &write_id
             && !self.node.plausible_write_id(w)
         {

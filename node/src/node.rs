@@ -1149,6 +1149,23 @@ impl Node {
         }
     }
 
+    /// The context a client gets for `clock`: its version vector, and the write ids of its
+    /// values unless a peer lacks write ids (a node of an older version refuses a context
+    /// that carries them).
+    pub fn encode_context(&self, clock: &Clock) -> Vec<u8> {
+        let ids = if self.write_ids_usable() {
+            clock.read_ids()
+        } else {
+            Vec::new()
+        };
+        encode_context_with_ids(&clock.join(), &ids, self.cluster_tag)
+    }
+
+    /// `vv` as a context without write ids, for a node that may not know them.
+    pub fn encode_plain_context(&self, vv: &VersionVector) -> Vec<u8> {
+        encode_context_with_ids(vv, &[], self.cluster_tag)
+    }
+
     /// A client's context: the version vector, and the write ids of the values it read.
     pub fn decode_context(
         &self,
@@ -1436,19 +1453,26 @@ impl Node {
         } = view.write_targets(pos, n);
         let stored_key = data_key(&req.key);
         let ts = self.now();
+        // While a peer lacks write ids the new value carries none (no id, nothing superseded),
+        // so it encodes as version 1 unless other values of the key still carry theirs.
+        let ids_usable = self.write_ids_usable();
+        let write_id = req.write_id.filter(|_| ids_usable);
         let sibling = match req.value {
             Some(v) => Sibling::live(ts, v),
             None => Sibling::tombstone(ts),
         }
-        .with_ids(req.write_id, Vec::new());
+        .with_ids(write_id, Vec::new());
         let coordinator = self.dot_id.clone();
         let lww = self.is_lww();
         let limit = self.config.raw.limits.sibling_max;
         let context = req.context;
-        let read_ids = req.read_ids;
-        let write_id = req.write_id;
+        let read_ids = if ids_usable { req.read_ids } else { Vec::new() };
         let lifetime_ms = self.forward_lifetime_ms();
-        let carry = self.carry();
+        let carry = if ids_usable {
+            self.carry()
+        } else {
+            Carry::NOTHING
+        };
         let this = self.clone();
         // From here until its local copy is durable, this write's dot may be known to other
         // replicas but not to our own disk; a clean stop waits for that (see `Node::stop_writes`).
@@ -1753,11 +1777,7 @@ impl Node {
         let receipt = self.receipt(&tracker, &view, siblings, &hinted);
         match verdict {
             Vote::Won => Ok(WriteOutcome {
-                context: encode_context_with_ids(
-                    &clock.join(),
-                    &clock.read_ids(),
-                    self.cluster_tag,
-                ),
+                context: self.encode_context(&clock),
                 receipt,
             }),
             // Our own disk failed: say that, not only that the quorum was missed.
@@ -1959,7 +1979,7 @@ impl Node {
         let values: Vec<Sibling> = merged.distinct_live_values();
         self.metrics.siblings_per_read.observe(values.len() as f64);
         let receipt = self.receipt(&tracker, &view, values.len(), &hinted);
-        let context = encode_context_with_ids(&merged.join(), &merged.read_ids(), self.cluster_tag);
+        let context = self.encode_context(&merged);
 
         // Read repair, in the background: wait for the late answers too, then bring every
         // primary that answered with less up to the merge of everything seen.

@@ -88,6 +88,8 @@ struct Outgoing {
     op: replica_request::Op,
     timeout_ms: u32,
     reply: Reply,
+    /// Sent only to open the stream ([`PeerPool::nudge`]): nobody waits for its answer.
+    probe: bool,
 }
 
 struct Link {
@@ -311,14 +313,16 @@ impl PeerPool {
 
     /// Queues a read of the empty key that nobody waits for: it opens the link's stream if it
     /// is not open, so the peer's features are known before a write needs them, even from a
-    /// peer this node would not otherwise call. Dropped when the queue is full. Its failure to
-    /// open the stream (a peer not up yet) starts no back-off: the next real call tries again.
+    /// peer this node would not otherwise call. Dropped when the queue is full. It is tried
+    /// during a back-off, and its failure to open the stream (a peer not up yet) starts none:
+    /// the next real call tries again.
     fn nudge(&self, tx: &mpsc::Sender<Outgoing>) {
         let (reply, _) = oneshot::channel();
         let _ = tx.try_send(Outgoing {
             op: replica_request::Op::Fetch(crate::proto::FetchRequest::default()),
             timeout_ms: self.inner.settings.connect_timeout.as_millis() as u32,
             reply,
+            probe: true,
         });
     }
 
@@ -371,6 +375,7 @@ impl PeerPool {
             op,
             timeout_ms,
             reply,
+            probe: false,
         };
         let tracked = self.track(node);
         match tokio::time::timeout_at(deadline, tx.send(msg)).await {
@@ -410,7 +415,8 @@ async fn link_task(
         let Some(first) = rx.recv().await else {
             return;
         };
-        if backoff_until.is_some_and(|until| Instant::now() < until) {
+        // A probe tries even during the back-off: it is sent when gossip sees the peer back.
+        if !first.probe && backoff_until.is_some_and(|until| Instant::now() < until) {
             fail(first, &peer, "unreachable (retrying shortly)");
             continue;
         }
@@ -450,7 +456,7 @@ async fn link_task(
             }
             Ok(Err(status)) => {
                 tracing::debug!(%peer, error = %status.message(), "peer stream refused");
-                if !first.reply.is_closed() {
+                if !first.probe {
                     backoff_until = Some(Instant::now() + settings.backoff);
                 }
                 fail(first, &peer, status.message());
@@ -458,7 +464,7 @@ async fn link_task(
             }
             Err(_) => {
                 tracing::debug!(%peer, "peer connect timed out");
-                if !first.reply.is_closed() {
+                if !first.probe {
                     backoff_until = Some(Instant::now() + settings.backoff);
                 }
                 fail(first, &peer, "connect timed out");

@@ -401,7 +401,7 @@ fn write_ids_are_used_only_while_no_peer_lacks_them() {
         Duration::from_secs(30),
         || (without(&c, 0) == Some(0.0)).then_some(()),
     );
-    let (_, put) = forwarded_put(&c, "before-");
+    let (before, put) = forwarded_put(&c, "before-");
     assert_eq!(put.json["receipt"]["forwarded"], true, "{put:?}");
     assert_eq!(version(&put), 2, "every node has write ids: {put:?}");
 
@@ -417,7 +417,16 @@ fn write_ids_are_used_only_while_no_peer_lacks_them() {
     }
     let (key, put) = forwarded_put(&c, "mixed-");
     assert_eq!(put.json["receipt"]["forwarded"], true, "{put:?}");
-    assert_eq!(version(&put), 1, "n1 minted no write id: {put:?}");
+    assert_eq!(version(&put), 1, "no write id was taken: {put:?}");
+
+    // Overwriting a value that has a write id, with the context of a read: the new value
+    // carries none (not even the replaced value's, as superseded), the reply's context none.
+    let read = c.cli_at(0, &["get", &before]).ok();
+    assert_eq!(version(&read), 1, "contexts carry no ids now: {read:?}");
+    let overwrite = c
+        .cli_at(0, &["put", &before, "v2", "--context", &read.context()])
+        .ok();
+    assert_eq!(version(&overwrite), 1, "{overwrite:?}");
 
     // A forwarded put that carries a write id anyway (from a node that has not noticed yet):
     // n2, the coordinator, does not take it.
@@ -458,11 +467,17 @@ fn write_ids_are_used_only_while_no_peer_lacks_them() {
     );
 
     c.restart_with(2, &[]);
-    wait_until(
-        "n1 learns that n3 has write ids again",
-        Duration::from_secs(30),
-        || (without(&c, 0) == Some(0.0)).then_some(()),
-    );
+    for i in [0, 1] {
+        wait_until(
+            "n1 and n2 learn that n3 has write ids again",
+            Duration::from_secs(30),
+            || (without(&c, i) == Some(0.0)).then_some(()),
+        );
+    }
     let (_, put) = forwarded_put(&c, "after-");
     assert_eq!(version(&put), 2, "every node has write ids again: {put:?}");
+    // The value overwritten meanwhile kept no id: its reads' contexts have none to carry.
+    let read = c.cli_at(0, &["get", &before]).ok();
+    assert_eq!(read.texts(), ["v2"], "{read:?}");
+    assert_eq!(version(&read), 1, "the overwrite carried an id: {read:?}");
 }

@@ -122,7 +122,16 @@ pub struct Carry {
 }
 
 impl Carry {
+    /// Carries nothing: for a write that must not carry ids (a peer lacks them).
+    pub const NOTHING: Carry = Carry {
+        horizon_ms: 0,
+        young_ms: 0,
+    };
+
     fn select(&self, ids: Vec<WriteId>, now: Timestamp) -> Vec<WriteId> {
+        if *self == Carry::NOTHING {
+            return Vec::new();
+        }
         let ids = normalize(ids, usize::MAX);
         let (young, old): (Vec<WriteId>, Vec<WriteId>) = ids
             .into_iter()
