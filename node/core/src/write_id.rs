@@ -447,6 +447,32 @@ mod tests {
     }
 
     #[test]
+    fn carrying_nothing_leaves_the_new_value_without_ids() {
+        // While a peer lacks write ids, an overwrite of a value that has one (with a context
+        // that covers it and carries its id) must not pass the id on: the result has no ids.
+        let x = wid(7, 0);
+        let at_d = put_after_read(None, None, forwarded("v1", 1, x), "d");
+        let w2 = Clock::put_superseding(
+            Some(&at_d),
+            &at_d.join(),
+            &at_d.read_ids(),
+            value("v2", 2),
+            &node("d"),
+            ts(2),
+            Carry::NOTHING,
+        );
+        assert_eq!(read(&w2), vec![b"v2".as_slice()]);
+        assert!(w2.read_ids().is_empty(), "{w2:?}");
+        let bytes = w2.to_bytes();
+        assert_eq!(
+            bytes[0],
+            crate::dvvset::CLOCK_CODEC_VERSION,
+            "an old node can decode it"
+        );
+        assert_eq!(Clock::decode(&bytes).expect("decodes"), w2);
+    }
+
+    #[test]
     fn both_copies_read_as_one_value_and_one_write_replaces_both() {
         let x = wid(7, 0);
         let at_b = put_after_read(None, None, forwarded("v1", 1, x), "b");
