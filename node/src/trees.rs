@@ -269,10 +269,14 @@ impl Trees {
             .unwrap_or_else(|| self.empty_tree())
     }
 
+    /// The root of each peer's tree that holds any key. A peer that shares no key has none:
+    /// a ring change leaves it an empty tree (which [`Trees::settle`] may fill), a rebuild
+    /// from storage no tree at all, and the two must read alike.
     pub fn roots(&self) -> Vec<(NodeId, u128)> {
         self.lock()
             .peers
             .iter()
+            .filter(|(_, t)| t.root() != 0)
             .map(|(p, t)| (p.clone(), t.root()))
             .collect()
     }
