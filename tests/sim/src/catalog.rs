@@ -10,6 +10,7 @@ use crate::workload::WorkloadSpec;
 /// Nemesis profiles: a cluster, a workload, and a random fault schedule from the seed.
 pub const NEMESIS_PROFILES: &[&str] = &[
     "nemesis-mixed",
+    "nemesis-mixed-old-node",
     "nemesis-lww",
     "nemesis-carts-3",
     "nemesis-membership",
@@ -94,6 +95,14 @@ pub fn scenario(name: &str, seed: u64) -> Option<Scenario> {
     let (base, nodes) = match name {
         "nemesis-mixed" => (
             Scenario::siblings(name, 5).with_workload(WorkloadSpec::mixed()),
+            5,
+        ),
+        // As `nemesis-mixed`, with n5 looking to its peers like a node from before write ids
+        // (a rolling upgrade half done): nobody uses them, forwards are not sent twice.
+        "nemesis-mixed-old-node" => (
+            Scenario::siblings(name, 5)
+                .with_workload(WorkloadSpec::mixed())
+                .without_write_ids_on("n5"),
             5,
         ),
         "nemesis-lww" => (

@@ -438,6 +438,7 @@ fn node_config(
     if no_hints {
         config.hints.max_per_target = 0;
     }
+    config.replication.write_ids = !scenario.without_write_ids.iter().any(|n| n == name);
     if let Some(h) = scenario.handoff {
         config.handoff.max_bytes_per_sec = h.max_bytes_per_sec;
         config.handoff.page_entries = h.page_entries;

@@ -548,6 +548,9 @@ pub struct Scenario {
     /// Handoff rate limit and page size of every node (`None`: the node's defaults, which move
     /// a simulated cluster's few keys in an instant).
     pub handoff: Option<HandoffTuning>,
+    /// Nodes started with `replication.write_ids: false`: to their peers they look like nodes
+    /// from before write ids, so no node uses them (forwards are not hedged or retried).
+    pub without_write_ids: Vec<String>,
     pub steps: Vec<Step>,
 }
 
@@ -570,6 +573,7 @@ impl Scenario {
             workload: None,
             no_hints: false,
             handoff: None,
+            without_write_ids: Vec::new(),
             steps: (1..=nodes)
                 .map(|i| Step::AddNode(format!("n{i}")))
                 .collect(),
@@ -589,6 +593,12 @@ impl Scenario {
             max_bytes_per_sec: 1_000,
             page_entries: 4,
         });
+        self
+    }
+
+    /// See [`Scenario::without_write_ids`].
+    pub fn without_write_ids_on(mut self, node: &str) -> Scenario {
+        self.without_write_ids.push(node.to_string());
         self
     }
 
