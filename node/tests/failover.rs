@@ -36,6 +36,53 @@ fn a_key_of_n3(c: &Cluster) -> String {
         .expect("one of 200 keys is n3's")
 }
 
+/// Milliseconds since the Unix epoch, as write ids are stamped.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_millis() as u64
+}
+
+/// A put sent to `target` as a forwarding node sends one: the forwarded header and `write_id`
+/// (`{id:032x}-{packed hybrid time:016x}`), from a client with no credentials (the clusters
+/// here require none, so it may speak for a node).
+fn put_as_forwarded(
+    target: &str,
+    key: &str,
+    value: &'static [u8],
+    write_id: &str,
+) -> Result<dynakv_node::proto::PutResponse, tonic::Status> {
+    use dynakv_node::cli::client::Credentials;
+    use dynakv_node::proto::PutRequest;
+    use dynakv_node::proto::kv_client::KvClient;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let plain = Credentials::default();
+        let conn = plain
+            .connect(
+                plain.endpoint(target).expect("endpoint"),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("connect");
+        let mut req = tonic::Request::new(PutRequest {
+            key: bytes::Bytes::from(key.to_string()),
+            value: bytes::Bytes::from_static(value),
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("x-dynakv-forwarded", "1".parse().expect("header"));
+        req.metadata_mut()
+            .insert("x-dynakv-write-id", write_id.parse().expect("header"));
+        KvClient::new(conn).put(req).await.map(|r| r.into_inner())
+    })
+}
+
 #[test]
 fn a_frozen_replica_is_given_up_on_by_its_silence_not_at_the_deadline() {
     let c = ClusterSpec::new(3).n(3).config_yaml(SLOW_GOSSIP).start();
@@ -309,43 +356,11 @@ fn a_forwarded_write_id_is_checked_before_anything_is_applied() {
     // malformed one, or one stamped further ahead than the hybrid clocks tolerate (it would
     // never age), is refused with INVALID_ARGUMENT and nothing applied; a valid one is stored
     // with the value (the context the put returns is of version 2, which carries write ids).
-    use dynakv_node::cli::client::Credentials;
-    use dynakv_node::proto::PutRequest;
-    use dynakv_node::proto::kv_client::KvClient;
-
     let c = ClusterSpec::new(3).start();
-    let target = c.nodes[0].addr;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("time")
-        .as_millis() as u64;
+    let target = c.nodes[0].addr.to_string();
+    let now_ms = now_ms();
     let stamp = |ms: u64| format!("{:032x}-{:016x}", 7u128, ms << 16);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let put = |key: &str, write_id: &str| {
-        runtime.block_on(async {
-            let plain = Credentials::default();
-            let conn = plain
-                .connect(
-                    plain.endpoint(&target.to_string()).expect("endpoint"),
-                    Duration::from_secs(5),
-                )
-                .await
-                .expect("connect");
-            let mut req = tonic::Request::new(PutRequest {
-                key: bytes::Bytes::from(key.to_string()),
-                value: bytes::Bytes::from_static(b"v"),
-                ..Default::default()
-            });
-            req.metadata_mut()
-                .insert("x-dynakv-forwarded", "1".parse().expect("header"));
-            req.metadata_mut()
-                .insert("x-dynakv-write-id", write_id.parse().expect("header"));
-            KvClient::new(conn).put(req).await
-        })
-    };
+    let put = |key: &str, write_id: &str| put_as_forwarded(&target, key, b"v", write_id);
     for (key, id) in [
         ("wid-future", stamp(now_ms + 3_600_000)),
         ("wid-malformed", "not-a-write-id".to_string()),
@@ -356,11 +371,7 @@ fn a_forwarded_write_id_is_checked_before_anything_is_applied() {
         assert!(get.texts().is_empty(), "{key}: nothing applied: {get:?}");
     }
     let ok = put("wid-valid", &stamp(now_ms)).expect("a valid write id");
-    assert_eq!(
-        ok.into_inner().context[0],
-        2,
-        "the value carries the write id"
-    );
+    assert_eq!(ok.context[0], 2, "the value carries the write id");
 }
 
 #[test]
@@ -371,10 +382,6 @@ fn write_ids_are_used_only_while_no_peer_lacks_them() {
     // false`, as a node of the older version), the others neither mint them for forwarded
     // writes nor take them from one, so the values they store carry none (the put's context is
     // of version 1); once n3 advertises them again, forwarded writes carry them (version 2).
-    use dynakv_node::cli::client::Credentials;
-    use dynakv_node::proto::PutRequest;
-    use dynakv_node::proto::kv_client::KvClient;
-
     let mut c = ClusterSpec::new(3).n(1).start();
     let version = |put: &Out| {
         let context =
@@ -430,37 +437,9 @@ fn write_ids_are_used_only_while_no_peer_lacks_them() {
 
     // A forwarded put that carries a write id anyway (from a node that has not noticed yet):
     // n2, the coordinator, does not take it.
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("time")
-        .as_millis() as u64;
-    let target = c.addr(1);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let answer = runtime.block_on(async {
-        let plain = Credentials::default();
-        let conn = plain
-            .connect(
-                plain.endpoint(&target).expect("endpoint"),
-                Duration::from_secs(5),
-            )
-            .await
-            .expect("connect");
-        let mut req = tonic::Request::new(PutRequest {
-            key: bytes::Bytes::from(key.clone()),
-            value: bytes::Bytes::from_static(b"late"),
-            ..Default::default()
-        });
-        req.metadata_mut()
-            .insert("x-dynakv-forwarded", "1".parse().expect("header"));
-        let id = format!("{:032x}-{:016x}", 9u128, now_ms << 16);
-        req.metadata_mut()
-            .insert("x-dynakv-write-id", id.parse().expect("header"));
-        KvClient::new(conn).put(req).await
-    });
-    let answer = answer.expect("the put succeeds").into_inner();
+    let id = format!("{:032x}-{:016x}", 9u128, now_ms() << 16);
+    let answer = put_as_forwarded(&c.addr(1), &key, b"late", &id);
+    let answer = answer.expect("the put succeeds");
     assert_eq!(
         answer.context[0], 1,
         "n2 took a write id while n3 lacks them"
