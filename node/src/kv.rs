@@ -172,7 +172,7 @@ impl KvService {
         if let Some(v) = &value {
             self.check_value(v)?;
         }
-        let (ctx, mut read_ids) = self.context(&context)?;
+        let (ctx, read_ids) = self.context(&context)?;
         let w = self.quorum(
             consistency.as_ref().and_then(|c| c.w.as_ref()),
             'w',
@@ -182,20 +182,13 @@ impl KvService {
         let forwarded = meta.contains_key(FORWARDED_HEADER);
         // A write id is taken only from a node (it decides what a value hides), never in lww
         // mode, where forwards are not sent twice, and not while a peer is known to lack write
-        // ids: it would refuse the value. Nor are the ids of a read's context recorded then.
-        let ids_usable = self.node.write_ids_usable();
-        let write_id = if forwarded && from_node && ids_usable {
+        // ids: it would refuse the value (`Node::write` then records no ids of the context
+        // either).
+        let write_ids = self.node.write_ids_usable();
+        let write_id = if forwarded && from_node && write_ids {
             write_id_from(meta)?
         } else {
             None
-        };
-        let context = if !ids_usable && !read_ids.is_empty() {
-            // Forwarded on, it may reach a node of an older version, which refuses a context
-            // that carries write ids.
-            read_ids.clear();
-            Bytes::from(self.node.encode_plain_context(&ctx))
-        } else {
-            context
         };
         if let Some(w) = &write_id
             && !self.node.plausible_write_id(w)
@@ -215,8 +208,25 @@ impl KvService {
             .then(|| self.node.replicas_if_not_local(&key))
             .flatten()
         {
+            // Forwarded on, a context may reach a node of an older version, which refuses one
+            // that carries write ids.
+            let context = if write_ids || read_ids.is_empty() {
+                context
+            } else {
+                Bytes::from(self.node.encode_plain_context(&ctx))
+            };
+            let minted = write_ids.then(|| self.node.mint_write_id());
             let result = self
-                .forward(op, &replicas, key, value, context, consistency, deadline)
+                .forward(
+                    op,
+                    &replicas,
+                    key,
+                    value,
+                    context,
+                    consistency,
+                    deadline,
+                    minted,
+                )
                 .await;
             self.observe(op, &label, started, result.as_ref().err());
             return result;
@@ -227,6 +237,7 @@ impl KvService {
             context: ctx,
             read_ids,
             write_id,
+            write_ids,
             w,
             sloppy: self.sloppy(consistency.as_ref()),
             deadline,
@@ -257,15 +268,15 @@ impl KvService {
     /// and that answer (not silent) go first, the one with the shortest expected wait first
     /// among them.
     ///
-    /// In `siblings` mode the write carries a write id (`dynakv_core::write_id`), the same to
-    /// every replica it goes to, which makes a second coordinator's copy harmless: the two read
-    /// as one value, and a client that read either one and overwrote it hides the other. So
-    /// hedges and retries are allowed there and not in `lww` mode, where a second copy would
-    /// carry a later timestamp and win over a write made after the first. Which replica gets the
-    /// write next, when to stop and who may have applied it is [`ForwardPlan`]'s bookkeeping
-    /// (its rules are in `dynakv_core::forward`); this makes the calls, keeps the hedge timer
-    /// (within the hedge budget) and turns the outcome into the client's status
-    /// (docs/ARCHITECTURE.md, "Failover").
+    /// With `write_id` (`siblings` mode, [`Node::write_ids_usable`]) the write carries the
+    /// same write id (`dynakv_core::write_id`) to every replica it goes to, which makes a second
+    /// coordinator's copy harmless: the two read as one value, and a client that read either one
+    /// and overwrote it hides the other. So hedges and retries are allowed then, and not
+    /// without, where a second copy would stand beside (or in `lww` mode win over) a write made
+    /// after the first. Which replica gets the write next, when to stop and who may have applied
+    /// it is [`ForwardPlan`]'s bookkeeping (its rules are in `dynakv_core::forward`); this makes
+    /// the calls, keeps the hedge timer (within the hedge budget) and turns the outcome into the
+    /// client's status (docs/ARCHITECTURE.md, "Failover").
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
@@ -276,14 +287,11 @@ impl KvService {
         context: Bytes,
         consistency: Option<proto::Consistency>,
         deadline: Instant,
+        write_id: Option<WriteId>,
     ) -> Result<(Vec<u8>, proto::Receipt), Status> {
         self.node.metrics.forwarded.inc();
         let mut replicas = replicas.to_vec();
         self.order_for_forward(&mut replicas);
-        let write_id = self
-            .node
-            .write_ids_usable()
-            .then(|| self.node.mint_write_id());
         if write_id.is_some() {
             self.node.peers.earn_hedge();
         }

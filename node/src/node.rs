@@ -334,6 +334,9 @@ pub struct WriteRequest {
     pub read_ids: Vec<WriteId>,
     /// A forwarded write's id, the same at every coordinator it is sent to.
     pub write_id: Option<WriteId>,
+    /// Whether the write may carry write ids ([`Node::write_ids_usable`], read once when the
+    /// request came in): without, it carries none and its reply's context none.
+    pub write_ids: bool,
     pub w: usize,
     pub sloppy: bool,
     pub deadline: Instant,
@@ -1137,7 +1140,9 @@ impl Node {
     /// node's `replication.write_ids`, and no peer known to lack them (a node of an older
     /// version refuses values and contexts that carry them: docs/kubernetes.md, "Upgrade").
     pub fn write_ids_usable(&self) -> bool {
-        !self.is_lww() && self.config.raw.replication.write_ids && self.peers.all_have_write_ids()
+        !self.is_lww()
+            && self.config.raw.replication.write_ids
+            && self.peers.without_write_ids().is_empty()
     }
 
     /// Applies the cluster's conflict policy to a merged clock.
@@ -1153,7 +1158,12 @@ impl Node {
     /// values unless a peer lacks write ids (a node of an older version refuses a context
     /// that carries them).
     pub fn encode_context(&self, clock: &Clock) -> Vec<u8> {
-        let ids = if self.write_ids_usable() {
+        self.context_of(clock, self.write_ids_usable())
+    }
+
+    /// `clock`'s context, with its values' write ids if `with_ids`.
+    fn context_of(&self, clock: &Clock, with_ids: bool) -> Vec<u8> {
+        let ids = if with_ids {
             clock.read_ids()
         } else {
             Vec::new()
@@ -1455,7 +1465,7 @@ impl Node {
         let ts = self.now();
         // While a peer lacks write ids the new value carries none (no id, nothing superseded),
         // so it encodes as version 1 unless other values of the key still carry theirs.
-        let ids_usable = self.write_ids_usable();
+        let ids_usable = req.write_ids;
         let write_id = req.write_id.filter(|_| ids_usable);
         let sibling = match req.value {
             Some(v) => Sibling::live(ts, v),
@@ -1777,7 +1787,7 @@ impl Node {
         let receipt = self.receipt(&tracker, &view, siblings, &hinted);
         match verdict {
             Vote::Won => Ok(WriteOutcome {
-                context: self.encode_context(&clock),
+                context: self.context_of(&clock, ids_usable),
                 receipt,
             }),
             // Our own disk failed: say that, not only that the quorum was missed.

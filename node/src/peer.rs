@@ -326,14 +326,6 @@ impl PeerPool {
         });
     }
 
-    /// Whether no peer is known to lack write ids ([`PeerPool::without_write_ids`]).
-    pub fn all_have_write_ids(&self) -> bool {
-        let links = self.inner.links.lock().unwrap_or_else(|p| p.into_inner());
-        links
-            .values()
-            .all(|link| link.features.load(Ordering::Relaxed) != FEATURES_NO_WRITE_IDS)
-    }
-
     /// Peers known to lack write ids: their replica stream last opened without advertising
     /// them (a node of an older version, or with `replication.write_ids: false`). A peer whose
     /// stream has not opened yet is not counted (its link opens it as soon as it is added).
