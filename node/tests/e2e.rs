@@ -1260,3 +1260,17 @@ fn the_bench_routes_each_key_to_a_replica_and_no_node_forwards() {
         after_plain - after_routed
     );
 }
+
+#[test]
+fn a_serving_node_has_transparent_huge_pages_off() {
+    // mimalloc asks for huge pages, and each one faulted back in is zeroed whole (about 5% of a
+    // node's CPU under puts, docs/benchmarks.md): `serve` turns them off for its process.
+    let c = ClusterSpec::new(1).start();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", c.pid(0)))
+        .expect("read the node's /proc status");
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(thp, Some("0"), "{status}");
+}

@@ -389,8 +389,15 @@ fn write_ids_are_used_only_while_no_peer_lacks_them() {
                 .expect("a base64 context");
         context[0]
     };
-    let without =
-        |c: &Cluster, i: usize| metric_value(&c.metrics(i), "dynakv_peers_without_write_ids", &[]);
+    // Waits until each of `nodes` counts `lacking` peers without write ids.
+    let wait_lacking = |c: &Cluster, nodes: &[usize], lacking: f64, what: &str| {
+        for &i in nodes {
+            wait_until(what, Duration::from_secs(30), || {
+                let seen = metric_value(&c.metrics(i), "dynakv_peers_without_write_ids", &[]);
+                (seen == Some(lacking)).then_some(())
+            });
+        }
+    };
     // A put through n1 of a fresh key that n2 coordinates (n = 1: n1 forwards it).
     let forwarded_put = |c: &Cluster, prefix: &str| {
         (0..200)
@@ -403,11 +410,7 @@ fn write_ids_are_used_only_while_no_peer_lacks_them() {
             .expect("one of 200 keys is n2's")
     };
 
-    wait_until(
-        "n1 knows every peer has write ids",
-        Duration::from_secs(30),
-        || (without(&c, 0) == Some(0.0)).then_some(()),
-    );
+    wait_lacking(&c, &[0], 0.0, "n1 knows no peer that lacks write ids");
     let (before, put) = forwarded_put(&c, "before-");
     assert_eq!(put.json["receipt"]["forwarded"], true, "{put:?}");
     assert_eq!(version(&put), 2, "every node has write ids: {put:?}");
@@ -415,13 +418,7 @@ fn write_ids_are_used_only_while_no_peer_lacks_them() {
     let off = c.scratch().join("no-write-ids.yaml");
     std::fs::write(&off, "replication:\n  write_ids: false\n").expect("write the config");
     c.restart_with(2, &["--config", off.to_str().expect("utf-8 path")]);
-    for i in [0, 1] {
-        wait_until(
-            "n1 and n2 learn that n3 lacks write ids",
-            Duration::from_secs(30),
-            || (without(&c, i) == Some(1.0)).then_some(()),
-        );
-    }
+    wait_lacking(&c, &[0, 1], 1.0, "n1 and n2 learn that n3 lacks write ids");
     let (key, put) = forwarded_put(&c, "mixed-");
     assert_eq!(put.json["receipt"]["forwarded"], true, "{put:?}");
     assert_eq!(version(&put), 1, "no write id was taken: {put:?}");
@@ -446,13 +443,12 @@ fn write_ids_are_used_only_while_no_peer_lacks_them() {
     );
 
     c.restart_with(2, &[]);
-    for i in [0, 1] {
-        wait_until(
-            "n1 and n2 learn that n3 has write ids again",
-            Duration::from_secs(30),
-            || (without(&c, i) == Some(0.0)).then_some(()),
-        );
-    }
+    wait_lacking(
+        &c,
+        &[0, 1],
+        0.0,
+        "n1 and n2 learn that n3 has write ids again",
+    );
     let (_, put) = forwarded_put(&c, "after-");
     assert_eq!(version(&put), 2, "every node has write ids again: {put:?}");
     // The value overwritten meanwhile kept no id: its reads' contexts have none to carry.
